@@ -1,0 +1,223 @@
+"""Typed, frozen configuration for every stage, validated once at the edge.
+
+Each stage takes its own config object explicitly. Defaults follow the
+numerical contract in the design sheet; every default is an option and is
+written into ``run.json``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from cohort.errors import ConfigError
+
+# Label maps are ordered (name, value) pairs: the order is the order regions
+# appear in outputs. "background" is reserved for "in no named label".
+LabelMap = tuple[tuple[str, int], ...]
+BACKGROUND = "background"
+DEFAULT_LABELS: LabelMap = (("tibia", 1), ("femur", 2))
+DEFAULT_LAYERS: tuple[str, ...] = ("conv-1", "conv-3", "conv-5")
+
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+
+
+def parse_label_map(text: str) -> LabelMap:
+    """Parse ``"tibia=1,femur=2"`` into ``(("tibia", 1), ("femur", 2))``.
+
+    Names must be identifiers (letters, digits, ``_``, ``-``), values positive
+    integers; names and values must each be unique; ``background`` is reserved.
+    """
+    text = text.strip()
+    if not text:
+        raise ConfigError("empty label map; write it as NAME=INT,... e.g. tibia=1,femur=2")
+    pairs: list[tuple[str, int]] = []
+    for item in text.split(","):
+        name, sep, value = item.strip().partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name or not value:
+            raise ConfigError(f"label map item {item!r} is not NAME=INT (e.g. tibia=1)")
+        if not _NAME.match(name):
+            raise ConfigError(
+                f"label name {name!r} must start with a letter and use letters, digits, _ or -"
+            )
+        if name == BACKGROUND:
+            raise ConfigError(
+                f"label name {BACKGROUND!r} is reserved for voxels in no named label; "
+                "pick another name"
+            )
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigError(f"label value {value!r} for {name!r} is not an integer") from None
+        if number <= 0:
+            raise ConfigError(f"label value for {name!r} must be a positive integer, got {number}")
+        pairs.append((name, number))
+    names = [n for n, _ in pairs]
+    values = [v for _, v in pairs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"label names repeat in {text!r}; each name once")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"label values repeat in {text!r}; each value names one region")
+    return tuple(pairs)
+
+
+def format_label_map(labels: LabelMap) -> str:
+    """Inverse of :func:`parse_label_map`."""
+    return ",".join(f"{name}={value}" for name, value in labels)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a CT volume becomes model input (the numerical contract)."""
+
+    hu_min: float = -1000.0  # HU window low end; also the "air" value for masked-input
+    hu_max: float = 2000.0  # HU window high end
+    mean: float = 0.449  # gray ImageNet mean, applied after scaling the window to [0, 1]
+    std: float = 0.226  # gray ImageNet std
+    target_spacing: tuple[float, float, float] | None = None  # mm along (D, H, W); None keeps
+    crop_margin_mm: float | None = None  # crop to the labelled bounding box plus this margin
+    affine_tolerance_mm: float = 1e-3  # image and mask affines must agree to this
+    max_voxels: int = 512 * 512 * 1024  # larger volumes are refused before allocation
+
+    def __post_init__(self) -> None:
+        if not self.hu_min < self.hu_max:
+            raise ConfigError(f"HU window must have low < high, got [{self.hu_min}, {self.hu_max}]")
+        if self.std <= 0:
+            raise ConfigError(f"normalisation std must be > 0, got {self.std}")
+        if self.target_spacing is not None and (
+            len(self.target_spacing) != 3 or min(self.target_spacing) <= 0
+        ):
+            raise ConfigError(
+                f"target spacing must be three positive mm values, got {self.target_spacing}"
+            )
+        if self.crop_margin_mm is not None and self.crop_margin_mm < 0:
+            raise ConfigError(f"crop margin must be >= 0 mm, got {self.crop_margin_mm}")
+        if self.affine_tolerance_mm <= 0:
+            raise ConfigError("affine tolerance must be > 0 mm")
+        if self.max_voxels <= 0:
+            raise ConfigError("max voxels must be > 0")
+
+
+@dataclass(frozen=True)
+class RegionConfig:
+    """Which regions are pooled: named label values plus optional background."""
+
+    labels: LabelMap = DEFAULT_LABELS  # default map; a manifest row may override it
+    background: bool = True  # add "background" = every voxel in no named label
+
+    def __post_init__(self) -> None:
+        if not self.labels:
+            raise ConfigError("at least one named label is needed")
+        parse_label_map(format_label_map(self.labels))  # same checks as the parser
+
+    def names(self) -> tuple[str, ...]:
+        named = tuple(name for name, _ in self.labels)
+        return (*named, BACKGROUND) if self.background else named
+
+
+WeightsChoice = str  # "imagenet", "random" or a path to a torchvision state dict
+Inflation = Literal["mean", "centre"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network, with which weights, hooked where."""
+
+    backbone: str = "densenet121"  # a key of cohort.model.backbones.BACKBONES
+    weights: WeightsChoice = "imagenet"  # "imagenet", "random" or PATH
+    seed: int = 0  # seed for "random" weights
+    inflation: Inflation = "mean"  # I3D mean inflation, or "centre"
+    layers: tuple[str, ...] = DEFAULT_LAYERS  # conv-K specs or module paths
+    weights_sha256: str | None = None  # expected sha256 of a weights file, if known
+
+    def __post_init__(self) -> None:
+        if self.inflation not in ("mean", "centre"):
+            raise ConfigError(f"inflation must be 'mean' or 'centre', got {self.inflation!r}")
+        if not self.layers:
+            raise ConfigError("at least one layer must be hooked")
+        if len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"layers repeat in {self.layers}; list each once")
+        if not self.weights:
+            raise ConfigError("weights must be 'imagenet', 'random' or a file path")
+
+
+PoolingMode = Literal["masked-pool", "masked-gem", "masked-input"]
+POOLING_MODES: tuple[str, ...] = ("masked-pool", "masked-gem", "masked-input")
+
+
+@dataclass(frozen=True)
+class PoolingConfig:
+    """How a hooked feature map becomes one vector per region."""
+
+    mode: PoolingMode = "masked-pool"  # see cohort.features
+    gem_p: float = 3.0  # exponent of the generalised mean (masked-gem only)
+    min_coverage: float = 0.01  # least region weight, in grid cells, a layer must see
+
+    def __post_init__(self) -> None:
+        if self.mode not in POOLING_MODES:
+            raise ConfigError(f"pooling must be one of {', '.join(POOLING_MODES)}, got {self.mode}")
+        if self.gem_p < 1:
+            raise ConfigError(f"GeM exponent must be >= 1, got {self.gem_p}")
+        if self.min_coverage < 0:
+            raise ConfigError(f"min coverage must be >= 0 cells, got {self.min_coverage}")
+
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """Where and how wide the pipeline runs (not part of the results' identity)."""
+
+    device: Device = "auto"  # auto = cuda when the actor sees a GPU
+    address: str | None = None  # Ray cluster address; None starts a local instance
+    num_actors: int | None = None  # feature actors; None = GPUs, or 1 on CPU
+    actor_cpus: float = 0.5  # CPUs each actor requests (fractional keeps loaders fed)
+    loader_cpus: float = 0.5  # CPUs each load/preprocess task requests
+    torch_threads: int | None = None  # intra-op threads per actor; None = torch's default
+    progress: bool = True  # one line per finished subject
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.num_actors is not None and self.num_actors < 1:
+            raise ConfigError(f"num actors must be >= 1, got {self.num_actors}")
+        if self.actor_cpus < 0 or self.loader_cpus <= 0:
+            raise ConfigError("actor CPUs must be >= 0 and loader CPUs > 0")
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """Options of the reducer's statistics."""
+
+    bootstrap: int = 2000  # bootstrap resamples for the CI of each mean
+    permutations: int = 999  # permutations of the feature-level test
+    seed: int = 0  # seed of every resampling
+    alpha: float = 0.05  # level used for flags and reports
+    min_n: int = 3  # fewest subjects per group for a test to run
+    centre: bool = False  # subtract the cohort-wide mean vector per layer before cosine
+
+    def __post_init__(self) -> None:
+        if self.bootstrap < 0 or self.permutations < 0:
+            raise ConfigError("bootstrap and permutation counts must be >= 0")
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"alpha must lie in (0, 1), got {self.alpha}")
+        if self.min_n < 1:
+            raise ConfigError(f"min n must be >= 1, got {self.min_n}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs; one object, passed explicitly."""
+
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    regions: RegionConfig = field(default_factory=RegionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pooling: PoolingConfig = field(default_factory=PoolingConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
