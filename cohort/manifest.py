@@ -1,0 +1,225 @@
+"""Read and validate the manifest: one row per subject.
+
+Columns ``subject_id``, ``image`` and ``mask`` are required; ``cohort``
+(default ``all``) and ``labels`` (a per-row ``name=int,...`` override of the
+run's label map) are optional. Relative paths resolve against the manifest's
+folder. Every value is read as text, so an id like ``007`` stays ``"007"``.
+
+Whether the image and mask files exist is not checked here: a missing file is
+an error of that one subject (stage ``load``), not of the whole manifest.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cohort.config import LabelMap, format_label_map, parse_label_map
+from cohort.errors import ConfigError, ManifestError
+
+REQUIRED_COLUMNS: tuple[str, ...] = ("subject_id", "image", "mask")
+OPTIONAL_COLUMNS: tuple[str, ...] = ("cohort", "labels")
+ALLOWED_COLUMNS: tuple[str, ...] = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
+DEFAULT_COHORT = "all"
+SUFFIXES: tuple[str, ...] = (".csv", ".parquet")
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One manifest row, validated, with absolute paths."""
+
+    subject_id: str  # as written in the manifest (never parsed as a number)
+    image: Path  # CT volume (NIfTI), absolute
+    mask: Path  # label mask (NIfTI) on the image's grid, absolute
+    cohort: str  # group name; "all" when the manifest has none
+    labels: LabelMap | None  # per-row label map; None = use the run's map
+    row: int  # 1-based data row number in the manifest, for messages
+
+
+def read_manifest(path: Path) -> tuple[Subject, ...]:
+    """Read a CSV or Parquet manifest into validated :class:`Subject` rows.
+
+    Raises :class:`ManifestError` naming the file, the row and the fix.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ManifestError(
+            f"manifest {path}: expected a .csv or .parquet file, found suffix "
+            f"{path.suffix or '(none)'!r}; save the manifest as CSV or Parquet"
+        )
+    if not path.is_file():
+        raise ManifestError(
+            f"manifest {path} does not exist or is not a file; check the path "
+            "(relative paths are taken from the current directory)"
+        )
+    header, rows = _read_csv(path) if suffix == ".csv" else _read_parquet(path)
+    _check_columns(path, header)
+    if not rows:
+        raise ManifestError(
+            f"manifest {path} has a header but no subject rows; add one row per subject "
+            f"with columns {', '.join(REQUIRED_COLUMNS)}"
+        )
+    folder = Path(os.path.abspath(path)).parent
+    subjects: list[Subject] = []
+    first_row_of: dict[str, int] = {}
+    for number, cells in rows:
+        subject = _subject_from_cells(path, folder, number, dict(zip(header, cells, strict=True)))
+        if subject.subject_id in first_row_of:
+            raise ManifestError(
+                f"manifest {path}: subject_id {subject.subject_id!r} appears in row "
+                f"{first_row_of[subject.subject_id]} and again in row {number}; "
+                "each subject must have one row with a unique id"
+            )
+        first_row_of[subject.subject_id] = number
+        subjects.append(subject)
+    return tuple(subjects)
+
+
+def write_manifest(subjects: Iterable[Subject], path: Path) -> Path:
+    """Write ``subjects`` as a CSV manifest; paths inside its folder are written relative.
+
+    The ``labels`` column is written only when some subject has a per-row map.
+    Returns ``path``.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".csv":
+        raise ManifestError(f"manifest {path}: write_manifest writes CSV; use a .csv name")
+    items = list(subjects)
+    folder = Path(os.path.abspath(path)).parent
+    with_labels = any(s.labels is not None for s in items)
+    columns = [*REQUIRED_COLUMNS, "cohort"] + (["labels"] if with_labels else [])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for s in items:
+            cells = [s.subject_id, _relative(s.image, folder), _relative(s.mask, folder), s.cohort]
+            if with_labels:
+                cells.append("" if s.labels is None else format_label_map(s.labels))
+            writer.writerow(cells)
+    return path
+
+
+def _relative(file: Path, folder: Path) -> str:
+    """``file`` relative to ``folder`` when it lies inside it, else absolute."""
+    absolute = Path(os.path.abspath(file))
+    try:
+        return absolute.relative_to(folder).as_posix()
+    except ValueError:
+        return str(absolute)
+
+
+Rows = list[tuple[int, list[str]]]
+
+
+def _read_csv(path: Path) -> tuple[list[str], Rows]:
+    """Header and (row number, cells) of a CSV file, every cell as stripped text."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            records = list(csv.reader(handle))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ManifestError(
+            f"manifest {path} cannot be read as UTF-8 CSV ({exc}); save it as UTF-8 CSV"
+        ) from None
+    if not records or not any(cell.strip() for cell in records[0]):
+        raise ManifestError(
+            f"manifest {path} is empty; it needs a header row with columns "
+            f"{', '.join(REQUIRED_COLUMNS)} and one row per subject"
+        )
+    header = [cell.strip() for cell in records[0]]
+    rows: Rows = []
+    for number, record in enumerate(records[1:], start=1):
+        cells = [cell.strip() for cell in record]
+        if not any(cells):
+            continue  # a blank line; still counted so row numbers match the file
+        if len(cells) > len(header):
+            raise ManifestError(
+                f"manifest {path}, row {number}: {len(cells)} cells but the header has "
+                f"{len(header)} columns; remove the extra cells or quote values with commas"
+            )
+        rows.append((number, cells + [""] * (len(header) - len(cells))))
+    return header, rows
+
+
+def _read_parquet(path: Path) -> tuple[list[str], Rows]:
+    """Header and (row number, cells) of a Parquet file; nulls become blank cells."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise ManifestError(
+            f"manifest {path} cannot be read as Parquet ({exc}); rewrite it with "
+            "pyarrow or pandas, or use CSV"
+        ) from None
+    header = [name.strip() for name in table.column_names]
+    columns = [table.column(i).to_pylist() for i in range(table.num_columns)]
+    rows: Rows = []
+    for index in range(table.num_rows):
+        cells = ["" if col[index] is None else str(col[index]).strip() for col in columns]
+        if any(cells):
+            rows.append((index + 1, cells))
+    return header, rows
+
+
+def _check_columns(path: Path, header: Sequence[str]) -> None:
+    """Required columns present, no unknown or repeated column names."""
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise ManifestError(
+            f"manifest {path}: column(s) {', '.join(repeated)} appear more than once; "
+            "keep one of each"
+        )
+    unknown = [name for name in header if name not in ALLOWED_COLUMNS]
+    if unknown:
+        raise ManifestError(
+            f"manifest {path}: unknown column(s) {', '.join(repr(n) for n in unknown)}; "
+            f"allowed columns are {', '.join(ALLOWED_COLUMNS)} (names are case-sensitive)"
+        )
+    missing = [name for name in REQUIRED_COLUMNS if name not in header]
+    if missing:
+        raise ManifestError(
+            f"manifest {path}: missing required column(s) {', '.join(missing)}; "
+            f"the header must name {', '.join(REQUIRED_COLUMNS)} "
+            f"(optional: {', '.join(OPTIONAL_COLUMNS)})"
+        )
+
+
+def _subject_from_cells(path: Path, folder: Path, number: int, cells: dict[str, str]) -> Subject:
+    """Validate one row's cells and build its :class:`Subject`."""
+    for name in REQUIRED_COLUMNS:
+        if not cells[name]:
+            raise ManifestError(
+                f"manifest {path}, row {number}: column {name!r} is blank; "
+                f"fill in the {name} of this subject or remove the row"
+            )
+    labels: LabelMap | None = None
+    label_text = cells.get("labels", "")
+    if label_text:
+        try:
+            labels = parse_label_map(label_text)
+        except ConfigError as exc:
+            raise ManifestError(
+                f"manifest {path}, row {number} (subject {cells['subject_id']!r}): "
+                f"labels {label_text!r} cannot be used: {exc}; write it as NAME=INT,... "
+                "e.g. tibia=2,femur=1, or leave the cell blank to use the run's labels"
+            ) from None
+    return Subject(
+        subject_id=cells["subject_id"],
+        image=_resolve(folder, cells["image"]),
+        mask=_resolve(folder, cells["mask"]),
+        cohort=cells.get("cohort", "") or DEFAULT_COHORT,
+        labels=labels,
+        row=number,
+    )
+
+
+def _resolve(folder: Path, cell: str) -> Path:
+    """An absolute path: relative cells are taken from the manifest's folder."""
+    candidate = Path(cell).expanduser()
+    return candidate if candidate.is_absolute() else folder / candidate
