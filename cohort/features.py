@@ -1,0 +1,161 @@
+"""Region pooling: hooked feature maps and region masks in, one vector per region.
+
+Three protocols (``PoolingConfig.mode``):
+
+``masked-pool``
+    One forward pass per subject. Each region's mask is averaged down to the
+    layer's grid, so a cell's weight is the fraction of its voxels inside the
+    region, and the region vector is the weighted mean of the feature map.
+``masked-gem``
+    As ``masked-pool`` with a generalised mean of exponent p,
+    ``(sum_c w_c max(f_c, eps)^p / sum_c w_c)^(1/p)``; p = 1 is the weighted
+    mean of the clamped map and large p approaches the region's maximum.
+    Hooked convolutions are taken before ReLU, so values below eps are clamped
+    (as GeM always does).
+``masked-input``
+    The origin study's protocol: one forward pass per region with every voxel
+    outside the region set to air (the HU window's low end), then a global
+    average over the whole feature map.
+
+Vectors are float32; sums are accumulated in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cohort.config import PoolingConfig
+from cohort.errors import RegionError
+from cohort.model.hooks import FeatureExtractor, Grid
+
+GEM_EPS = 1e-6
+
+
+def region_weights(region_index: torch.Tensor, n_regions: int, grid: Grid) -> torch.Tensor:
+    """Fraction of each grid cell's voxels in each region: (R, d, h, w) float32.
+
+    ``region_index`` is (D, H, W) with value r for region r (other values
+    belong to no region). The volume is split into cells as adaptive average
+    pooling splits it, which for sizes divisible by the grid is exact blocks.
+    """
+    if region_index.dim() != 3:
+        raise RegionError(f"region index must be (D, H, W), got shape {tuple(region_index.shape)}")
+    ids = torch.arange(n_regions, device=region_index.device).view(n_regions, 1, 1, 1)
+    one_hot = (region_index.unsqueeze(0) == ids).to(torch.float32)
+    return F.adaptive_avg_pool3d(one_hot.unsqueeze(0), grid)[0]
+
+
+def check_coverage(
+    weights: torch.Tensor, names: Sequence[str], layer: str, min_coverage: float
+) -> None:
+    """Each region must carry at least ``min_coverage`` cells of weight (and more than 0)."""
+    coverage = weights.double().sum(dim=(1, 2, 3)).tolist()
+    grid = "x".join(str(n) for n in weights.shape[1:])
+    for name, cells in zip(names, coverage, strict=True):
+        if cells <= 0 or cells < min_coverage:
+            raise RegionError(
+                f"region {name!r} covers {cells:.4g} cells of layer {layer}'s {grid} grid "
+                f"(needs at least {min_coverage:g} and more than 0); it is too small for this "
+                "layer: hook a shallower layer, crop less, resample finer, or lower min coverage"
+            )
+
+
+def masked_mean(fmap: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean of a (C, d, h, w) map under (R, d, h, w) weights: (R, C) float32."""
+    _check_grids(fmap, weights)
+    w = weights.double()
+    total = torch.einsum("rdhw,cdhw->rc", w, fmap.double())
+    return (total / w.sum(dim=(1, 2, 3)).unsqueeze(1)).float()
+
+
+def masked_gem(fmap: torch.Tensor, weights: torch.Tensor, p: float) -> torch.Tensor:
+    """Weighted generalised mean of exponent ``p``: (R, C) float32."""
+    _check_grids(fmap, weights)
+    w = weights.double()
+    powered = fmap.double().clamp(min=GEM_EPS).pow(p)
+    mean = torch.einsum("rdhw,cdhw->rc", w, powered) / w.sum(dim=(1, 2, 3)).unsqueeze(1)
+    return mean.pow(1.0 / p).float()
+
+
+def global_mean(fmap: torch.Tensor) -> torch.Tensor:
+    """Global average pooling of (N, C, d, h, w) maps: (N, C) float32."""
+    return fmap.double().mean(dim=(2, 3, 4)).float()
+
+
+def _check_grids(fmap: torch.Tensor, weights: torch.Tensor) -> None:
+    if fmap.dim() != 4 or weights.dim() != 4 or fmap.shape[1:] != weights.shape[1:]:
+        raise RegionError(
+            f"feature map (C, d, h, w) {tuple(fmap.shape)} and weights (R, d, h, w) "
+            f"{tuple(weights.shape)} must share one grid"
+        )
+
+
+def air_outside(
+    image: torch.Tensor, region_index: torch.Tensor, region: int, air: float
+) -> torch.Tensor:
+    """The model input with every voxel outside region ``region`` set to ``air``."""
+    return torch.where(region_index == region, image, torch.full_like(image, air))
+
+
+@dataclass(frozen=True)
+class RegionVector:
+    """One pooled vector: a region at a hooked layer."""
+
+    region: str
+    layer: str  # stable id, e.g. "conv-1"
+    layer_name: str  # module path
+    vector: np.ndarray  # float32, length = channels
+
+
+def extract(
+    extractor: FeatureExtractor,
+    image: torch.Tensor,
+    region_index: torch.Tensor,
+    region_names: Sequence[str],
+    cfg: PoolingConfig,
+    air: float,
+) -> list[RegionVector]:
+    """Pool one subject's hooked features for every region and layer.
+
+    ``image`` is the (D, H, W) normalised model input and ``region_index`` the
+    (D, H, W) region index, both already on the extractor's device. Output is
+    ordered region-major, then layers in the extractor's order.
+    """
+    if image.shape != region_index.shape or image.dim() != 3:
+        raise RegionError(
+            f"image {tuple(image.shape)} and region index {tuple(region_index.shape)} "
+            "must be the same (D, H, W) grid"
+        )
+    n = len(region_names)
+    pooled: dict[str, torch.Tensor] = {}  # layer -> (R, C)
+    with torch.inference_mode():
+        if cfg.mode == "masked-input":
+            per_region: list[dict[str, torch.Tensor]] = []
+            for r in range(n):
+                x = air_outside(image, region_index, r, air)[None, None]
+                maps = extractor(x)
+                per_region.append({layer: global_mean(fmap)[0] for layer, fmap in maps.items()})
+            for info in extractor.layers:
+                pooled[info.layer] = torch.stack([vectors[info.layer] for vectors in per_region])
+        else:
+            maps = extractor(image[None, None])
+            for info in extractor.layers:
+                fmap = maps[info.layer][0]
+                grid = (fmap.shape[1], fmap.shape[2], fmap.shape[3])
+                weights = region_weights(region_index, n, grid)
+                check_coverage(weights, region_names, info.layer, cfg.min_coverage)
+                if cfg.mode == "masked-gem":
+                    pooled[info.layer] = masked_gem(fmap, weights, cfg.gem_p)
+                else:
+                    pooled[info.layer] = masked_mean(fmap, weights)
+    out: list[RegionVector] = []
+    for r, name in enumerate(region_names):
+        for info in extractor.layers:
+            vector = pooled[info.layer][r].cpu().numpy().astype(np.float32)
+            out.append(RegionVector(name, info.layer, info.module_path, vector))
+    return out

@@ -1,0 +1,344 @@
+"""3D networks built by inflating registered torchvision 2D backbones.
+
+The registry is explicit: each entry says how to build the 2D model, where its
+ImageNet weights live, which conv is the stem and which part of the model is
+inflated (the trunk). The classifier is left out by design and the transfer
+report says so; every other 2D tensor must reach the 3D network.
+
+For DenseNet121 the 3D network is ``features`` only (conv0 ... denseblock4,
+norm5), with the same module paths as torchvision, so the module path
+``features.denseblock4.denselayer16.conv2`` means the same layer in 2D and 3D.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+from torchvision.models import WeightsEnum
+
+from cohort.config import Inflation, ModelConfig
+from cohort.errors import ModelError, WeightsError
+from cohort.model.inflate import TransferReport, inflate
+
+StateDict = dict[str, torch.Tensor]
+
+
+def _densenet_trunk(model: nn.Module) -> nn.Sequential:
+    if not isinstance(model, models.DenseNet):
+        raise ModelError(f"expected a torchvision DenseNet, got {type(model).__name__}")
+    return nn.Sequential(OrderedDict(features=model.features))
+
+
+_RESNET_TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+
+def _resnet_trunk(model: nn.Module) -> nn.Sequential:
+    if not isinstance(model, models.ResNet):
+        raise ModelError(f"expected a torchvision ResNet, got {type(model).__name__}")
+    children = dict(model.named_children())
+    return nn.Sequential(OrderedDict((name, children[name]) for name in _RESNET_TRUNK))
+
+
+_LEGACY_DENSE_KEY = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.")
+
+
+def _densenet_keys(state: StateDict) -> StateDict:
+    """Old DenseNet checkpoints name ``norm.1``; torchvision's modules say ``norm1``."""
+    return {_LEGACY_DENSE_KEY.sub(r"\1\2.", key): value for key, value in state.items()}
+
+
+def _same_keys(state: StateDict) -> StateDict:
+    return dict(state)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One registered 2D backbone and how to make it 3D."""
+
+    build2d: Callable[[], nn.Module]  # torchvision constructor without weights
+    imagenet: WeightsEnum  # torchvision's ImageNet weights entry
+    stem: str  # module path of the first conv, whose RGB kernels are summed
+    trunk: Callable[[nn.Module], nn.Sequential]  # the inflated part, same module paths
+    dropped: tuple[str, ...]  # 2D key prefixes left out by design (classifier)
+    fix_keys: Callable[[StateDict], StateDict] = _same_keys  # legacy key names
+
+
+BACKBONES: dict[str, Backbone] = {
+    "densenet121": Backbone(
+        models.densenet121,
+        models.DenseNet121_Weights.IMAGENET1K_V1,
+        "features.conv0",
+        _densenet_trunk,
+        ("classifier.",),
+        _densenet_keys,
+    ),
+    "densenet169": Backbone(
+        models.densenet169,
+        models.DenseNet169_Weights.IMAGENET1K_V1,
+        "features.conv0",
+        _densenet_trunk,
+        ("classifier.",),
+        _densenet_keys,
+    ),
+    "densenet201": Backbone(
+        models.densenet201,
+        models.DenseNet201_Weights.IMAGENET1K_V1,
+        "features.conv0",
+        _densenet_trunk,
+        ("classifier.",),
+        _densenet_keys,
+    ),
+    "resnet18": Backbone(
+        models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1, "conv1", _resnet_trunk, ("fc.",)
+    ),
+    "resnet50": Backbone(
+        models.resnet50, models.ResNet50_Weights.IMAGENET1K_V1, "conv1", _resnet_trunk, ("fc.",)
+    ),
+}
+
+
+def backbone(name: str) -> Backbone:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ModelError(
+            f"unknown backbone {name!r}; choose one of {', '.join(sorted(BACKBONES))}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A 2D state dict with where it came from (recorded in every output)."""
+
+    state_dict: StateDict  # torchvision key names, CPU tensors
+    source: str  # "imagenet", "random" or the file path
+    detail: str  # human-readable provenance (weights entry and file, or seed)
+    sha256: str  # of the file, or of the tensors for random weights
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_state(state: Mapping[str, torch.Tensor]) -> str:
+    """A content hash of a state dict, independent of how it was serialised."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def imagenet_cache_path(name: str) -> Path:
+    """Where torchvision's weights API keeps this backbone's ImageNet file."""
+    url = backbone(name).imagenet.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+
+
+def imagenet_available(name: str) -> bool:
+    return imagenet_cache_path(name).is_file()
+
+
+def random_weights(name: str, seed: int) -> Weights:
+    """torchvision's own initialisation under a fixed seed (global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        state = {k: v.detach().clone() for k, v in backbone(name).build2d().state_dict().items()}
+    return Weights(state, "random", f"torchvision init, seed {seed}", sha256_state(state))
+
+
+def _read_state_file(path: Path) -> StateDict:
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise WeightsError(
+            f"cannot read weights file {path}: {type(err).__name__}: {err}; "
+            "it must be a torchvision state dict saved with torch.save(model.state_dict(), PATH)"
+        ) from err
+    if not isinstance(loaded, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+    ):
+        raise WeightsError(
+            f"weights file {path} does not hold a state dict (str -> tensor); "
+            "save one with torch.save(model.state_dict(), PATH)"
+        )
+    return dict(loaded)
+
+
+def _imagenet_weights(name: str, download: bool) -> Weights:
+    entry = backbone(name).imagenet
+    path = imagenet_cache_path(name)
+    if not path.is_file():
+        if not download:
+            raise WeightsError(_missing_imagenet(name, path, "downloads are off"))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(entry.url, str(path), progress=False)
+        except Exception as err:
+            raise WeightsError(
+                _missing_imagenet(name, path, f"{type(err).__name__}: {err}")
+            ) from err
+    digest = sha256_file(path)
+    # torchvision names its files <arch>-<first hex digits of the sha256>.pth
+    match = re.search(r"-([a-f0-9]{6,})\.", path.name)
+    if match and not digest.startswith(match.group(1)):
+        raise WeightsError(
+            f"ImageNet weights file {path} is corrupt: its sha256 is {digest}, expected one "
+            f"starting with {match.group(1)}; delete the file and download it again"
+        )
+    detail = f"torchvision {type(entry).__name__}.{entry.name} from {path}"
+    return Weights(_read_state_file(path), "imagenet", detail, digest)
+
+
+def _missing_imagenet(name: str, path: Path, why: str) -> str:
+    url = backbone(name).imagenet.url
+    return (
+        f"ImageNet weights for {name} are not in torchvision's cache ({path}) and could not be "
+        f"downloaded ({why}). Download {url} on a machine with internet and put the file at "
+        f"{path} (or point TORCH_HOME at a cache that has it), or pass --weights PATH to a "
+        "state dict, or --weights random for a run without pretrained knowledge"
+    )
+
+
+def load_weights(cfg: ModelConfig, *, download: bool = True) -> Weights:
+    """Resolve ``cfg.weights`` ("imagenet", "random" or PATH) to a checked 2D state dict."""
+    if cfg.weights == "random":
+        weights = random_weights(cfg.backbone, cfg.seed)
+    elif cfg.weights == "imagenet":
+        weights = _imagenet_weights(cfg.backbone, download)
+    else:
+        path = Path(cfg.weights).expanduser()
+        if not path.is_file():
+            raise WeightsError(
+                f"weights file {path} does not exist; pass --weights imagenet, random or "
+                "the path of a torchvision state dict"
+            )
+        digest = sha256_file(path)
+        weights = Weights(_read_state_file(path), str(path), f"state dict file {path}", digest)
+    if cfg.weights_sha256 is not None and weights.sha256 != cfg.weights_sha256.lower():
+        raise WeightsError(
+            f"weights {weights.detail} have sha256 {weights.sha256}, expected "
+            f"{cfg.weights_sha256.lower()}; the file changed or is the wrong one"
+        )
+    fixed = backbone(cfg.backbone).fix_keys(weights.state_dict)
+    check_state_keys(cfg.backbone, fixed, weights.detail)
+    return Weights(fixed, weights.source, weights.detail, weights.sha256)
+
+
+def check_state_keys(
+    name: str,
+    state: Mapping[str, torch.Tensor],
+    origin: str,
+    model2d: nn.Module | None = None,
+) -> None:
+    """A state dict must have exactly the 2D model's keys with the same shapes."""
+    reference = model2d if model2d is not None else backbone(name).build2d()
+    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys ({', '.join(missing[:5])})")
+        if extra:
+            parts.append(f"unexpected {len(extra)} keys ({', '.join(extra[:5])})")
+        raise WeightsError(
+            f"weights {origin} do not fit {name}: {'; '.join(parts)}; "
+            f"use a state dict of torchvision's {name}"
+        )
+    wrong = [k for k in sorted(expected) if tuple(state[k].shape) != expected[k]]
+    if wrong:
+        key = wrong[0]
+        raise WeightsError(
+            f"weights {origin} do not fit {name}: {key} has shape {tuple(state[key].shape)}, "
+            f"expected {expected[key]} ({len(wrong)} keys differ)"
+        )
+
+
+def _sum_stem(trunk: nn.Module, path: str) -> None:
+    """Replace the RGB stem conv by a 1-channel conv whose kernel is the RGB sum.
+
+    Feeding a gray volume to the summed kernel equals feeding the gray volume
+    copied into three channels to the original kernel (convolution is linear).
+    """
+    parent_path, _, name = path.rpartition(".")
+    parent = trunk.get_submodule(parent_path) if parent_path else trunk
+    old = trunk.get_submodule(path)
+    if not isinstance(old, nn.Conv2d) or old.in_channels != 3:
+        raise ModelError(f"stem {path!r} is not a 3-channel Conv2d; cannot make it 1-channel")
+    new = nn.Conv2d(
+        1,
+        old.out_channels,
+        old.kernel_size,  # type: ignore[arg-type]
+        stride=old.stride,  # type: ignore[arg-type]
+        padding=old.padding,  # type: ignore[arg-type]
+        dilation=old.dilation,  # type: ignore[arg-type]
+        bias=old.bias is not None,
+        padding_mode=old.padding_mode,
+    )
+    with torch.no_grad():
+        new.weight.copy_(old.weight.sum(dim=1, keepdim=True))
+        if old.bias is not None and new.bias is not None:
+            new.bias.copy_(old.bias)
+    setattr(parent, name, new)
+
+
+def build_2d(name: str, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """The torchvision 2D model with ``state`` loaded, in eval mode."""
+    model = backbone(name).build2d()
+    check_state_keys(name, state, "given", model)
+    model.load_state_dict(dict(state), strict=True)
+    return model.eval()
+
+
+def build_network(
+    name: str,
+    state: Mapping[str, torch.Tensor],
+    inflation: Inflation = "mean",
+    *,
+    gray_stem: bool = True,
+) -> tuple[nn.Module, TransferReport]:
+    """Inflate backbone ``name`` with 2D weights ``state`` into a 3D network in eval mode.
+
+    Input is (N, 1, D, H, W) with ``gray_stem`` (RGB stem kernels summed), else
+    (N, 3, D, H, W). Returns the network and the transfer report; raises if any
+    2D tensor outside the classifier is not carried over.
+    """
+    spec = backbone(name)
+    model2d = build_2d(name, state)
+    trunk = spec.trunk(model2d)
+    trunk_keys = set(trunk.state_dict())
+    report = TransferReport()
+    for key in model2d.state_dict():
+        if key in trunk_keys:
+            continue
+        if not key.startswith(spec.dropped):
+            raise ModelError(
+                f"2D tensor {key!r} of {name} is neither in the inflated trunk nor in the "
+                f"classifier ({', '.join(spec.dropped)}); the trunk definition is incomplete"
+            )
+        report.drop(key, "classifier: not used for feature extraction")
+    if gray_stem:
+        _sum_stem(trunk, spec.stem)
+    network, inflated = inflate(trunk, inflation)
+    report.transferred.update(inflated.transferred)
+    if gray_stem:
+        report.note(f"{spec.stem}.weight", "RGB kernels summed to 1 channel, then inflated")
+    return network.eval(), report
+
+
+def build_from_config(cfg: ModelConfig, weights: Weights) -> tuple[nn.Module, TransferReport]:
+    return build_network(cfg.backbone, weights.state_dict, cfg.inflation)
