@@ -1,0 +1,191 @@
+"""Synthetic knee-CT cohorts for the demo and tests, generated here from a seed.
+
+Arrays are (D, H, W) like the model input: D runs inferior -> superior,
+H posterior -> anterior, W left -> right. A phantom knee has a soft-tissue
+cylinder with a fat rim in air, the tibia (label 1) below and the femur
+(label 2) above a joint gap, and a patella in front of the femur (bone, but
+unlabelled, so it counts as background). Each bone has a cortical shell and a
+textured trabecular interior. Cohorts differ by a :class:`CohortEffect`: lower
+trabecular density and coarser trabecular texture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from cohort.errors import ConfigError
+from cohort.manifest import Subject, write_manifest
+
+TIBIA, FEMUR = 1, 2  # mask values
+DEFAULT_SHAPE = (96, 128, 128)  # (D, H, W)
+DEFAULT_SPACING_MM = (1.5, 0.8, 0.8)  # along (D, H, W)
+AIR_HU, FAT_HU, SOFT_HU = -1000.0, -90.0, 40.0
+
+
+@dataclass(frozen=True)
+class CohortEffect:
+    """The planted group difference: trabecular bone density and texture scale."""
+
+    trabecular_hu: float = 300.0  # mean HU of trabecular bone
+    texture_mm: float = 1.0  # spatial scale (Gaussian sigma, mm) of the trabecular pattern
+
+    def __post_init__(self) -> None:
+        if self.texture_mm <= 0:
+            raise ConfigError(f"texture scale must be > 0 mm, got {self.texture_mm}")
+
+
+def cohort_effect(index: int) -> CohortEffect:
+    """Effect of the ``index``-th cohort: 0 is healthy; each later one is less dense
+    (80 HU per step) and coarser (texture scale doubled per step)."""
+    if index < 0:
+        raise ConfigError(f"cohort index must be >= 0, got {index}")
+    return CohortEffect(trabecular_hu=300.0 - 80.0 * index, texture_mm=1.0 * 2.0**index)
+
+
+def make_phantom_subject(
+    shape: tuple[int, int, int] = DEFAULT_SHAPE,
+    spacing_mm: tuple[float, float, float] = DEFAULT_SPACING_MM,
+    seed: int = 0,
+    effect: CohortEffect | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One phantom knee: (HU float32, label uint8), both (D, H, W).
+
+    Anatomy scales with the field of view, so any shape of at least 16 voxels
+    per axis works; everything random comes from ``seed``.
+    """
+    if len(shape) != 3 or min(shape) < 16:
+        raise ConfigError(f"phantom shape must be 3 sizes >= 16 (D, H, W), got {shape}")
+    if len(spacing_mm) != 3 or min(spacing_mm) <= 0:
+        raise ConfigError(f"phantom spacing must be 3 positive mm values, got {spacing_mm}")
+    effect = CohortEffect() if effect is None else effect
+    rng = np.random.default_rng(seed)
+    n_d, n_h, n_w = shape
+    s_d, s_h, s_w = spacing_mm
+    # centred physical coordinates (mm) as open grids: z superior, y anterior, x right
+    z = ((np.arange(n_d) - (n_d - 1) / 2) * s_d).reshape(-1, 1, 1)
+    y = ((np.arange(n_h) - (n_h - 1) / 2) * s_h).reshape(1, -1, 1)
+    x = ((np.arange(n_w) - (n_w - 1) / 2) * s_w).reshape(1, 1, -1)
+    radius = 0.5 * min(n_h * s_h, n_w * s_w)  # in-plane field of view radius
+    half_d = 0.5 * n_d * s_d
+
+    # per-subject variation
+    size = 1.0 + 0.04 * rng.standard_normal()
+    centre_y, centre_x = 0.03 * radius * rng.standard_normal(2)
+    joint_z = 0.05 * half_d * rng.standard_normal()
+    gap = 0.08 * half_d * (1.0 + 0.1 * rng.standard_normal())
+    cortical_hu = 1350.0 + 50.0 * rng.standard_normal()
+    trabecular_hu = effect.trabecular_hu + 15.0 * rng.standard_normal()
+    soft_hu = SOFT_HU + 5.0 * rng.standard_normal()
+
+    # soft tissue: an elliptic cylinder along D with a fat rim, air outside
+    leg = np.hypot((y - centre_y) / (0.85 * radius * size), (x - centre_x) / (0.92 * radius * size))
+    hu = np.where(leg < 1.0, np.where(leg > 0.88, FAT_HU, soft_hu), AIR_HU).astype(np.float32)
+    hu = np.broadcast_to(hu, shape).copy()
+
+    # bones: elliptic cross-sections (wider left-right), flaring towards the joint
+    bone_y, bone_x = y - centre_y, x - centre_x
+    rho = np.hypot(bone_y / 0.85, bone_x / 1.1)  # "radius" in mm of the bone cross-section
+    decay = 0.45 * half_d
+    above = z - joint_z  # mm above the joint plane
+    femur_r = radius * size * (0.26 + 0.22 * np.exp(-np.clip(above, 0, None) / decay))
+    tibia_r = radius * size * (0.24 + 0.22 * np.exp(-np.clip(-above, 0, None) / decay))
+    condyle_rise = 0.10 * radius * (rho / (0.48 * radius)) ** 2  # distal femur curves upward
+    femur_floor = gap / 2 + condyle_rise
+    femur = (rho < femur_r) & (above > femur_floor)
+    tibia = (rho < tibia_r) & (above < -gap / 2)
+    shell = 0.04 * radius  # cortical thickness, mm
+    femur_inner = (rho < femur_r - shell) & (above > femur_floor + shell)
+    tibia_inner = (rho < tibia_r - shell) & (above < -gap / 2 - shell)
+
+    # patella: an ellipsoid in front of the distal femur (bone, unlabelled)
+    patella_y = 0.85 * 0.48 * radius * size + 0.2 * radius
+    patella = (
+        ((above - 0.25 * half_d) / (0.18 * half_d)) ** 2
+        + ((bone_y - patella_y) / (0.09 * radius)) ** 2
+        + (bone_x / (0.2 * radius)) ** 2
+    ) < 1.0
+
+    # trabecular texture: smoothed seeded noise, squashed into strut-like contrast
+    sigma = [effect.texture_mm / s for s in spacing_mm]
+    field = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma)
+    field /= max(float(field.std()), 1e-12)
+    texture = trabecular_hu + 150.0 * np.tanh(1.5 * field)
+
+    bone = femur | tibia | patella
+    inner = femur_inner | tibia_inner
+    hu[bone] = cortical_hu
+    hu[inner] = texture[inner]
+    hu += rng.normal(0.0, 15.0, size=shape).astype(np.float32)  # scanner noise
+    np.clip(hu, -1024.0, 3071.0, out=hu)
+
+    label = np.zeros(shape, dtype=np.uint8)
+    label[tibia] = TIBIA
+    label[femur] = FEMUR
+    return hu, label
+
+
+def phantom_affine(
+    shape: tuple[int, int, int], spacing_mm: tuple[float, float, float]
+) -> np.ndarray:
+    """RAS affine for a (D, H, W) phantom stored as NIfTI axes (x=W, y=H, z=D)."""
+    _, n_h, n_w = shape
+    s_d, s_h, s_w = spacing_mm
+    affine = np.diag([s_w, s_h, s_d, 1.0])
+    affine[:3, 3] = (-(n_w - 1) / 2 * s_w, -(n_h - 1) / 2 * s_h, -600.0)  # a table position
+    return affine
+
+
+def write_phantom_nifti(
+    hu: np.ndarray,
+    label: np.ndarray,
+    spacing_mm: tuple[float, float, float],
+    image: Path,
+    mask: Path,
+) -> None:
+    """Save a (D, H, W) phantom as NIfTI (int16 HU with scl_slope 1, uint8 mask), RAS."""
+    shape = (int(hu.shape[0]), int(hu.shape[1]), int(hu.shape[2]))
+    affine = phantom_affine(shape, spacing_mm)
+    for data, path in ((np.round(hu).astype(np.int16), image), (label.astype(np.uint8), mask)):
+        img = nib.Nifti1Image(np.ascontiguousarray(data.transpose(2, 1, 0)), affine)
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+        img.header.set_xyzt_units("mm")
+        img.header.set_slope_inter(1.0, 0.0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(img, path)
+
+
+def make_phantom_cohort(
+    out_dir: Path,
+    n_per_cohort: int = 10,
+    cohorts: tuple[str, ...] = ("control", "osteo"),
+    shape: tuple[int, int, int] = DEFAULT_SHAPE,
+    seed: int = 0,
+    spacing_mm: tuple[float, float, float] = DEFAULT_SPACING_MM,
+) -> Path:
+    """Write a phantom cohort (images/, masks/, manifest.csv) under ``out_dir``.
+
+    Cohort k gets :func:`cohort_effect` (k); subject ids are ``<cohort>-<NN>``.
+    Returns the manifest path.
+    """
+    if n_per_cohort < 1:
+        raise ConfigError(f"subjects per cohort must be >= 1, got {n_per_cohort}")
+    if not cohorts or len(set(cohorts)) != len(cohorts):
+        raise ConfigError(f"cohort names must be given and distinct, got {cohorts}")
+    out_dir = Path(out_dir)
+    subjects: list[Subject] = []
+    for k, cohort in enumerate(cohorts):
+        for i in range(n_per_cohort):
+            subject_seed = int(np.random.SeedSequence([seed, k, i]).generate_state(1)[0])
+            hu, label = make_phantom_subject(shape, spacing_mm, subject_seed, cohort_effect(k))
+            subject_id = f"{cohort}-{i + 1:02d}"
+            image = out_dir / "images" / f"{subject_id}.nii.gz"
+            mask = out_dir / "masks" / f"{subject_id}.nii.gz"
+            write_phantom_nifti(hu, label, spacing_mm, image, mask)
+            subjects.append(Subject(subject_id, image, mask, cohort, None, len(subjects) + 1))
+    return write_manifest(subjects, out_dir / "manifest.csv")
