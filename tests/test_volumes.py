@@ -12,16 +12,20 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cohort.config import LabelMap, PreprocessConfig
 from cohort.errors import GeometryError, InputError, RegionError
 from cohort.volumes import (
     NO_REGION,
     Prepared,
+    VolumePair,
     air_value,
     check_pair,
     load_pair,
     prepare_subject,
+    preprocess_pair,
     window_normalise,
 )
 from tests.nifti_helpers import lps_from_ras, save_nifti, zyx_from_xyz
@@ -533,3 +537,59 @@ def test_knee_wrong_label_map_puts_tibia_above_femur(knee_image: Path) -> None:
     )
     assert prepared.voxels == (244_063, 245_349)
     assert mean_d(prepared, 0) > mean_d(prepared, 1)
+
+
+# ---------------------------------------------------------- properties
+
+
+def stored_as(
+    data: np.ndarray, affine: np.ndarray, order: tuple[int, ...], flips: tuple[bool, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The same physical volume stored with axis k = RAS axis order[k], reversed where flips[k].
+
+    Stored index j maps to RAS index i with i[order[k]] = j[k], or n - 1 - j[k] when flipped.
+    """
+    stored = data.transpose(order)
+    to_ras = np.zeros((4, 4))
+    to_ras[3, 3] = 1.0
+    for k, (axis, flip) in enumerate(zip(order, flips, strict=True)):
+        if flip:
+            stored = np.flip(stored, axis=k)
+            to_ras[axis, k] = -1.0
+            to_ras[axis, 3] = data.shape[axis] - 1.0
+        else:
+            to_ras[axis, k] = 1.0
+    return np.ascontiguousarray(stored), affine @ to_ras
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    order=st.permutations([0, 1, 2]),
+    flips=st.tuples(st.booleans(), st.booleans(), st.booleans()),
+)
+def test_any_axis_order_and_flip_gives_the_ras_result(
+    order: list[int], flips: tuple[bool, bool, bool]
+) -> None:
+    rng = np.random.default_rng(0)
+    hu = rng.uniform(-1200.0, 2200.0, size=(4, 5, 6)).astype(np.float32)
+    mask = rng.integers(0, 3, size=(4, 5, 6)).astype(np.uint8)
+    affine = np.diag([0.7, 0.9, 1.3, 1.0])
+    reference = preprocess_pair(
+        VolumePair(hu, mask, affine, affine, Path("i"), Path("m")), LABELS, True, CFG
+    )
+    s_hu, s_affine = stored_as(hu, affine, tuple(order), flips)
+    s_mask, _ = stored_as(mask, affine, tuple(order), flips)
+    other = preprocess_pair(
+        VolumePair(s_hu, s_mask, s_affine, s_affine, Path("i"), Path("m")), LABELS, True, CFG
+    )
+    assert_same(reference, other)
+    assert reference.image.shape == (6, 5, 4)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-1e5, 1e5, width=32), min_size=1, max_size=50))
+def test_window_output_stays_in_normalised_range(values: list[float]) -> None:
+    out = window_normalise(np.array(values, dtype=np.float32), CFG)
+    high = (1.0 - CFG.mean) / CFG.std
+    assert float(out.min()) >= air_value(CFG) - 1e-6
+    assert float(out.max()) <= high + 1e-6
