@@ -198,10 +198,15 @@ class StatsConfig:
     alpha: float = 0.05  # level used for flags and reports
     min_n: int = 3  # fewest subjects per group for a test to run
     centre: bool = False  # subtract the cohort-wide mean vector per layer before cosine
+    ci_level: float = 0.95  # coverage of every bootstrap percentile interval
 
     def __post_init__(self) -> None:
         if self.bootstrap < 0 or self.permutations < 0:
             raise ConfigError("bootstrap and permutation counts must be >= 0")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0 (numpy SeedSequence), got {self.seed}")
+        if not 0 < self.ci_level < 1:
+            raise ConfigError(f"CI level must lie in (0, 1), got {self.ci_level}")
         if not 0 < self.alpha < 1:
             raise ConfigError(f"alpha must lie in (0, 1), got {self.alpha}")
         if self.min_n < 1:
