@@ -118,7 +118,7 @@ FLAG_BELOW_MIN_N: Final = "below-min-n"  # a group smaller than cfg.min_n (test 
 
 # Relative tolerance when counting permuted pseudo-F values >= the observed one,
 # so that a permutation reproducing the observed partition counts despite
-# rounding (vegan's adonis2 uses the same device).
+# rounding (vegan's permutation tests also compare with a small tolerance).
 _PERM_TOL: Final = 1e-10
 # Cosine distances at or below this are rounding: all vectors point one way.
 _SAME_DIRECTION: Final = 1e-12
@@ -960,8 +960,12 @@ def permanova(
         raise StatsInputError(
             f"permanova needs N x C vectors and N labels, got {matrix.shape} and {codes.shape}"
         )
+    if codes.size and codes.min() < 0:
+        raise StatsInputError("permanova labels must be group codes 0, 1, ...")
     g = int(codes.max()) + 1 if codes.size else 0
     group_names = list(names) if names is not None else [f"group {i + 1}" for i in range(g)]
+    if len(group_names) != g:
+        raise StatsInputError(f"permanova got {len(group_names)} names for {g} group codes")
     _, valid = _unit_rows(matrix)
     dropped = _dropped(int((~valid).sum()), "a zero-norm or non-finite vector")
     matrix, codes = matrix[valid], codes[valid]
