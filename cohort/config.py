@@ -174,10 +174,12 @@ class ExecutionConfig:
     device: Device = "auto"  # auto = cuda when the actor sees a GPU
     address: str | None = None  # Ray cluster address; None starts a local instance
     num_actors: int | None = None  # feature actors; None = GPUs, or 1 on CPU
-    actor_cpus: float = 0.5  # CPUs each actor requests (fractional keeps loaders fed)
+    actor_cpus: float = 0.25  # CPUs each actor requests (fractional keeps loaders fed)
     loader_cpus: float = 0.5  # CPUs each load/preprocess task requests
     torch_threads: int | None = None  # intra-op threads per actor; None = torch's default
     progress: bool = True  # one line per finished subject
+    stall_timeout_s: float | None = None  # abort when no subject finishes for this long
+    max_retries: int = 2  # retries of a subject's task after a worker dies or I/O fails
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -186,6 +188,17 @@ class ExecutionConfig:
             raise ConfigError(f"num actors must be >= 1, got {self.num_actors}")
         if self.actor_cpus < 0 or self.loader_cpus <= 0:
             raise ConfigError("actor CPUs must be >= 0 and loader CPUs > 0")
+        if self.actor_cpus == self.loader_cpus:
+            # Ray Data fuses a map into the actor stage when their resource requests
+            # are equal; then loading would run inside the model actors.
+            raise ConfigError(
+                f"actor CPUs and loader CPUs must differ (both {self.actor_cpus}); "
+                "equal requests make Ray fuse loading into the model actors"
+            )
+        if self.stall_timeout_s is not None and self.stall_timeout_s <= 0:
+            raise ConfigError("stall timeout must be > 0 seconds")
+        if self.max_retries < 0:
+            raise ConfigError("max retries must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,569 @@
+"""The Ray Data graph: a thin shell around the pure core.
+
+::
+
+    manifest rows --map(load_subject)--> prepared volumes      CPU tasks, streamed
+        --map_batches(FeatureActor)--> pooled vectors + cosines  one model per actor
+        --> driver: per-subject part files as results arrive
+        --> summaries, tests, run.json, moved into place at the end
+
+Stage functions never raise for one subject's bad input: the failure becomes a
+row with its stage, error type and message, and the run goes on. The driver
+checks at the end that every manifest subject is either in the results or in
+the errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+import pickle
+import platform
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+
+from cohort import __version__, stats, store
+from cohort.config import BACKGROUND, LabelMap, RunConfig, format_label_map, parse_label_map
+from cohort.errors import CohortError
+from cohort.features import RegionVector, extract
+from cohort.manifest import Subject, read_manifest
+from cohort.model.hooks import FeatureExtractor, LayerInfo, resolve_layers
+from cohort.model.network import Weights, build_network, load_weights
+from cohort.volumes import air_value, check_pair, load_pair, preprocess_pair
+
+FAILED, READY, CACHED, DONE = "failed", "ready", "cached", "done"
+
+
+# --------------------------------------------------------------- pure helpers
+
+
+def result_identity(cfg: RunConfig, weights_sha256: str) -> str:
+    """Everything besides the input files that changes a subject's numbers."""
+    parts = {
+        "preprocess": dataclasses.asdict(cfg.preprocess),
+        "background": cfg.regions.background,
+        "model": {**dataclasses.asdict(cfg.model), "weights": weights_sha256, "seed": None},
+        "pooling": dataclasses.asdict(cfg.pooling),
+        "cohort": __version__,
+    }
+    return store.fingerprint([repr(sorted(parts.items()))])
+
+
+def subject_labels(subject: Subject, cfg: RunConfig) -> LabelMap:
+    return subject.labels if subject.labels is not None else cfg.regions.labels
+
+
+def cosine_rows(vectors: Sequence[RegionVector]) -> list[dict[str, Any]]:
+    """Cosine similarity in float64 of every region pair at every layer.
+
+    Pairs follow region order (tibia-femur, tibia-background, femur-background).
+    A zero-norm vector gives NaN, which the reducer flags.
+    """
+    regions = list(dict.fromkeys(v.region for v in vectors))
+    layers = list(dict.fromkeys(v.layer for v in vectors))
+    by_key = {(v.region, v.layer): v.vector.astype(np.float64) for v in vectors}
+    rows = []
+    for layer in layers:
+        for i, a in enumerate(regions):
+            for b in regions[i + 1 :]:
+                va, vb = by_key[(a, layer)], by_key[(b, layer)]
+                norm = float(np.linalg.norm(va) * np.linalg.norm(vb))
+                cosine = float(va @ vb) / norm if norm > 0 else math.nan
+                rows.append({"layer": layer, "region_a": a, "region_b": b, "cosine": cosine})
+    return rows
+
+
+def _failure(stage: str, err: BaseException) -> dict[str, str]:
+    message = str(err) if isinstance(err, CohortError) else f"{err}"
+    if not isinstance(err, CohortError):
+        # an unexpected error: keep where it happened, for the bug report
+        where = traceback.extract_tb(err.__traceback__)[-1:] if err.__traceback__ else []
+        location = f" (at {where[0].filename}:{where[0].lineno})" if where else ""
+        message = f"{message}{location}"
+    return {
+        "status": FAILED,
+        "stage": stage,
+        "error_type": type(err).__name__,
+        "message": message or type(err).__name__,
+    }
+
+
+# ------------------------------------------------------------- stage: loading
+
+
+def load_subject(
+    row: dict[str, Any], cfg: RunConfig, identity: str, finished: frozenset[str]
+) -> dict[str, Any]:
+    """Ray Data map function: fingerprint, load, check and preprocess one subject."""
+    out = {**row, "key": "", "status": READY, "stage": "", "error_type": "", "message": ""}
+    out["payload"] = b""
+    stage = "load"
+    try:
+        image, mask = Path(row["image"]), Path(row["mask"])
+        for path, role in ((image, "image"), (mask, "mask")):
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{role} file {path} of subject {row['subject_id']} does not exist; "
+                    "fix the path in the manifest (relative paths start at its folder)"
+                )
+        print_ = store.fingerprint(
+            [store.sha256_of_file(image), store.sha256_of_file(mask), row["labels"], identity]
+        )
+        out["key"] = store.subject_key(row["subject_id"], print_)
+        if out["key"] in finished:
+            out["status"] = CACHED
+            return out
+        labels = parse_label_map(row["labels"])
+        pair = load_pair(image, mask, cfg.preprocess)
+        stage = "check"
+        check_pair(pair, labels, cfg.preprocess)
+        stage = "preprocess"
+        prepared = preprocess_pair(pair, labels, cfg.regions.background, cfg.preprocess)
+        out["payload"] = pickle.dumps(prepared, protocol=5)
+    except Exception as err:
+        out.update(_failure(stage, err))
+    return out
+
+
+# ------------------------------------------------------------ stage: features
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise CohortError(
+                "--device cuda was asked for but this worker sees no CUDA device; "
+                "use --device auto or cpu, or run on GPU workers"
+            )
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class FeatureActor:
+    """Ray Data callable class: one model, loaded once, on this actor's device."""
+
+    def __init__(self, weights: list[Any], cfg: RunConfig, threads: int | None) -> None:
+        import ray
+
+        state = ray.get(weights[0]) if isinstance(weights[0], ray.ObjectRef) else weights[0]
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.cfg = cfg
+        self.device = pick_device(cfg.execution.device)
+        network, _ = build_network(cfg.model.backbone, state, cfg.model.inflation)
+        network = network.to(self.device)
+        self.extractor = FeatureExtractor(network, resolve_layers(network, cfg.model.layers))
+        self.air = air_value(cfg.preprocess)
+        self.device_name = (
+            torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["subject_id"])
+        columns: dict[str, list[Any]] = {name: list(batch[name]) for name in _PASS}
+        columns.update(features=[], similarity=[], seconds=[], device=[])
+        for i in range(n):
+            started = time.perf_counter()
+            features, similarity = b"", b""
+            if columns["status"][i] == READY:
+                try:
+                    prepared = pickle.loads(batch["payload"][i])
+                    vectors = self._extract(prepared)
+                    features = pickle.dumps(
+                        [
+                            (v, int(prepared.voxels[prepared.region_names.index(v.region)]))
+                            for v in vectors
+                        ],
+                        protocol=5,
+                    )
+                    similarity = pickle.dumps(cosine_rows(vectors), protocol=5)
+                    columns["status"][i] = DONE
+                except Exception as err:
+                    for name, value in _failure("extract", err).items():
+                        columns[name][i] = value
+            columns["features"].append(features)
+            columns["similarity"].append(similarity)
+            columns["seconds"].append(time.perf_counter() - started)
+            columns["device"].append(self.device_name)
+        return {name: np.asarray(values, dtype=object) for name, values in columns.items()}
+
+    def _extract(self, prepared: Any) -> list[RegionVector]:
+        image = torch.from_numpy(np.ascontiguousarray(prepared.image)).to(self.device)
+        index = torch.from_numpy(np.ascontiguousarray(prepared.region_index)).to(self.device)
+        return extract(
+            self.extractor, image, index, prepared.region_names, self.cfg.pooling, self.air
+        )
+
+
+_PASS = ("subject_id", "cohort", "image", "mask", "key", "status", "stage", "error_type", "message")
+
+
+# ----------------------------------------------------------------- the driver
+
+
+@dataclass
+class RunResult:
+    """What a run did; the CLI turns it into output and an exit status."""
+
+    out_dir: Path
+    subjects: int = 0
+    done: int = 0
+    cached: int = 0
+    failed: int = 0
+    errors: list[dict[str, str]] = field(default_factory=list)
+    origin: pd.DataFrame | None = None
+    weights: str = ""
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+@dataclass(frozen=True)
+class _Plan:
+    subjects: tuple[Subject, ...]
+    weights: Weights
+    layers: tuple[LayerInfo, ...]
+    identity: str
+
+
+def prepare_run(manifest: Path, cfg: RunConfig, *, download: bool = True) -> _Plan:
+    """Everything checked on the driver before Ray starts: manifest, weights, layers."""
+    subjects = read_manifest(manifest)
+    weights = load_weights(cfg.model, download=download)
+    network, _ = build_network(cfg.model.backbone, weights.state_dict, cfg.model.inflation)
+    layers = resolve_layers(network, cfg.model.layers)
+    return _Plan(subjects, weights, layers, result_identity(cfg, weights.sha256))
+
+
+def ensure_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+
+
+def _pool(cfg: RunConfig) -> tuple[int, float, int | None]:
+    """Actors, GPUs per actor and torch threads per actor, from the cluster's resources."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    cpus = float(resources.get("CPU", 1))
+    use_gpu = cfg.execution.device == "cuda" or (cfg.execution.device == "auto" and gpus > 0)
+    if cfg.execution.device == "cuda" and gpus == 0:
+        raise CohortError(
+            "--device cuda was asked for but the Ray cluster has no GPU resource; "
+            "use --device auto or cpu, or add GPU workers"
+        )
+    actors = cfg.execution.num_actors or (gpus if use_gpu else 1)
+    threads = cfg.execution.torch_threads
+    if threads is None and not use_gpu:
+        threads = max(1, int(cpus // actors))
+    return actors, (1.0 if use_gpu else 0.0), threads
+
+
+def _rows(subjects: Sequence[Subject], cfg: RunConfig) -> list[dict[str, Any]]:
+    return [
+        {
+            "subject_id": s.subject_id,
+            "cohort": s.cohort,
+            "image": str(s.image),
+            "mask": str(s.mask),
+            "labels": format_label_map(subject_labels(s, cfg)),
+        }
+        for s in subjects
+    ]
+
+
+class _Watchdog:
+    """Interrupts the driver when no subject finishes for ``limit`` seconds."""
+
+    def __init__(self, limit: float | None) -> None:
+        self.limit = limit
+        self.last = time.monotonic()
+        self.fired = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _Watchdog:
+        if self.limit is not None:
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def tick(self) -> None:
+        self.last = time.monotonic()
+
+    def _watch(self) -> None:
+        import _thread
+
+        while not self._stop.wait(0.5):
+            if self.limit is not None and time.monotonic() - self.last > self.limit:
+                self.fired = True
+                _thread.interrupt_main()
+                return
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+
+
+class StalledError(CohortError, RuntimeError):
+    """No subject finished within the no-progress timeout."""
+
+
+def stream(plan: _Plan, cfg: RunConfig, finished: frozenset[str]) -> Iterator[dict[str, Any]]:
+    """Run the Ray Data graph and yield one result row per subject as it finishes."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext, Dataset
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    actors, gpus, threads = _pool(cfg)
+    weights_ref = ray.put(plan.weights.state_dict)  # kept alive by this frame for the run
+    retries = cfg.execution.max_retries
+    items = ray.data.from_items(_rows(plan.subjects, cfg), override_num_blocks=len(plan.subjects))
+    loader = functools.partial(load_subject, cfg=cfg, identity=plan.identity, finished=finished)
+    ds: Dataset = items.map(
+        loader,
+        num_cpus=cfg.execution.loader_cpus,
+        max_retries=retries,
+    )
+    ds = ds.map_batches(
+        FeatureActor,
+        fn_constructor_kwargs={"weights": [weights_ref], "cfg": cfg, "threads": threads},
+        batch_size=1,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(min_size=1, max_size=actors),
+        num_cpus=cfg.execution.actor_cpus,
+        num_gpus=gpus,
+        max_restarts=retries,
+        max_task_retries=retries,
+    )
+    for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
+        columns = cast(dict[str, np.ndarray], batch)
+        yield {name: columns[name][0] for name in columns}
+    del weights_ref
+
+
+def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True) -> RunResult:
+    """Run the whole analysis; returns counts. Raises only for unusable invocations."""
+    started = time.perf_counter()
+    plan = prepare_run(manifest, cfg, download=download)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = store.Parts(out_dir)
+    finished = frozenset(parts.keys())
+    ensure_ray(cfg.execution.address)
+    result = RunResult(out_dir, subjects=len(plan.subjects), weights=plan.weights.detail)
+    keys: dict[str, str] = {}
+    devices: set[str] = set()
+    extract_seconds: list[float] = []
+    seen: set[str] = set()
+    with _Watchdog(cfg.execution.stall_timeout_s) as watchdog:
+        try:
+            for row in stream(plan, cfg, finished):
+                watchdog.tick()
+                sid = str(row["subject_id"])
+                if sid in seen:  # a retried task may deliver twice; the first counts
+                    continue
+                seen.add(sid)
+                status = str(row["status"])
+                if status == FAILED:
+                    result.failed += 1
+                    result.errors.append(_error_row(row))
+                else:
+                    keys[sid] = str(row["key"])
+                    if status == DONE:
+                        _write_part(parts, row)
+                        result.done += 1
+                        devices.add(str(row["device"]))
+                        extract_seconds.append(float(row["seconds"]))
+                    else:
+                        result.cached += 1
+                if cfg.execution.progress:
+                    _progress(len(seen), result.subjects, sid, status, started)
+        except KeyboardInterrupt:
+            if watchdog.fired:
+                raise StalledError(
+                    f"no subject finished in {cfg.execution.stall_timeout_s:g} s; the actor "
+                    "pool may be starved of CPUs (give actors fractional CPUs) or a worker hung"
+                ) from None
+            raise
+    for subject in plan.subjects:
+        if subject.subject_id not in seen:
+            result.failed += 1
+            result.errors.append(
+                {
+                    "subject_id": subject.subject_id,
+                    "cohort": subject.cohort,
+                    "stage": "pipeline",
+                    "error_type": "Lost",
+                    "message": "the pipeline returned no result for this subject; rerun to retry",
+                    "image": str(subject.image),
+                    "mask": str(subject.mask),
+                }
+            )
+    result.seconds = time.perf_counter() - started
+    provenance = _provenance(cfg, plan, result, devices, extract_seconds)
+    ordered = [keys[s.subject_id] for s in plan.subjects if s.subject_id in keys]
+    result.origin = finish(out_dir, parts, ordered, result.errors, cfg, provenance)
+    return result
+
+
+def _error_row(row: Mapping[str, Any]) -> dict[str, str]:
+    return {
+        name: str(row[name])
+        for name in ("subject_id", "cohort", "stage", "error_type", "message", "image", "mask")
+    }
+
+
+def _write_part(parts: store.Parts, row: Mapping[str, Any]) -> None:
+    sid, cohort = str(row["subject_id"]), str(row["cohort"])
+    vectors: list[tuple[RegionVector, int]] = pickle.loads(row["features"])
+    features = [
+        {
+            "subject_id": sid,
+            "cohort": cohort,
+            "region": v.region,
+            "layer": v.layer,
+            "layer_name": v.layer_name,
+            "channels": len(v.vector),
+            "voxels": voxels,
+            "vector": v.vector,
+        }
+        for v, voxels in vectors
+    ]
+    similarity = [
+        {"subject_id": sid, "cohort": cohort, **r} for r in pickle.loads(row["similarity"])
+    ]
+    parts.write(
+        str(row["key"]),
+        store.table(features, store.FEATURES_SCHEMA),
+        store.table(similarity, store.SIMILARITY_SCHEMA),
+    )
+
+
+def _progress(count: int, total: int, sid: str, status: str, started: float) -> None:
+    rate = count / max(time.perf_counter() - started, 1e-9)
+    print(f"[{count}/{total}] {sid}: {status} ({rate:.2f} subjects/s)", file=sys.stderr, flush=True)
+
+
+def versions() -> dict[str, str]:
+    import nibabel
+    import pyarrow
+    import ray
+    import scipy
+    import torchvision
+
+    return {
+        "cohort": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "ray": ray.__version__,
+        "numpy": np.__version__,
+        "nibabel": nibabel.__version__,
+        "pyarrow": pyarrow.__version__,
+        "pandas": pd.__version__,
+        "scipy": scipy.__version__,
+    }
+
+
+def _provenance(
+    cfg: RunConfig,
+    plan: _Plan,
+    result: RunResult,
+    devices: set[str],
+    extract_seconds: list[float],
+) -> dict[str, Any]:
+    return {
+        "config": cfg.to_dict(),
+        "versions": versions(),
+        "weights": {
+            "source": plan.weights.source,
+            "detail": plan.weights.detail,
+            "sha256": plan.weights.sha256,
+        },
+        "layers": [dataclasses.asdict(info) for info in plan.layers],
+        "device": sorted(devices),
+        "counts": {
+            "subjects": result.subjects,
+            "done": result.done,
+            "cached": result.cached,
+            "failed": result.failed,
+        },
+        "timings": {
+            "total_s": round(result.seconds, 3),
+            "extract_mean_s": round(float(np.mean(extract_seconds)), 4)
+            if extract_seconds
+            else None,
+            "subjects_per_s": round(result.done / result.seconds, 4) if result.seconds else None,
+        },
+        "background": BACKGROUND if cfg.regions.background else None,
+    }
+
+
+def finish(
+    out_dir: Path,
+    parts: store.Parts,
+    keys: Sequence[str],
+    errors: Sequence[Mapping[str, str]],
+    cfg: RunConfig,
+    provenance: Mapping[str, Any],
+) -> pd.DataFrame:
+    """Combine parts, compute summaries and tests, and move every output into place."""
+    staging = store.staging_dir(out_dir)
+    features_schema = store.with_provenance(store.FEATURES_SCHEMA, provenance)
+    similarity_schema = store.with_provenance(store.SIMILARITY_SCHEMA, provenance)
+    parts.combine(keys, 0, features_schema, staging / "features.parquet")
+    parts.combine(keys, 1, similarity_schema, staging / "similarity.parquet")
+    error_table = store.table(list(errors), store.ERRORS_SCHEMA)
+    error_table = error_table.replace_schema_metadata(
+        store.with_provenance(store.ERRORS_SCHEMA, provenance).metadata
+    )
+    store.write_parquet(error_table, staging / "errors.parquet")
+    store.write_csv(error_table.to_pandas(), staging / "errors.csv")
+    origin = write_summaries(staging, cfg, provenance)
+    store.write_json(provenance, staging / "run.json")
+    store.publish(staging, out_dir)
+    return origin
+
+
+def write_summaries(folder: Path, cfg: RunConfig, provenance: Mapping[str, Any]) -> pd.DataFrame:
+    """Stats and the origin-study table from ``folder``'s features and similarity."""
+    features = pq.read_table(folder / "features.parquet").to_pandas()
+    similarity = pq.read_table(folder / "similarity.parquet").to_pandas()
+    if cfg.stats.centre and len(features):
+        similarity = stats.cosine_table(features, centre=True)
+    origin = stats.origin_table(similarity)
+    store.write_csv(origin, folder / "similarity.csv")
+    tests = stats.run_tests(features, similarity, cfg.stats)
+    stats_table = store.pa.Table.from_pandas(tests, preserve_index=False)
+    stats_table = stats_table.replace_schema_metadata(
+        store.with_provenance(stats_table.schema, provenance).metadata
+    )
+    store.write_parquet(stats_table, folder / "stats.parquet")
+    store.write_csv(tests, folder / "stats.csv")
+    return origin

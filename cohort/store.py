@@ -1,0 +1,216 @@
+"""Parquet and CSV outputs: schemas, provenance, per-subject parts and atomic writes.
+
+Layout of an output folder::
+
+    features.parquet  similarity.parquet  similarity.csv
+    stats.parquet  stats.csv  errors.parquet  errors.csv  run.json
+    .cohort/parts/<subject key>.features.parquet     one per finished subject
+    .cohort/parts/<subject key>.similarity.parquet
+    .cohort/staging/                                  final files before the move
+
+A subject's key is its id plus a fingerprint of its input files' contents, its
+label map and every option that changes its numbers, so a rerun can tell a
+finished subject from one whose inputs or options changed. Every file is
+written to a temporary name and renamed, so a reader (or a rerun) never sees
+half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PROVENANCE_KEY = b"cohort.provenance"
+STATE_DIR = ".cohort"
+FINAL_FILES = (
+    "features.parquet",
+    "similarity.parquet",
+    "similarity.csv",
+    "stats.parquet",
+    "stats.csv",
+    "errors.parquet",
+    "errors.csv",
+    "run.json",
+)
+
+FEATURES_SCHEMA = pa.schema(
+    [
+        ("subject_id", pa.string()),
+        ("cohort", pa.string()),
+        ("region", pa.string()),
+        ("layer", pa.string()),
+        ("layer_name", pa.string()),
+        ("channels", pa.int32()),
+        ("voxels", pa.int64()),
+        ("vector", pa.list_(pa.float32())),
+    ]
+)
+SIMILARITY_SCHEMA = pa.schema(
+    [
+        ("subject_id", pa.string()),
+        ("cohort", pa.string()),
+        ("layer", pa.string()),
+        ("region_a", pa.string()),
+        ("region_b", pa.string()),
+        ("cosine", pa.float64()),
+    ]
+)
+ERRORS_SCHEMA = pa.schema(
+    [
+        ("subject_id", pa.string()),
+        ("cohort", pa.string()),
+        ("stage", pa.string()),
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+        ("image", pa.string()),
+        ("mask", pa.string()),
+    ]
+)
+
+
+def with_provenance(schema: pa.Schema, provenance: Mapping[str, Any]) -> pa.Schema:
+    """The schema with the run's provenance as JSON under ``cohort.provenance``."""
+    return schema.with_metadata({PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)})
+
+
+def read_provenance(path: Path) -> dict[str, Any]:
+    metadata = pq.read_schema(path).metadata or {}
+    raw = metadata.get(PROVENANCE_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def atomic_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_parquet(table: pa.Table, path: Path) -> Path:
+    tmp = atomic_path(path)
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> Path:
+    tmp = atomic_path(path)
+    frame.to_csv(tmp, index=False, float_format="%.6g")
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(data: Mapping[str, Any], path: Path) -> Path:
+    tmp = atomic_path(path)
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def table(frame: pd.DataFrame | Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows (dicts or a frame) as a table with exactly ``schema``'s columns and types."""
+    if isinstance(frame, pd.DataFrame):
+        return pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
+    return pa.Table.from_pylist(list(frame), schema=schema)
+
+
+# ----------------------------------------------------------------- fingerprints
+
+
+def sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(parts: Iterable[str]) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def subject_key(subject_id: str, print_: str) -> str:
+    """A file-name-safe key: readable id, then a hash that also separates ids
+    that differ only in unsafe characters."""
+    safe = _UNSAFE.sub("_", subject_id)[:64]
+    return f"{safe}--{fingerprint([subject_id, print_])[:20]}"
+
+
+# ------------------------------------------------------------------------ parts
+
+
+class Parts:
+    """Per-subject result files under ``<out>/.cohort/parts``."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.root = Path(out_dir) / STATE_DIR / "parts"
+
+    def paths(self, key: str) -> tuple[Path, Path]:
+        return (
+            self.root / f"{key}.features.parquet",
+            self.root / f"{key}.similarity.parquet",
+        )
+
+    def has(self, key: str) -> bool:
+        return all(path.is_file() for path in self.paths(key))
+
+    def write(self, key: str, features: pa.Table, similarity: pa.Table) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        feature_path, similarity_path = self.paths(key)
+        # similarity first: `has` needs both, so a crash in between leaves no half part
+        write_parquet(similarity, similarity_path)
+        write_parquet(features, feature_path)
+
+    def keys(self) -> set[str]:
+        if not self.root.is_dir():
+            return set()
+        return {
+            p.name.removesuffix(".features.parquet") for p in self.root.glob("*.features.parquet")
+        }
+
+    def combine(self, keys: Sequence[str], which: int, schema: pa.Schema, out: Path) -> int:
+        """Concatenate one kind of part (0 features, 1 similarity) for ``keys`` into ``out``.
+
+        Streams part by part, so memory does not grow with the cohort. Returns
+        the number of rows written.
+        """
+        tmp = atomic_path(out)
+        rows = 0
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for key in keys:
+                part = pq.read_table(self.paths(key)[which]).cast(
+                    pa.schema(list(schema), metadata=None)
+                )
+                writer.write_table(part.replace_schema_metadata(schema.metadata))
+                rows += part.num_rows
+        os.replace(tmp, out)
+        return rows
+
+
+def staging_dir(out_dir: Path) -> Path:
+    path = Path(out_dir) / STATE_DIR / "staging"
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def publish(staging: Path, out_dir: Path) -> None:
+    """Move the staged files into the output folder; run.json last, as the commit mark."""
+    names = [name for name in FINAL_FILES if (staging / name).exists()]
+    for name in sorted(names, key=lambda n: n == "run.json"):
+        os.replace(staging / name, Path(out_dir) / name)
