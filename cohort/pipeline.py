@@ -168,9 +168,10 @@ class FeatureActor:
         network = network.to(self.device)
         self.extractor = FeatureExtractor(network, resolve_layers(network, cfg.model.layers))
         self.air = air_value(cfg.preprocess)
-        self.device_name = (
-            torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        )
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        granted = ray.get_runtime_context().get_assigned_resources()
+        grants = ", ".join(f"{k}={v:g}" for k, v in sorted(granted.items()))
+        self.device_name = f"{name} (Ray resources: {grants})"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["subject_id"])
@@ -236,6 +237,7 @@ class RunResult:
 
 @dataclass(frozen=True)
 class _Plan:
+    manifest: Path
     subjects: tuple[Subject, ...]
     weights: Weights
     layers: tuple[LayerInfo, ...]
@@ -248,7 +250,9 @@ def prepare_run(manifest: Path, cfg: RunConfig, *, download: bool = True) -> _Pl
     weights = load_weights(cfg.model, download=download)
     network, _ = build_network(cfg.model.backbone, weights.state_dict, cfg.model.inflation)
     layers = resolve_layers(network, cfg.model.layers)
-    return _Plan(subjects, weights, layers, result_identity(cfg, weights.sha256))
+    return _Plan(
+        Path(manifest).resolve(), subjects, weights, layers, result_identity(cfg, weights.sha256)
+    )
 
 
 def ensure_ray(address: str | None) -> None:
@@ -348,7 +352,7 @@ def stream(plan: _Plan, cfg: RunConfig, finished: frozenset[str]) -> Iterator[di
     ds: Dataset = items.map(
         loader,
         num_cpus=cfg.execution.loader_cpus,
-        max_retries=retries,
+        ray_remote_args_fn=functools.partial(_remote_args, max_retries=retries),
     )
     ds = ds.map_batches(
         FeatureActor,
@@ -358,13 +362,19 @@ def stream(plan: _Plan, cfg: RunConfig, finished: frozenset[str]) -> Iterator[di
         compute=ActorPoolStrategy(min_size=1, max_size=actors),
         num_cpus=cfg.execution.actor_cpus,
         num_gpus=gpus,
-        max_restarts=retries,
-        max_task_retries=retries,
+        # bounded: a subject that kills its actor every time must not loop forever
+        ray_remote_args_fn=functools.partial(
+            _remote_args, max_restarts=retries, max_task_retries=retries
+        ),
     )
     for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
         columns = cast(dict[str, np.ndarray], batch)
         yield {name: columns[name][0] for name in columns}
     del weights_ref
+
+
+def _remote_args(**args: int) -> dict[str, int]:
+    return dict(args)
 
 
 def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True) -> RunResult:
@@ -499,6 +509,7 @@ def _provenance(
     extract_seconds: list[float],
 ) -> dict[str, Any]:
     return {
+        "manifest": str(plan.manifest),
         "config": cfg.to_dict(),
         "versions": versions(),
         "weights": {

@@ -1,0 +1,43 @@
+"""Shared fixtures: one Ray instance per test session and small phantom cohorts.
+
+The Ray instance has 2 CPUs and one *fake* GPU resource: it lets the tests
+check that actors ask for the GPU (the scheduling path) on a machine without
+one; the actor itself then finds no CUDA device and runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cohort.phantom import make_phantom_cohort
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SMALL_SHAPE = (64, 64, 64)  # DenseNet121's block 4 sees a 2x2x2 grid
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            num_gpus=1,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two cohorts of three 64^3 phantom knees; returns the manifest path."""
+    folder = tmp_path_factory.mktemp("small-cohort")
+    return make_phantom_cohort(folder, n_per_cohort=3, shape=SMALL_SHAPE, seed=11)

@@ -1,0 +1,208 @@
+"""The pipeline end to end through Ray, against direct calls of the core."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import duckdb
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+from cohort.cli import main
+from cohort.config import ModelConfig, PoolingConfig, PreprocessConfig
+from cohort.features import extract
+from cohort.manifest import read_manifest, write_manifest
+from cohort.model.hooks import FeatureExtractor, resolve_layers
+from cohort.model.network import build_network, random_weights
+from cohort.store import PROVENANCE_KEY
+from cohort.volumes import air_value, prepare_subject
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
+
+FAST = ["--weights", "random", "--quiet", "--stall-timeout", "240", "--bootstrap", "200"]
+
+
+def cohort_run(manifest: Path, out: Path, *extra: str) -> Result:
+    return CliRunner().invoke(main, ["run", str(manifest), "--out", str(out), *FAST, *extra])
+
+
+@pytest.fixture(scope="module")
+def finished(
+    ray_session: None, small_cohort: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    out = tmp_path_factory.mktemp("run") / "out"
+    result = cohort_run(small_cohort, out, "--device", "cpu", "--actors", "2")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_outputs_have_the_contract_columns_and_types(finished: Path, small_cohort: Path) -> None:
+    subjects = {s.subject_id: s.cohort for s in read_manifest(small_cohort)}
+    features = pq.read_table(finished / "features.parquet")
+    assert features.schema.field("vector").type == pa.list_(pa.float32())
+    assert features.schema.field("channels").type == pa.int32()
+    frame = features.to_pandas()
+    assert set(frame.subject_id) == set(subjects)
+    assert len(frame) == len(subjects) * 3 * 3  # regions x layers
+    assert set(frame.region) == {"tibia", "femur", "background"}
+    assert set(frame.layer) == {"conv-1", "conv-3", "conv-5"}
+    assert set(frame.layer_name) == {
+        "features.denseblock4.denselayer16.conv2",
+        "features.denseblock4.denselayer15.conv2",
+        "features.denseblock4.denselayer14.conv2",
+    }
+    assert all(len(v) == c == 32 for v, c in zip(frame.vector, frame.channels, strict=True))
+    assert (frame.voxels > 0).all()
+    assert dict(zip(frame.subject_id, frame.cohort, strict=True)) == subjects
+
+    similarity = pq.read_table(finished / "similarity.parquet")
+    assert similarity.schema.field("cosine").type == pa.float64()
+    sim = similarity.to_pandas()
+    assert len(sim) == len(subjects) * 3 * 3  # pairs x layers
+    assert sim.cosine.between(-1, 1).all()
+
+    for name in ("features", "similarity", "stats", "errors"):
+        metadata = pq.read_schema(finished / f"{name}.parquet").metadata
+        provenance = json.loads(metadata[PROVENANCE_KEY])
+        assert provenance["weights"]["source"] == "random"
+    stats = pq.read_table(finished / "stats.parquet").to_pandas()
+    for column in (
+        "family", "cohort", "layer", "pair", "test", "n", "statistic", "p_value", "q_value",
+        "effect_size", "effect_name", "ci_low", "ci_high",
+    ):  # fmt: skip
+        assert column in stats.columns
+    assert pd.read_csv(finished / "errors.csv").empty
+    run = json.loads((finished / "run.json").read_text())
+    assert run["counts"] == {"subjects": 6, "done": 6, "cached": 0, "failed": 0}
+    assert len(run["weights"]["sha256"]) == 64
+    assert run["versions"]["torch"] == torch.__version__
+    assert run["config"]["preprocess"]["hu_min"] == -1000.0
+
+
+def test_similarity_csv_is_the_origin_table(finished: Path) -> None:
+    table = pd.read_csv(finished / "similarity.csv")
+    sim = pq.read_table(finished / "similarity.parquet").to_pandas()
+    assert list(table.columns[-3:]) == ["conv-1", "conv-3", "conv-5"]
+    assert set(table.pair) == {"tibia-femur", "tibia-background", "femur-background"}
+    osteo = sim[(sim.cohort == "osteo") & (sim.layer == "conv-3")]
+    expected = osteo[(osteo.region_a == "tibia") & (osteo.region_b == "background")].cosine.mean()
+    row = table[(table.cohort == "osteo") & (table.pair == "tibia-background")]
+    assert row["conv-3"].item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_duckdb_reads_results_without_cohort(finished: Path) -> None:
+    con = duckdb.connect()
+    rows = con.execute(
+        "SELECT cohort, layer, avg(cosine) AS mean, count(*) AS n "
+        f"FROM read_parquet('{finished / 'similarity.parquet'}') "
+        "WHERE region_a = 'tibia' AND region_b = 'femur' GROUP BY ALL ORDER BY ALL"
+    ).fetchall()
+    assert len(rows) == 6
+    assert all(n == 3 for *_, n in rows)
+    dims = con.execute(
+        f"SELECT DISTINCT len(vector) FROM read_parquet('{finished / 'features.parquet'}')"
+    ).fetchall()
+    assert dims == [(32,)]
+
+
+def test_masked_input_through_ray_equals_direct_core_call(
+    ray_session: None, small_cohort: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "masked-input"
+    result = cohort_run(small_cohort, out, "--pooling", "masked-input", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    got = pq.read_table(out / "features.parquet").to_pandas()
+
+    subject = read_manifest(small_cohort)[0]
+    cfg = PreprocessConfig()
+    prepared = prepare_subject(subject.image, subject.mask, (("tibia", 1), ("femur", 2)), True, cfg)
+    network, _ = build_network("densenet121", random_weights("densenet121", 0).state_dict)
+    extractor = FeatureExtractor(network, resolve_layers(network, ModelConfig().layers))
+    direct = extract(
+        extractor,
+        torch.from_numpy(prepared.image),
+        torch.from_numpy(prepared.region_index),
+        prepared.region_names,
+        PoolingConfig(mode="masked-input"),
+        air_value(cfg),
+    )
+    mine = got[got.subject_id == subject.subject_id]
+    assert len(mine) == len(direct) == 9
+    for vector in direct:
+        row = mine[(mine.region == vector.region) & (mine.layer == vector.layer)]
+        np.testing.assert_allclose(np.asarray(row.vector.item()), vector.vector, rtol=0, atol=1e-5)
+
+
+def test_actors_ask_for_the_gpu_when_the_cluster_has_one(
+    ray_session: None, small_cohort: Path, tmp_path: Path
+) -> None:
+    # the session's Ray instance advertises one (fake) GPU; --device auto must request it
+    manifest = write_manifest(read_manifest(small_cohort)[:1], tmp_path / "one.csv")
+    result = cohort_run(manifest, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    (device,) = run["device"]
+    assert "GPU=1" in device
+    assert device.startswith("cpu")  # no CUDA here: the actor falls back to the CPU
+
+
+def test_per_row_label_map_swaps_numbering(
+    ray_session: None, small_cohort: Path, tmp_path: Path
+) -> None:
+    """A mask numbered the other way round gives the same vectors with a per-row map."""
+    subject = read_manifest(small_cohort)[0]
+    mask = nib.load(subject.mask)
+    data = np.asarray(mask.dataobj)
+    swapped = np.where(data == 1, 2, np.where(data == 2, 1, data)).astype(np.uint8)
+    swapped_path = tmp_path / "swapped.nii.gz"
+    nib.save(nib.Nifti1Image(swapped, mask.affine, mask.header), swapped_path)
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame(
+        {
+            "subject_id": ["plain", "swapped"],
+            "image": [subject.image, subject.image],
+            "mask": [subject.mask, swapped_path],
+            "labels": ["", "tibia=2,femur=1"],
+        }
+    ).to_csv(manifest, index=False)
+    result = cohort_run(manifest, tmp_path / "out", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    frame = pq.read_table(tmp_path / "out" / "features.parquet").to_pandas()
+    plain = frame[frame.subject_id == "plain"].set_index(["region", "layer"])
+    other = frame[frame.subject_id == "swapped"].set_index(["region", "layer"])
+    assert (plain.voxels == other.voxels.loc[plain.index]).all()
+    for key in plain.index:
+        np.testing.assert_array_equal(plain.vector[key], other.vector[key])
+
+
+def test_bad_manifest_exits_2_and_failed_subject_exits_1(
+    ray_session: None, small_cohort: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("subject_id,image\na,b.nii.gz\n")
+    result = cohort_run(bad, tmp_path / "never")
+    assert result.exit_code == 2
+    assert "mask" in result.output
+
+    folder = tmp_path / "data"
+    shutil.copytree(small_cohort.parent, folder)
+    (folder / "masks" / "osteo-02.nii.gz").unlink()
+    out = tmp_path / "partial"
+    result = cohort_run(folder / "manifest.csv", out, "--device", "cpu")
+    assert result.exit_code == 1, result.output
+    errors = pd.read_csv(out / "errors.csv")
+    assert list(errors.subject_id) == ["osteo-02"]
+    assert errors.stage.item() == "load"
+    assert "osteo-02.nii.gz" in errors.message.item()
+    done = pq.read_table(out / "features.parquet").to_pandas()
+    assert set(done.subject_id) == {s.subject_id for s in read_manifest(small_cohort)} - {
+        "osteo-02"
+    }
