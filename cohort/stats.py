@@ -940,8 +940,9 @@ def permanova(
 
     Asks whether subjects' region vectors differ between cohorts as a whole
     (direction in feature space), not only through one summary number.
-    Distances are cosine distances 1 - cos between subjects' vectors; the
-    statistic is Anderson's (2001) pseudo-F (see :func:`_pseudo_f`). The
+    The squared distance between two subjects is the cosine distance 1 - cos
+    of their vectors (half the squared Euclidean distance between the unit
+    vectors); the statistic is Anderson's (2001) pseudo-F (see :func:`_pseudo_f`). The
     permuted label arrays are drawn as
     ``rng.permuted(np.tile(labels, (permutations, 1)), axis=1)``; the p-value
     is (1 + #{F_perm >= F_obs}) / (1 + permutations), counting F_perm within
@@ -980,8 +981,13 @@ def permanova(
         return _skipped(n, _join(dropped, "no within-group degrees of freedom (N = groups)"))
     if permutations < 1:
         return _skipped(n, _join(dropped, "permutations is 0"))
-    dist_sq = cosine_distances(matrix) ** 2
-    if not (dist_sq > _SAME_DIRECTION**2).any():
+    # Anderson's formula takes squared distances. The cosine distance 1 - cos of
+    # two vectors is half the squared Euclidean distance between their unit
+    # vectors, so it *is* a squared Euclidean distance: the sums of squares
+    # partition (SS_T = SS_W + SS_A, with SS_A >= 0 and F >= 0). Squaring it
+    # again would give a non-Euclidean measure whose SS_A can turn negative.
+    dist_sq = cosine_distances(matrix)
+    if not (dist_sq > _SAME_DIRECTION).any():
         return _skipped(n, _join(dropped, "all vectors point the same way (zero distances)"))
     f_obs_arr, r2_obs = _pseudo_f(dist_sq, codes[None, :], sizes)
     f_obs = float(f_obs_arr[0])

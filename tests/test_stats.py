@@ -372,12 +372,13 @@ def loop_pseudo_f(vectors: np.ndarray, labels: np.ndarray) -> tuple[float, float
         for j in range(n):
             u, v = vectors[i], vectors[j]
             dist[i, j] = 1 - u @ v / (np.linalg.norm(u) * np.linalg.norm(v))
-    ss_t = sum(dist[i, j] ** 2 for i in range(n) for j in range(i + 1, n)) / n
+    # 1 - cos is the squared distance (half the squared Euclidean distance of unit vectors)
+    ss_t = sum(dist[i, j] for i in range(n) for j in range(i + 1, n)) / n
     ss_w = 0.0
     for g in groups:
         members = [i for i in range(n) if labels[i] == g]
         pairs = [(i, j) for i in members for j in members if i < j]
-        ss_w += sum(dist[i, j] ** 2 for i, j in pairs) / len(members)
+        ss_w += sum(dist[i, j] for i, j in pairs) / len(members)
     ss_a = ss_t - ss_w
     return (ss_a / (len(groups) - 1)) / (ss_w / (n - len(groups))), ss_a / ss_t
 
@@ -389,6 +390,29 @@ def loop_permanova_p(vectors: np.ndarray, labels: np.ndarray, perms: np.ndarray)
         f, _ = loop_pseudo_f(vectors, row)
         hits += f >= observed - 1e-10 * max(1.0, abs(observed))
     return (1 + hits) / (1 + len(perms))
+
+
+def test_permanova_equals_centroid_form_and_is_never_negative() -> None:
+    """With unit vectors u, 1 - cos = |u_i - u_j|^2 / 2, so SS_W and SS_T are half the
+    within-group and total sums of squared deviations from the centroids."""
+    rng = np.random.default_rng(8)
+    vectors = rng.normal(size=(12, 6)) + 1.5
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    for seed in range(20):
+        labels = np.random.default_rng(seed).permutation([0] * 6 + [1] * 6)
+        ss_t = ((unit - unit.mean(axis=0)) ** 2).sum() / 2
+        ss_w = sum(
+            ((unit[labels == g] - unit[labels == g].mean(axis=0)) ** 2).sum() for g in (0, 1)
+        )
+        ss_w /= 2
+        f_expected = ((ss_t - ss_w) / 1) / (ss_w / 10)
+        result = stats.permanova(
+            vectors, labels, min_n=3, permutations=9, rng=np.random.default_rng(seed)
+        )
+        assert result.statistic >= 0
+        assert 0 <= result.effect_size <= 1
+        assert result.statistic == pytest.approx(f_expected, rel=1e-9)
+        assert result.effect_size == pytest.approx(1 - ss_w / ss_t, rel=1e-9)
 
 
 def test_permanova_matches_loop_reimplementation() -> None:
