@@ -185,3 +185,8 @@ def stats_command(folder: Path, **values: Any) -> None:
     cfg = RunConfig(stats=StatsConfig(**saved["stats"]))
     origin = write_summaries(folder, cfg, provenance)
     click.echo(format_origin(origin))
+
+
+from cohort.report import report  # noqa: E402
+
+main.add_command(report)
