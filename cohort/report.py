@@ -324,6 +324,7 @@ def fig_distributions(
             )
         ax.set_xticks(range(len(cohorts)), list(cohorts))
         ax.set_xlim(-0.6, len(cohorts) - 0.4)
+        ax.ticklabel_format(axis="y", useOffset=False)
         row = _between_row(tests, layer, _pair(a, b), cohorts)
         ax.set_title(f"{_pair(a, b)}\n{_test_title(row)}")
         ax.grid(axis="y", color="0.92", zorder=0)
@@ -615,8 +616,8 @@ def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _number(value: object, digits: int = 4) -> tuple[str, str]:
-    """(text, sort key) of a cell."""
+def _number(value: object, digits: int = 4, fixed: bool = False) -> tuple[str, str]:
+    """(text, sort key) of a cell: ``digits`` significant digits, or decimals when ``fixed``."""
     if isinstance(value, bool | np.bool_):
         return str(value), ""
     if isinstance(value, int | np.integer):
@@ -625,7 +626,7 @@ def _number(value: object, digits: int = 4) -> tuple[str, str]:
         v = float(value)
         if not math.isfinite(v):
             return _NAN_TEXT, ""
-        return f"{v:.{digits}g}", repr(v)
+        return (f"{v:.{digits}f}" if fixed else f"{v:.{digits}g}"), repr(v)
     return str(value), ""
 
 
@@ -636,15 +637,19 @@ def html_table(
     row_class: Sequence[str] | None = None,
     table_id: str = "",
     sortable: bool = True,
+    fixed: bool = False,
 ) -> str:
-    """A plain HTML table; numeric cells carry ``data-v`` for sorting."""
+    """A plain HTML table; numeric cells carry ``data-v`` for sorting.
+
+    ``digits`` maps a column to its significant digits (decimals when ``fixed``).
+    """
     digits = digits or {}
     head = "".join(f"<th>{_e(c)}</th>" for c in frame.columns)
     body = []
     for i, row in enumerate(frame.itertuples(index=False)):
         cells = []
         for column, value in zip(frame.columns, row, strict=True):
-            text, key = _number(value, digits.get(str(column), 4))
+            text, key = _number(value, digits.get(str(column), 4), fixed)
             attr = f' data-v="{_e(key)}"' if key else ""
             cells.append(f"<td{attr}>{_e(text)}</td>")
         cls = row_class[i] if row_class is not None and row_class[i] else ""
@@ -1003,7 +1008,7 @@ def write_report(results: Path, out: Path | None = None) -> Path:
                 "pair (rows) at each hooked layer (columns), over the cohort's subjects "
                 f"(similarity.csv).{centred_note}",
             ),
-            html_table(origin, digits=dict.fromkeys(layers, 4), table_id="origin"),
+            html_table(origin, digits=dict.fromkeys(layers, 4), table_id="origin", fixed=True),
         )
     else:
         page.section("table", "Similarity table", no_cosines)

@@ -312,3 +312,43 @@ def test_report_of_a_real_run_in_the_browser(
     assert "No subject failed." in page
     assert "features.denseblock4.denselayer16.conv2" in page  # provenance: hooked layers
     assert "seed 0" in page or "random" in page  # the weights' description
+
+
+# ------------------------------------------------------------ README examples
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+PLACEHOLDER = 'results = "demo-results/results"'
+
+
+def readme_examples() -> list[str]:
+    """The ```python blocks of the README's "Query the results" section."""
+    text = README.read_text()
+    section = text[text.index("## Query the results") :]
+    following = re.search(r"\n## ", section[3:])
+    section = section[: following.start() + 3] if following else section
+    return re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+
+
+def test_readme_has_query_examples_and_the_screenshot() -> None:
+    blocks = readme_examples()
+    assert len(blocks) == 2
+    assert "duckdb" in blocks[0] and "pd.read_parquet" in blocks[1]
+    assert all(block.startswith(PLACEHOLDER + "\n") for block in blocks)
+    assert "](docs/report.png)" in README.read_text()
+    image = README.parent / "docs" / "report.png"
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["duckdb", "pandas"])
+def test_readme_query_examples_run(
+    index: int, two_cohorts: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    block = readme_examples()[index]
+    code = block.replace(PLACEHOLDER, f"results = {str(two_cohorts)!r}", 1)
+    exec(compile(code, f"README.md example {index + 1}", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "control" in printed and "osteo" in printed
+    if index == 0:
+        assert "tibia-femur" in printed and "FileNotFoundError" in printed
+    else:
+        assert "True" in printed  # run.json and the Parquet metadata agree
