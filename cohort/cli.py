@@ -54,8 +54,10 @@ def main() -> None:
     """Deep region features and defensible statistics for CT cohorts."""
 
 
-def execute(manifest: Path, out: Path, cfg: RunConfig, *, download: bool = True) -> int:
-    """Run the pipeline and print its summary; returns the exit status."""
+def execute(
+    manifest: Path, out: Path, cfg: RunConfig, *, download: bool = True, report: bool = True
+) -> int:
+    """Run the pipeline, print its summary and write its report; returns the exit status."""
     from cohort import pipeline
 
     try:
@@ -77,17 +79,34 @@ def execute(manifest: Path, out: Path, cfg: RunConfig, *, download: bool = True)
         click.echo(
             f"  failed {error['subject_id']} at {error['stage']}: {error['message']}", err=True
         )
+    if report and (out / "run.json").is_file():
+        from cohort.report import write_report
+
+        try:
+            click.echo(f"report: {write_report(out)}")
+        except Exception as err:  # the results stand without their report
+            click.echo(
+                f"warning: the report could not be written ({err}); "
+                f"run `cohort report {out}` to retry",
+                err=True,
+            )
     return result.exit_code
+
+
+NO_REPORT = click.option(
+    "--no-report", is_flag=True, help="Skip the HTML report (cohort report DIR makes it later)."
+)
 
 
 @main.command()
 @click.argument("manifest", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @options.apply(options.RUN_OPTIONS)
-def run(manifest: Path, out: Path, **values: Any) -> None:
+@NO_REPORT
+def run(manifest: Path, out: Path, no_report: bool, **values: Any) -> None:
     """Extract region features for every subject in MANIFEST and test them."""
     cfg = options.run_config(values)
-    sys.exit(execute(manifest, out, cfg))
+    sys.exit(execute(manifest, out, cfg, report=not no_report))
 
 
 @main.command()
@@ -97,7 +116,8 @@ def run(manifest: Path, out: Path, **values: Any) -> None:
 @click.option("--per-cohort", default=10, show_default=True, help="Subjects in each cohort.")
 @click.option("--shape", default="96,128,128", show_default=True, help="Volume D,H,W voxels.")
 @click.option("--seed", default=0, show_default=True)
-def demo(out: Path, per_cohort: int, shape: str, seed: int) -> None:
+@NO_REPORT
+def demo(out: Path, per_cohort: int, shape: str, seed: int, no_report: bool) -> None:
     """Make a synthetic two-cohort knee-CT set under OUT and analyse it."""
     from cohort.model.network import imagenet_available
     from cohort.phantom import make_phantom_cohort
@@ -121,7 +141,7 @@ def demo(out: Path, per_cohort: int, shape: str, seed: int) -> None:
     values = _defaults(options.RUN_OPTIONS)
     values["weights"] = "imagenet" if pretrained else "random"
     cfg = options.run_config(values)
-    sys.exit(execute(manifest, out / "results", cfg, download=False))
+    sys.exit(execute(manifest, out / "results", cfg, download=False, report=not no_report))
 
 
 def _defaults(opts: list[Any]) -> dict[str, Any]:

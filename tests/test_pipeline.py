@@ -27,7 +27,16 @@ from cohort.volumes import air_value, prepare_subject
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
 
-FAST = ["--weights", "random", "--quiet", "--stall-timeout", "240", "--bootstrap", "200"]
+FAST = [
+    "--weights",
+    "random",
+    "--quiet",
+    "--stall-timeout",
+    "240",
+    "--bootstrap",
+    "200",
+    "--no-report",
+]
 
 
 def cohort_run(manifest: Path, out: Path, *extra: str) -> Result:
