@@ -11,12 +11,32 @@ Stage functions never raise for one subject's bad input: the failure becomes a
 row with its stage, error type and message, and the run goes on. The driver
 checks at the end that every manifest subject is either in the results or in
 the errors.
+
+Faults and interruptions:
+
+* a transient I/O error (an ``OSError`` other than a missing or unreadable
+  file) while fingerprinting or reading a subject is retried
+  ``ExecutionConfig.max_retries`` times with a short backoff;
+* a feature actor whose process dies is restarted by Ray and its task retried,
+  both at most ``max_retries`` times; a result delivered twice counts once;
+* if the Ray graph itself fails, every subject without a result becomes a
+  ``Lost`` error row naming the cause, and finished subjects are still written;
+* Ctrl-C (SIGINT) stops the run without publishing anything: finished
+  subjects stay in their part files, and rerunning the same command continues.
+
+Test hook (for fault-injection tests only): with ``COHORT_FAULT_KILL_SUBJECT``
+set to a subject id and ``COHORT_FAULT_MARKER`` to a file path in the driver's
+environment, the feature actor that receives that subject creates the marker
+and kills its own process (``os._exit``) -- once, as long as the marker exists.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import functools
+import gzip
 import logging
 import math
 import os
@@ -26,7 +46,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -46,6 +66,17 @@ from cohort.model.network import Weights, build_network, load_weights
 from cohort.volumes import air_value, check_pair, load_pair, preprocess_pair
 
 FAILED, READY, CACHED, DONE = "failed", "ready", "cached", "done"
+IO_RETRY_DELAY_S = 0.5  # first backoff of a transient I/O retry; doubles per attempt
+FAULT_SUBJECT_ENV = "COHORT_FAULT_KILL_SUBJECT"  # test hook, see the module docstring
+FAULT_MARKER_ENV = "COHORT_FAULT_MARKER"
+# OSErrors that say something about the file, not about the moment: never retried
+_PERMANENT_OS_ERRORS = (
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    gzip.BadGzipFile,
+)
 
 
 # --------------------------------------------------------------- pure helpers
@@ -87,19 +118,39 @@ def cosine_rows(vectors: Sequence[RegionVector]) -> list[dict[str, Any]]:
     return rows
 
 
-def _failure(stage: str, err: BaseException) -> dict[str, str]:
-    message = str(err) if isinstance(err, CohortError) else f"{err}"
-    if not isinstance(err, CohortError):
+def _failure(stage: str, err: BaseException, row: Mapping[str, Any]) -> dict[str, str]:
+    """An error row's fields; the message names the subject's files when ``err`` does not."""
+    message = str(err) or type(err).__name__
+    files = f"image {row['image']}, mask {row['mask']}"
+    if stage == "extract" and isinstance(err, CohortError):
+        message = f"subject {row['subject_id']} ({files}): {message}"
+    elif not isinstance(err, CohortError) and not isinstance(err, FileNotFoundError):
         # an unexpected error: keep where it happened, for the bug report
         where = traceback.extract_tb(err.__traceback__)[-1:] if err.__traceback__ else []
-        location = f" (at {where[0].filename}:{where[0].lineno})" if where else ""
-        message = f"{message}{location}"
+        location = f" at {where[0].filename}:{where[0].lineno}" if where else ""
+        message = (
+            f"{message} (subject {row['subject_id']}, {files}; unexpected error{location}: "
+            "check these files, and report it as a bug if they are fine)"
+        )
     return {
         "status": FAILED,
         "stage": stage,
         "error_type": type(err).__name__,
-        "message": message or type(err).__name__,
+        "message": message,
     }
+
+
+def is_transient(err: BaseException) -> bool:
+    """True for an I/O error that may pass on a retry (EIO, a stale NFS handle, a
+    timeout), also when a reader wrapped it; False for missing or corrupt files."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and not isinstance(cause, _PERMANENT_OS_ERRORS):
+            return cause.errno != errno.ENOENT
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 # ------------------------------------------------------------- stage: loading
@@ -108,7 +159,11 @@ def _failure(stage: str, err: BaseException) -> dict[str, str]:
 def load_subject(
     row: dict[str, Any], cfg: RunConfig, identity: str, finished: frozenset[str]
 ) -> dict[str, Any]:
-    """Ray Data map function: fingerprint, load, check and preprocess one subject."""
+    """Ray Data map function: fingerprint, load, check and preprocess one subject.
+
+    Transient I/O errors while reading are retried ``cfg.execution.max_retries``
+    times with a doubling backoff; any other failure becomes an error row.
+    """
     out = {**row, "key": "", "status": READY, "stage": "", "error_type": "", "message": ""}
     out["payload"] = b""
     stage = "load"
@@ -120,22 +175,39 @@ def load_subject(
                     f"{role} file {path} of subject {row['subject_id']} does not exist; "
                     "fix the path in the manifest (relative paths start at its folder)"
                 )
-        print_ = store.fingerprint(
-            [store.sha256_of_file(image), store.sha256_of_file(mask), row["labels"], identity]
-        )
-        out["key"] = store.subject_key(row["subject_id"], print_)
-        if out["key"] in finished:
-            out["status"] = CACHED
-            return out
+        attempts = cfg.execution.max_retries + 1
+        for attempt in range(attempts):
+            try:
+                print_ = store.fingerprint(
+                    [
+                        store.sha256_of_file(image),
+                        store.sha256_of_file(mask),
+                        row["labels"],
+                        identity,
+                    ]
+                )
+                out["key"] = store.subject_key(row["subject_id"], print_)
+                if out["key"] in finished:
+                    out["status"] = CACHED
+                    return out
+                pair = load_pair(image, mask, cfg.preprocess)
+                break
+            except Exception as err:
+                if attempt + 1 == attempts or not is_transient(err):
+                    if attempt:
+                        err.add_note(f"(after {attempt + 1} attempts)")
+                    raise
+                time.sleep(IO_RETRY_DELAY_S * 2**attempt)
         labels = parse_label_map(row["labels"])
-        pair = load_pair(image, mask, cfg.preprocess)
         stage = "check"
         check_pair(pair, labels, cfg.preprocess)
         stage = "preprocess"
         prepared = preprocess_pair(pair, labels, cfg.regions.background, cfg.preprocess)
         out["payload"] = pickle.dumps(prepared, protocol=5)
     except Exception as err:
-        out.update(_failure(stage, err))
+        out.update(_failure(stage, err, row))
+        if getattr(err, "__notes__", None):
+            out["message"] = f"{out['message']} {' '.join(err.__notes__)}"
     return out
 
 
@@ -153,16 +225,54 @@ def pick_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class FaultHook:
+    """Test hook: kill the actor process on ``subject``, once (while ``marker`` is absent)."""
+
+    subject: str
+    marker: Path
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> FaultHook | None:
+        subject, marker = environ.get(FAULT_SUBJECT_ENV), environ.get(FAULT_MARKER_ENV)
+        if not subject:
+            return None
+        if not marker:
+            raise CohortError(
+                f"{FAULT_SUBJECT_ENV} is set but {FAULT_MARKER_ENV} is not; the fault hook "
+                "needs a marker file path so that it fires only once (unset both to run normally)"
+            )
+        return cls(subject, Path(marker))
+
+    def maybe_fire(self, subject_id: str) -> None:
+        if subject_id != self.subject:
+            return
+        try:
+            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.write(fd, f"killed pid {os.getpid()} on {subject_id}\n".encode())
+        os.close(fd)
+        os._exit(17)  # like a segfault or an OOM kill: no cleanup, no exception
+
+
 class FeatureActor:
     """Ray Data callable class: one model, loaded once, on this actor's device."""
 
-    def __init__(self, weights: list[Any], cfg: RunConfig, threads: int | None) -> None:
+    def __init__(
+        self,
+        weights: list[Any],
+        cfg: RunConfig,
+        threads: int | None,
+        fault: FaultHook | None = None,
+    ) -> None:
         import ray
 
         state = ray.get(weights[0]) if isinstance(weights[0], ray.ObjectRef) else weights[0]
         if threads is not None:
             torch.set_num_threads(threads)
         self.cfg = cfg
+        self.fault = fault
         self.device = pick_device(cfg.execution.device)
         network, _ = build_network(cfg.model.backbone, state, cfg.model.inflation)
         network = network.to(self.device)
@@ -181,6 +291,8 @@ class FeatureActor:
             started = time.perf_counter()
             features, similarity = b"", b""
             if columns["status"][i] == READY:
+                if self.fault is not None:
+                    self.fault.maybe_fire(str(batch["subject_id"][i]))
                 try:
                     prepared = pickle.loads(batch["payload"][i])
                     vectors = self._extract(prepared)
@@ -194,7 +306,8 @@ class FeatureActor:
                     similarity = pickle.dumps(cosine_rows(vectors), protocol=5)
                     columns["status"][i] = DONE
                 except Exception as err:
-                    for name, value in _failure("extract", err).items():
+                    row = {name: batch[name][i] for name in ("subject_id", "image", "mask")}
+                    for name, value in _failure("extract", err, row).items():
                         columns[name][i] = value
             columns["features"].append(features)
             columns["similarity"].append(similarity)
@@ -261,10 +374,17 @@ def ensure_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "token")
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     else:
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        # "local": a private instance, never one a `ray start` on this machine left running
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
 
 
 def _pool(cfg: RunConfig) -> tuple[int, float, int | None]:
@@ -336,7 +456,9 @@ class StalledError(CohortError, RuntimeError):
     """No subject finished within the no-progress timeout."""
 
 
-def stream(plan: _Plan, cfg: RunConfig, finished: frozenset[str]) -> Iterator[dict[str, Any]]:
+def stream(
+    plan: _Plan, cfg: RunConfig, finished: frozenset[str]
+) -> Generator[dict[str, Any], None, None]:
     """Run the Ray Data graph and yield one result row per subject as it finishes."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext, Dataset
@@ -356,7 +478,12 @@ def stream(plan: _Plan, cfg: RunConfig, finished: frozenset[str]) -> Iterator[di
     )
     ds = ds.map_batches(
         FeatureActor,
-        fn_constructor_kwargs={"weights": [weights_ref], "cfg": cfg, "threads": threads},
+        fn_constructor_kwargs={
+            "weights": [weights_ref],
+            "cfg": cfg,
+            "threads": threads,
+            "fault": FaultHook.from_env(os.environ),
+        },
         batch_size=1,
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=1, max_size=actors),
@@ -377,50 +504,102 @@ def _remote_args(**args: int) -> dict[str, int]:
     return dict(args)
 
 
+class InterruptedRunError(CohortError, RuntimeError):
+    """The run was stopped (Ctrl-C / SIGINT); finished subjects are kept for a rerun."""
+
+
 def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True) -> RunResult:
-    """Run the whole analysis; returns counts. Raises only for unusable invocations."""
+    """Run the whole analysis; returns counts. Raises only for unusable invocations.
+
+    A subject whose part file already holds its result (same input contents,
+    label map and result-affecting options) is reused, not recomputed. On
+    Ctrl-C nothing is published and :class:`InterruptedRunError` says how many
+    subjects are kept.
+    """
     started = time.perf_counter()
     plan = prepare_run(manifest, cfg, download=download)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = store.Parts(out_dir)
+    parts.clean()
     finished = frozenset(parts.keys())
-    ensure_ray(cfg.execution.address)
     result = RunResult(out_dir, subjects=len(plan.subjects), weights=plan.weights.detail)
     keys: dict[str, str] = {}
     devices: set[str] = set()
     extract_seconds: list[float] = []
     seen: set[str] = set()
-    with _Watchdog(cfg.execution.stall_timeout_s) as watchdog:
-        try:
-            for row in stream(plan, cfg, finished):
-                watchdog.tick()
-                sid = str(row["subject_id"])
-                if sid in seen:  # a retried task may deliver twice; the first counts
-                    continue
-                seen.add(sid)
-                status = str(row["status"])
-                if status == FAILED:
-                    result.failed += 1
-                    result.errors.append(_error_row(row))
-                else:
-                    keys[sid] = str(row["key"])
-                    if status == DONE:
-                        _write_part(parts, row)
-                        result.done += 1
-                        devices.add(str(row["device"]))
-                        extract_seconds.append(float(row["seconds"]))
+    broken: BaseException | None = None  # why the Ray graph stopped early, if it did
+    try:
+        ensure_ray(cfg.execution.address)
+        with (
+            _Watchdog(cfg.execution.stall_timeout_s) as watchdog,
+            contextlib.closing(stream(plan, cfg, finished)) as rows,
+        ):
+            try:
+                for row in rows:
+                    watchdog.tick()
+                    sid = str(row["subject_id"])
+                    if sid in seen:  # a retried task may deliver twice; the first counts
+                        continue
+                    seen.add(sid)
+                    status = str(row["status"])
+                    if status == FAILED:
+                        result.failed += 1
+                        result.errors.append(_error_row(row))
                     else:
-                        result.cached += 1
-                if cfg.execution.progress:
-                    _progress(len(seen), result.subjects, sid, status, started)
-        except KeyboardInterrupt:
-            if watchdog.fired:
-                raise StalledError(
-                    f"no subject finished in {cfg.execution.stall_timeout_s:g} s; the actor "
-                    "pool may be starved of CPUs (give actors fractional CPUs) or a worker hung"
-                ) from None
-            raise
+                        keys[sid] = str(row["key"])
+                        if status == DONE:
+                            _write_part(parts, row)
+                            result.done += 1
+                            devices.add(str(row["device"]))
+                            extract_seconds.append(float(row["seconds"]))
+                        else:
+                            result.cached += 1
+                    if cfg.execution.progress:
+                        _progress(len(seen), result.subjects, sid, status, started)
+            except KeyboardInterrupt:
+                if watchdog.fired:
+                    raise StalledError(
+                        f"no subject finished in {cfg.execution.stall_timeout_s:g} s; the "
+                        "actor pool may be starved of CPUs (give actors fractional CPUs) or a "
+                        "worker hung"
+                    ) from None
+                raise
+            except CohortError:
+                raise
+            except Exception as err:  # the Ray graph failed: keep what finished
+                broken = err
+        _add_lost(plan, seen, result, broken)
+        result.seconds = time.perf_counter() - started
+        provenance = _provenance(cfg, plan, result, devices, extract_seconds)
+        ordered = [s for s in plan.subjects if s.subject_id in keys]
+        result.origin = finish(
+            out_dir,
+            parts,
+            [keys[s.subject_id] for s in ordered],
+            result.errors,
+            cfg,
+            provenance,
+            cohorts=[s.cohort for s in ordered],
+        )
+    except KeyboardInterrupt:
+        kept = len(finished) + result.done
+        raise InterruptedRunError(
+            f"interrupted after {len(seen)} of {result.subjects} subjects; nothing was "
+            f"published to {out_dir}, and {result.done} newly finished subject(s) are kept "
+            f"({kept} part(s) in {parts.root}); rerun the same command to continue"
+        ) from None
+    return result
+
+
+def _add_lost(plan: _Plan, seen: set[str], result: RunResult, broken: BaseException | None) -> None:
+    """An error row for every manifest subject the stream did not return."""
+    if broken is None:
+        why = "the pipeline returned no result for this subject"
+    else:
+        text = str(broken).strip().splitlines()
+        why = f"the pipeline stopped before this subject finished ({type(broken).__name__}"
+        why += f": {text[0]})" if text else ")"
     for subject in plan.subjects:
         if subject.subject_id not in seen:
             result.failed += 1
@@ -430,16 +609,17 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
                     "cohort": subject.cohort,
                     "stage": "pipeline",
                     "error_type": "Lost",
-                    "message": "the pipeline returned no result for this subject; rerun to retry",
+                    "message": f"{why}; rerun the same command to retry it (finished "
+                    "subjects are reused)",
                     "image": str(subject.image),
                     "mask": str(subject.mask),
                 }
             )
-    result.seconds = time.perf_counter() - started
-    provenance = _provenance(cfg, plan, result, devices, extract_seconds)
-    ordered = [keys[s.subject_id] for s in plan.subjects if s.subject_id in keys]
-    result.origin = finish(out_dir, parts, ordered, result.errors, cfg, provenance)
-    return result
+    failed = {e["subject_id"] for e in result.errors}
+    if len(failed) != len(result.errors) or len(failed) != result.failed:
+        raise CohortError(f"internal error: error rows repeat a subject ({sorted(failed)})")
+    if failed | seen != {s.subject_id for s in plan.subjects}:
+        raise CohortError("internal error: results and errors do not cover the manifest")
 
 
 def _error_row(row: Mapping[str, Any]) -> dict[str, str]:
@@ -543,13 +723,19 @@ def finish(
     errors: Sequence[Mapping[str, str]],
     cfg: RunConfig,
     provenance: Mapping[str, Any],
+    *,
+    cohorts: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """Combine parts, compute summaries and tests, and move every output into place."""
+    """Combine parts, compute summaries and tests, and move every output into place.
+
+    ``cohorts`` (one per key) is each subject's cohort in this run's manifest;
+    it replaces the one stored in a reused part.
+    """
     staging = store.staging_dir(out_dir)
     features_schema = store.with_provenance(store.FEATURES_SCHEMA, provenance)
     similarity_schema = store.with_provenance(store.SIMILARITY_SCHEMA, provenance)
-    parts.combine(keys, 0, features_schema, staging / "features.parquet")
-    parts.combine(keys, 1, similarity_schema, staging / "similarity.parquet")
+    parts.combine(keys, 0, features_schema, staging / "features.parquet", cohorts=cohorts)
+    parts.combine(keys, 1, similarity_schema, staging / "similarity.parquet", cohorts=cohorts)
     error_table = store.table(list(errors), store.ERRORS_SCHEMA)
     error_table = error_table.replace_schema_metadata(
         store.with_provenance(store.ERRORS_SCHEMA, provenance).metadata

@@ -12,7 +12,8 @@ A subject's key is its id plus a fingerprint of its input files' contents, its
 label map and every option that changes its numbers, so a rerun can tell a
 finished subject from one whose inputs or options changed. Every file is
 written to a temporary name and renamed, so a reader (or a rerun) never sees
-half a file.
+half a file: a part counts as finished only when both of its files exist, and
+temporary files an interrupted run left behind are removed by the next run.
 """
 
 from __future__ import annotations
@@ -89,8 +90,24 @@ def read_provenance(path: Path) -> dict[str, Any]:
     return json.loads(raw) if raw else {}
 
 
+_TMP = re.compile(r"^\..+\.tmp-(\d+)$")
+
+
 def atomic_path(path: Path) -> Path:
+    """The temporary name ``path`` is written under before the rename."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_parquet(table: pa.Table, path: Path) -> Path:
@@ -176,25 +193,54 @@ class Parts:
         write_parquet(features, feature_path)
 
     def keys(self) -> set[str]:
+        """Keys of finished parts (both files present)."""
         if not self.root.is_dir():
             return set()
-        return {
+        found = {
             p.name.removesuffix(".features.parquet") for p in self.root.glob("*.features.parquet")
         }
+        return {key for key in found if self.has(key)}
 
-    def combine(self, keys: Sequence[str], which: int, schema: pa.Schema, out: Path) -> int:
+    def clean(self) -> list[Path]:
+        """Remove temporary files left by runs that are no longer alive; returns them."""
+        if not self.root.is_dir():
+            return []
+        removed = []
+        for path in self.root.iterdir():
+            match = _TMP.match(path.name)
+            if match and not _alive(int(match.group(1))):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
+
+    def combine(
+        self,
+        keys: Sequence[str],
+        which: int,
+        schema: pa.Schema,
+        out: Path,
+        *,
+        cohorts: Sequence[str] | None = None,
+    ) -> int:
         """Concatenate one kind of part (0 features, 1 similarity) for ``keys`` into ``out``.
 
+        ``cohorts``, one per key, replaces the parts' ``cohort`` column (a
+        reused part keeps the numbers, the manifest decides the group).
         Streams part by part, so memory does not grow with the cohort. Returns
         the number of rows written.
         """
+        if cohorts is not None and len(cohorts) != len(keys):
+            raise ValueError(f"{len(cohorts)} cohorts for {len(keys)} parts")
         tmp = atomic_path(out)
         rows = 0
         with pq.ParquetWriter(tmp, schema) as writer:
-            for key in keys:
+            for index, key in enumerate(keys):
                 part = pq.read_table(self.paths(key)[which]).cast(
                     pa.schema(list(schema), metadata=None)
                 )
+                if cohorts is not None and "cohort" in part.column_names:
+                    column = pa.array([cohorts[index]] * part.num_rows, pa.string())
+                    part = part.set_column(part.column_names.index("cohort"), "cohort", column)
                 writer.write_table(part.replace_schema_metadata(schema.metadata))
                 rows += part.num_rows
         os.replace(tmp, out)
