@@ -210,3 +210,11 @@ def stats_command(folder: Path, **values: Any) -> None:
 from cohort.report import report  # noqa: E402
 
 main.add_command(report)
+
+
+from cohort.submit import logs, status, stop, submit  # noqa: E402
+
+main.add_command(submit)
+main.add_command(status)
+main.add_command(logs)
+main.add_command(stop)
