@@ -1,7 +1,8 @@
 """The ``cohort`` command: one thin function per subcommand.
 
 Exit status: 0 every subject done; 1 failures recorded (partial results
-written); 2 unusable invocation, manifest or weights.
+written); 2 unusable invocation, manifest or weights; 130 interrupted (finished
+subjects kept; rerun the same command to continue).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from cohort.errors import CohortError, InputError, ManifestError, ModelError
 from cohort.manifest import read_manifest
 
 EXIT_OK, EXIT_FAILURES, EXIT_UNUSABLE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # Ctrl-C: finished subjects are kept, rerun to continue
 
 
 def format_origin(origin: pd.DataFrame) -> str:
@@ -64,6 +66,9 @@ def execute(
         result = pipeline.run(manifest, out, cfg, download=download)
     except (ManifestError, ModelError, click.BadParameter) as err:
         _fail(err)
+        raise AssertionError("unreachable") from None
+    except pipeline.InterruptedRunError as err:
+        _fail(err, EXIT_INTERRUPTED)
         raise AssertionError("unreachable") from None
     except CohortError as err:
         _fail(err, EXIT_FAILURES)

@@ -180,6 +180,7 @@ class ExecutionConfig:
     progress: bool = True  # one line per finished subject
     stall_timeout_s: float | None = None  # abort when no subject finishes for this long
     max_retries: int = 2  # retries of a subject's task after a worker dies or I/O fails
+    actor_memory_gb: float = 2.0  # memory each actor reserves (a model and one volume's maps)
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -199,6 +200,8 @@ class ExecutionConfig:
             raise ConfigError("stall timeout must be > 0 seconds")
         if self.max_retries < 0:
             raise ConfigError("max retries must be >= 0")
+        if self.actor_memory_gb <= 0:
+            raise ConfigError(f"actor memory must be > 0 GB, got {self.actor_memory_gb}")
 
 
 @dataclass(frozen=True)

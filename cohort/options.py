@@ -127,6 +127,12 @@ RUN_OPTIONS: list[Callable[[F], F]] = [
     click.option("--loader-cpus", default=0.5, show_default=True, help="CPUs per load task."),
     click.option("--threads", type=int, default=None, help="Torch threads per CPU actor."),
     click.option(
+        "--actor-memory",
+        default=2.0,
+        show_default=True,
+        help="GB of memory each actor reserves (raise for large volumes).",
+    ),
+    click.option(
         "--stall-timeout",
         type=float,
         default=None,
@@ -198,6 +204,7 @@ def run_config(values: dict[str, Any]) -> RunConfig:
                 progress=not values["quiet"],
                 stall_timeout_s=values["stall_timeout"],
                 max_retries=values["retries"],
+                actor_memory_gb=values["actor_memory"],
             ),
             stats=stats_config(values),
         )

@@ -46,6 +46,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -471,29 +472,34 @@ def stream(
     retries = cfg.execution.max_retries
     items = ray.data.from_items(_rows(plan.subjects, cfg), override_num_blocks=len(plan.subjects))
     loader = functools.partial(load_subject, cfg=cfg, identity=plan.identity, finished=finished)
-    ds: Dataset = items.map(
-        loader,
-        num_cpus=cfg.execution.loader_cpus,
-        ray_remote_args_fn=functools.partial(_remote_args, max_retries=retries),
-    )
-    ds = ds.map_batches(
-        FeatureActor,
-        fn_constructor_kwargs={
-            "weights": [weights_ref],
-            "cfg": cfg,
-            "threads": threads,
-            "fault": FaultHook.from_env(os.environ),
-        },
-        batch_size=1,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=1, max_size=actors),
-        num_cpus=cfg.execution.actor_cpus,
-        num_gpus=gpus,
-        # bounded: a subject that kills its actor every time must not loop forever
-        ray_remote_args_fn=functools.partial(
-            _remote_args, max_restarts=retries, max_task_retries=retries
-        ),
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 marks ray_remote_args_fn deprecated (removal planned for 2.64) but
+        # offers no other way to bound actor restarts and task retries; without it a
+        # subject that kills its worker would be retried forever. Pinned to 2.60.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*deprecated")
+        ds: Dataset = items.map(
+            loader,
+            num_cpus=cfg.execution.loader_cpus,
+            ray_remote_args_fn=functools.partial(_remote_args, max_retries=retries),
+        )
+        ds = ds.map_batches(
+            FeatureActor,
+            fn_constructor_kwargs={
+                "weights": [weights_ref],
+                "cfg": cfg,
+                "threads": threads,
+                "fault": FaultHook.from_env(os.environ),
+            },
+            batch_size=1,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(min_size=1, max_size=actors),
+            num_cpus=cfg.execution.actor_cpus,
+            num_gpus=gpus,
+            memory=cfg.execution.actor_memory_gb * 2**30,
+            ray_remote_args_fn=functools.partial(
+                _remote_args, max_restarts=retries, max_task_retries=retries
+            ),
+        )
     for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
         columns = cast(dict[str, np.ndarray], batch)
         yield {name: columns[name][0] for name in columns}

@@ -101,8 +101,8 @@ def _open(path: Path, role: str, cfg: PreprocessConfig) -> nib.Nifti1Image:
     if count > cfg.max_voxels:
         raise InputError(
             f"{role} file {path} has {_fmt_shape(shape)} = {count:,} voxels, more than the "
-            f"limit of {cfg.max_voxels:,} (PreprocessConfig.max_voxels); crop or downsample "
-            "it first, or raise the limit"
+            f"limit of {cfg.max_voxels:,}; crop or downsample it first, or raise the "
+            "limit with --max-voxels"
         )
     squeezed = _squeezed_shape(shape)
     if len(squeezed) > 3:

@@ -486,7 +486,7 @@ def test_sigint_keeps_finished_subjects_and_rerun_does_only_the_rest(
         seen.append(line)
     stderr = "".join(seen)
 
-    assert proc.returncode == 1, stderr
+    assert proc.returncode == 130, stderr
     assert "interrupted after" in stderr and "rerun the same command to continue" in stderr
     assert stopped_in < 60, f"took {stopped_in:.0f} s to stop"
     for name in store.FINAL_FILES:  # nothing half-done was published
