@@ -14,13 +14,15 @@ result can be checked against ``extract``:
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from cohort.config import DEFAULT_LABELS, PoolingConfig, PreprocessConfig
 from cohort.features import (
@@ -194,6 +196,76 @@ def run_variant(
     else:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     return time.perf_counter() - started, out
+
+
+@contextlib.contextmanager
+def mkldnn_conv3d() -> Iterator[None]:
+    """Route every Conv3d through oneDNN, also where torch's heuristic picks its slow path.
+
+    torch sends a batch-1 convolution whose input has ``N*C*D*H <= 20480`` elements and a
+    kernel of at most 3 to ``slow_conv3d`` (vol2col + gemm); on DenseNet121's deep,
+    small-grid layers that is most convolutions of a batch-1 forward.
+    """
+
+    def forward(self: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+        padding = self.padding
+        if isinstance(padding, str) or x.device.type != "cpu" or x.dtype != torch.float32:
+            return original(self, x)
+        if self.padding_mode != "zeros":
+            return original(self, x)
+        return torch.mkldnn_convolution(
+            x, self.weight, self.bias, padding, self.stride, self.dilation, self.groups
+        )
+
+    original = nn.Conv3d.forward
+    nn.Conv3d.forward = forward  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        nn.Conv3d.forward = original  # type: ignore[method-assign]
+
+
+def interleaved(
+    state: dict[str, torch.Tensor], shape: tuple[int, int, int], rounds: int
+) -> dict[str, list[float]]:
+    """Seconds per volume of the forward variants, interleaved round by round.
+
+    On a shared, noisy machine one variant run after another mostly measures
+    the neighbours; alternating them each round lets the medians be compared.
+    """
+    from bench.baseline import Baseline
+
+    plain = Baseline.build("random", 0)
+    ex = extractor(state)
+    one, three = torch.randn(1, 1, *shape), torch.randn(3, 1, *shape)
+
+    def timed(fn: Callable[[], object], per: int = 1) -> float:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            fn()
+        return (time.perf_counter() - started) / per
+
+    variants: dict[str, Callable[[], float]] = {
+        "plain 3-ch whole trunk, batch 1": lambda: timed(lambda: plain.pooled(one[0, 0])),
+        "cohort 1-ch stop, batch 1": lambda: timed(lambda: ex(one)),
+        "cohort 1-ch stop, batch 3 (per volume)": lambda: timed(lambda: ex(three), 3),
+    }
+
+    def forced() -> float:
+        with mkldnn_conv3d():
+            return timed(lambda: ex(one))
+
+    variants["cohort 1-ch stop, batch 1, oneDNN forced"] = forced
+    ex_cl = extractor(state, channels_last=True)
+    one_cl = one.contiguous(memory_format=torch.channels_last_3d)
+    variants["cohort 1-ch stop, batch 1, channels_last_3d"] = lambda: timed(lambda: ex_cl(one_cl))
+    for run in variants.values():  # warm-up: oneDNN builds its kernels per shape
+        run()
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, run in variants.items():
+            seconds[name].append(run())
+    return seconds
 
 
 def max_difference(

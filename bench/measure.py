@@ -59,8 +59,15 @@ def count_gflop(fn: Callable[[], object]) -> float:
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident memory so far (Linux ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's peak resident memory so far, MiB.
+
+    /proc's VmHWM first: Linux keeps ``ru_maxrss`` across fork and execve, so a
+    child started by a big parent would report the parent's peak.
+    """
+    kib = _status_kib(os.getpid(), "VmHWM")
+    if kib is None:
+        kib = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+    return kib / 1024.0
 
 
 def _status_kib(pid: int, field: str) -> float | None:

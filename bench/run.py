@@ -88,6 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--modes", default="masked-input,masked-pool", help="pipeline pooling modes")
     p.add_argument("--repeats", type=int, default=2, help="repeats of the single forward")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of interleaved forwards")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores)")
     p.add_argument("--memory-sizes", type=_ints, default=[20, 200], help="cohorts, e.g. 20,200")
     p.add_argument("--memory-shape", type=_shape, default=(32, 48, 48))
@@ -95,7 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--skip",
         default="",
-        help="sections to skip: forward,baseline,model,pipeline,memory",
+        help="sections to skip: forward,interleaved,baseline,model,pipeline,memory",
     )
     p.add_argument("--out", type=Path, default=RESULTS)
     return p.parse_args(argv)
@@ -140,7 +141,7 @@ def section_forward(
                     return ex(x)
 
             gflop = count_gflop(forward)  # also the warm-up
-            t = time_calls(forward, args.repeats, warmup=0)
+            t = time_calls(forward, args.repeats, warmup=1)
             rows.append(
                 {
                     "stem": "1-channel" if gray else "3-channel",
@@ -211,6 +212,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ceiling = matmul_gflops()
     result["ceiling_gflops"] = asdict(ceiling)
     log(f"fp32 mm ceiling {ceiling.best:.1f} GFLOP/s (median {ceiling.median:.1f})")
+
+    if "interleaved" not in skip and args.rounds > 0:
+        log(f"interleaved forwards, {args.rounds} rounds")
+        spread = core.interleaved(state, args.shape, args.rounds)
+        result["interleaved"] = {
+            name: {"median_s": float(np.median(v)), "min_s": min(v), "max_s": max(v), "all": v}
+            for name, v in spread.items()
+        }
 
     forward = [] if "forward" in skip else section_forward(args, state)
     result["forward"] = forward
@@ -286,7 +295,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )  # fmt: skip
             result.setdefault("memory", []).append(probe)
 
-    result["rows"] = [asdict(r) for r in rows]
+    result["rows"] = [
+        {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(r).items()}
+        for r in rows
+    ]  # null, not NaN, so that strict JSON readers take the file
     result["checks"] = checks
     result["summary"] = summarise(rows, ceiling.best)
     result["seconds"] = time.perf_counter() - started
@@ -350,6 +362,11 @@ def render(result: dict[str, Any], rows: list[Row], ceiling: float) -> str:
                 f"  {label:<30} {f['gflop']:6.1f} {f['best_s']:8.2f} {f['median_s']:9.2f} "
                 f"{f['spread']:7.0%}"
             )
+        lines.append("")
+    if result.get("interleaved"):
+        lines.append("interleaved forwards, s per volume           median     min     max")
+        for name, v in result["interleaved"].items():
+            lines.append(f"  {name:<38} {v['median_s']:6.2f} {v['min_s']:7.2f} {v['max_s']:7.2f}")
         lines.append("")
     head = (
         f"{'stage':<34} {'n':>4} {'s':>8} {'subj/s':>8} {'x base':>7} {'GFLOP/s':>8} "
