@@ -38,7 +38,6 @@ import errno
 import functools
 import gzip
 import logging
-import math
 import os
 import pickle
 import platform
@@ -99,24 +98,34 @@ def subject_labels(subject: Subject, cfg: RunConfig) -> LabelMap:
     return subject.labels if subject.labels is not None else cfg.regions.labels
 
 
-def cosine_rows(vectors: Sequence[RegionVector]) -> list[dict[str, Any]]:
-    """Cosine similarity in float64 of every region pair at every layer.
+def vector_rows(
+    subject_id: str, cohort: str, vectors: Sequence[tuple[RegionVector, int]]
+) -> list[dict[str, Any]]:
+    """One subject's pooled vectors as features-table rows (vector, region voxels)."""
+    return [
+        {
+            "subject_id": subject_id,
+            "cohort": cohort,
+            "region": v.region,
+            "layer": v.layer,
+            "layer_name": v.layer_name,
+            "channels": len(v.vector),
+            "voxels": voxels,
+            "vector": v.vector,
+        }
+        for v, voxels in vectors
+    ]
 
-    Pairs follow region order (tibia-femur, tibia-background, femur-background).
-    A zero-norm vector gives NaN, which the reducer flags.
-    """
-    regions = list(dict.fromkeys(v.region for v in vectors))
-    layers = list(dict.fromkeys(v.layer for v in vectors))
-    by_key = {(v.region, v.layer): v.vector.astype(np.float64) for v in vectors}
-    rows = []
-    for layer in layers:
-        for i, a in enumerate(regions):
-            for b in regions[i + 1 :]:
-                va, vb = by_key[(a, layer)], by_key[(b, layer)]
-                norm = float(np.linalg.norm(va) * np.linalg.norm(vb))
-                cosine = float(va @ vb) / norm if norm > 0 else math.nan
-                rows.append({"layer": layer, "region_a": a, "region_b": b, "cosine": cosine})
-    return rows
+
+def cosine_rows(vectors: Sequence[RegionVector]) -> list[dict[str, Any]]:
+    """Cosine similarity (float64) of every region pair at every layer of one subject,
+    by the reducer's own :func:`cohort.stats.cosine_table`."""
+    frame = pd.DataFrame(vector_rows("", "", [(v, 0) for v in vectors]))
+    table = stats.cosine_table(frame)
+    return [
+        {name: row[name] for name in ("layer", "region_a", "region_b", "cosine")}
+        for row in table.to_dict("records")
+    ]
 
 
 def _failure(stage: str, err: BaseException, row: Mapping[str, Any]) -> dict[str, str]:
@@ -287,10 +296,10 @@ class FeatureActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["subject_id"])
         columns: dict[str, list[Any]] = {name: list(batch[name]) for name in _PASS}
-        columns.update(features=[], similarity=[], seconds=[], device=[])
+        columns.update(features=[], seconds=[], device=[])
         for i in range(n):
             started = time.perf_counter()
-            features, similarity = b"", b""
+            features = b""
             if columns["status"][i] == READY:
                 if self.fault is not None:
                     self.fault.maybe_fire(str(batch["subject_id"][i]))
@@ -304,14 +313,12 @@ class FeatureActor:
                         ],
                         protocol=5,
                     )
-                    similarity = pickle.dumps(cosine_rows(vectors), protocol=5)
                     columns["status"][i] = DONE
                 except Exception as err:
                     row = {name: batch[name][i] for name in ("subject_id", "image", "mask")}
                     for name, value in _failure("extract", err, row).items():
                         columns[name][i] = value
             columns["features"].append(features)
-            columns["similarity"].append(similarity)
             columns["seconds"].append(time.perf_counter() - started)
             columns["device"].append(self.device_name)
         return {name: np.asarray(values, dtype=object) for name, values in columns.items()}
@@ -636,24 +643,10 @@ def _error_row(row: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _write_part(parts: store.Parts, row: Mapping[str, Any]) -> None:
-    sid, cohort = str(row["subject_id"]), str(row["cohort"])
-    vectors: list[tuple[RegionVector, int]] = pickle.loads(row["features"])
-    features = [
-        {
-            "subject_id": sid,
-            "cohort": cohort,
-            "region": v.region,
-            "layer": v.layer,
-            "layer_name": v.layer_name,
-            "channels": len(v.vector),
-            "voxels": voxels,
-            "vector": v.vector,
-        }
-        for v, voxels in vectors
-    ]
-    similarity = [
-        {"subject_id": sid, "cohort": cohort, **r} for r in pickle.loads(row["similarity"])
-    ]
+    features = vector_rows(
+        str(row["subject_id"]), str(row["cohort"]), pickle.loads(row["features"])
+    )
+    similarity = stats.cosine_table(pd.DataFrame(features))
     parts.write(
         str(row["key"]),
         store.table(features, store.FEATURES_SCHEMA),
