@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="rounds of interleaved forwards")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores)")
     p.add_argument("--memory-sizes", type=_ints, default=[20, 200], help="cohorts, e.g. 20,200")
-    p.add_argument("--memory-shape", type=_shape, default=(32, 48, 48))
+    p.add_argument("--memory-shape", type=_shape, default=(32, 64, 64))
     p.add_argument("--weights", default="random", choices=["random", "imagenet"])
     p.add_argument(
         "--skip",

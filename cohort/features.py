@@ -22,6 +22,7 @@ Vectors are float32; sums are accumulated in float64.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -147,6 +148,13 @@ def extract(
             for info in extractor.layers:
                 fmap = maps[info.layer][0]
                 grid = (fmap.shape[1], fmap.shape[2], fmap.shape[3])
+                if n > 1 and math.prod(grid) == 1:
+                    raise RegionError(
+                        f"layer {info.layer} ({info.module_path}) has a 1x1x1 grid for this "
+                        f"{'x'.join(map(str, image.shape))} input, so every region would get "
+                        "the same vector (cosine exactly 1); give a larger volume (less "
+                        "cropping, finer --spacing) or hook a shallower layer"
+                    )
                 weights = region_weights(region_index, n, grid)
                 check_coverage(weights, region_names, info.layer, cfg.min_coverage)
                 if cfg.mode == "masked-gem":

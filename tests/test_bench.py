@@ -68,7 +68,7 @@ def test_bench_writes_table_and_json(tmp_path: Path) -> None:
     try:
         result = main(
             [
-                "--subjects", "2", "--shape", "32,48,48", "--repeats", "1",
+                "--subjects", "2", "--shape", "32,64,64", "--repeats", "1",
                 "--variants", "masked-pool,masked-input,masked-input/regions",
                 "--skip", "pipeline,memory", "--out", str(tmp_path),
             ]

@@ -119,3 +119,15 @@ def test_extract_masked_pool_and_masked_input_by_hand() -> None:
     upper_input = (image[:2].sum().item() - 32) / 64
     assert np.allclose(got[("upper", "conv-1")], [upper_input, -upper_input], atol=1e-5)
     assert got[("upper", "conv-1")].dtype == np.float32
+
+
+def test_single_cell_grid_is_an_error_not_a_cosine_of_one() -> None:
+    net = _Halver()
+    extractor = FeatureExtractor(net, resolve_layers(net, ["conv-1"], (2, 2, 2)))
+    image = torch.zeros(2, 2, 2)
+    index = torch.tensor([[[0, 0], [0, 0]], [[1, 1], [1, 1]]], dtype=torch.uint8)
+    with pytest.raises(RegionError, match="1x1x1 grid for this 2x2x2 input"):
+        extract(extractor, image, index, ["a", "b"], PoolingConfig(), air=-1.0)
+    # masked-input pools the whole map per region, so one cell is fine there
+    vectors = extract(extractor, image, index, ["a", "b"], PoolingConfig(mode="masked-input"), -1.0)
+    assert len(vectors) == 2
