@@ -190,8 +190,8 @@ def load_subject(
             try:
                 print_ = store.fingerprint(
                     [
-                        store.sha256_of_file(image),
-                        store.sha256_of_file(mask),
+                        store.sha256_file(image),
+                        store.sha256_file(mask),
                         row["labels"],
                         identity,
                     ]

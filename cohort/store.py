@@ -141,7 +141,7 @@ def table(frame: pd.DataFrame | Sequence[Mapping[str, Any]], schema: pa.Schema) 
 # ----------------------------------------------------------------- fingerprints
 
 
-def sha256_of_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with Path(path).open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

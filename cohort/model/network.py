@@ -27,6 +27,7 @@ from torchvision.models import WeightsEnum
 from cohort.config import Inflation, ModelConfig
 from cohort.errors import ModelError, WeightsError
 from cohort.model.inflate import TransferReport, inflate
+from cohort.store import sha256_file
 
 StateDict = dict[str, torch.Tensor]
 
@@ -122,14 +123,6 @@ class Weights:
     source: str  # "imagenet", "random" or the file path
     detail: str  # human-readable provenance (weights entry and file, or seed)
     sha256: str  # of the file, or of the tensors for random weights
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sha256_state(state: Mapping[str, torch.Tensor]) -> str:
