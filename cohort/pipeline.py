@@ -2,9 +2,9 @@
 
 ::
 
-    manifest rows --map(load_subject)--> prepared volumes      CPU tasks, streamed
-        --map_batches(FeatureActor)--> pooled vectors + cosines  one model per actor
-        --> driver: per-subject part files as results arrive
+    manifest rows --map(loading.load_subject)--> prepared volumes   CPU tasks, streamed
+        --map_batches(FeatureActor)--> pooled vectors             one model per actor
+        --> driver: cosines and per-subject part files as results arrive
         --> summaries, tests, run.json, moved into place at the end
 
 Stage functions never raise for one subject's bad input: the failure becomes a
@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import functools
-import gzip
 import logging
 import os
 import pickle
@@ -44,7 +42,6 @@ import platform
 import sys
 import threading
 import time
-import traceback
 import warnings
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,26 +54,17 @@ import pyarrow.parquet as pq
 import torch
 
 from cohort import __version__, stats, store
-from cohort.config import BACKGROUND, LabelMap, RunConfig, format_label_map, parse_label_map
+from cohort.config import BACKGROUND, LabelMap, RunConfig, format_label_map
 from cohort.errors import CohortError
 from cohort.features import RegionVector, extract
+from cohort.loading import DONE, FAILED, READY, failure_row, load_subject
 from cohort.manifest import Subject, read_manifest
 from cohort.model.hooks import FeatureExtractor, LayerInfo, resolve_layers
 from cohort.model.network import Weights, build_network, load_weights
-from cohort.volumes import air_value, check_pair, load_pair, preprocess_pair
+from cohort.volumes import air_value
 
-FAILED, READY, CACHED, DONE = "failed", "ready", "cached", "done"
-IO_RETRY_DELAY_S = 0.5  # first backoff of a transient I/O retry; doubles per attempt
 FAULT_SUBJECT_ENV = "COHORT_FAULT_KILL_SUBJECT"  # test hook, see the module docstring
 FAULT_MARKER_ENV = "COHORT_FAULT_MARKER"
-# OSErrors that say something about the file, not about the moment: never retried
-_PERMANENT_OS_ERRORS = (
-    FileNotFoundError,
-    IsADirectoryError,
-    NotADirectoryError,
-    PermissionError,
-    gzip.BadGzipFile,
-)
 
 
 # --------------------------------------------------------------- pure helpers
@@ -126,99 +114,6 @@ def cosine_rows(vectors: Sequence[RegionVector]) -> list[dict[str, Any]]:
         {name: row[name] for name in ("layer", "region_a", "region_b", "cosine")}
         for row in table.to_dict("records")
     ]
-
-
-def _failure(stage: str, err: BaseException, row: Mapping[str, Any]) -> dict[str, str]:
-    """An error row's fields; the message names the subject's files when ``err`` does not."""
-    message = str(err) or type(err).__name__
-    files = f"image {row['image']}, mask {row['mask']}"
-    if stage == "extract" and isinstance(err, CohortError):
-        message = f"subject {row['subject_id']} ({files}): {message}"
-    elif not isinstance(err, CohortError) and not isinstance(err, FileNotFoundError):
-        # an unexpected error: keep where it happened, for the bug report
-        where = traceback.extract_tb(err.__traceback__)[-1:] if err.__traceback__ else []
-        location = f" at {where[0].filename}:{where[0].lineno}" if where else ""
-        message = (
-            f"{message} (subject {row['subject_id']}, {files}; unexpected error{location}: "
-            "check these files, and report it as a bug if they are fine)"
-        )
-    return {
-        "status": FAILED,
-        "stage": stage,
-        "error_type": type(err).__name__,
-        "message": message,
-    }
-
-
-def is_transient(err: BaseException) -> bool:
-    """True for an I/O error that may pass on a retry (EIO, a stale NFS handle, a
-    timeout), also when a reader wrapped it; False for missing or corrupt files."""
-    seen: set[int] = set()
-    cause: BaseException | None = err
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if isinstance(cause, OSError) and not isinstance(cause, _PERMANENT_OS_ERRORS):
-            return cause.errno != errno.ENOENT
-        cause = cause.__cause__ or cause.__context__
-    return False
-
-
-# ------------------------------------------------------------- stage: loading
-
-
-def load_subject(
-    row: dict[str, Any], cfg: RunConfig, identity: str, finished: frozenset[str]
-) -> dict[str, Any]:
-    """Ray Data map function: fingerprint, load, check and preprocess one subject.
-
-    Transient I/O errors while reading are retried ``cfg.execution.max_retries``
-    times with a doubling backoff; any other failure becomes an error row.
-    """
-    out = {**row, "key": "", "status": READY, "stage": "", "error_type": "", "message": ""}
-    out["payload"] = b""
-    stage = "load"
-    try:
-        image, mask = Path(row["image"]), Path(row["mask"])
-        for path, role in ((image, "image"), (mask, "mask")):
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"{role} file {path} of subject {row['subject_id']} does not exist; "
-                    "fix the path in the manifest (relative paths start at its folder)"
-                )
-        attempts = cfg.execution.max_retries + 1
-        for attempt in range(attempts):
-            try:
-                print_ = store.fingerprint(
-                    [
-                        store.sha256_file(image),
-                        store.sha256_file(mask),
-                        row["labels"],
-                        identity,
-                    ]
-                )
-                out["key"] = store.subject_key(row["subject_id"], print_)
-                if out["key"] in finished:
-                    out["status"] = CACHED
-                    return out
-                pair = load_pair(image, mask, cfg.preprocess)
-                break
-            except Exception as err:
-                if attempt + 1 == attempts or not is_transient(err):
-                    if attempt:
-                        err.add_note(f"(after {attempt + 1} attempts)")
-                    raise
-                time.sleep(IO_RETRY_DELAY_S * 2**attempt)
-        labels = parse_label_map(row["labels"])
-        stage = "check"
-        check_pair(pair, labels, cfg.preprocess)
-        stage = "preprocess"
-        prepared = preprocess_pair(pair, labels, cfg.regions.background, cfg.preprocess)
-        out["payload"] = pickle.dumps(prepared, protocol=5)
-    except Exception as err:
-        out.update(_failure(stage, err, row))
-        if getattr(err, "__notes__", None):
-            out["message"] = f"{out['message']} {' '.join(err.__notes__)}"
-    return out
 
 
 # ------------------------------------------------------------ stage: features
@@ -316,7 +211,7 @@ class FeatureActor:
                     columns["status"][i] = DONE
                 except Exception as err:
                     row = {name: batch[name][i] for name in ("subject_id", "image", "mask")}
-                    for name, value in _failure("extract", err, row).items():
+                    for name, value in failure_row("extract", err, row).items():
                         columns[name][i] = value
             columns["features"].append(features)
             columns["seconds"].append(time.perf_counter() - started)

@@ -29,7 +29,7 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-from cohort import pipeline, store
+from cohort import loading, pipeline, store
 from cohort.cli import main
 from cohort.config import (
     ExecutionConfig,
@@ -354,9 +354,9 @@ def test_transient_io_error_is_retried_a_bounded_number_of_times(
         return real_load(path, **kwargs)
 
     monkeypatch.setattr(nib, "load", flaky)
-    monkeypatch.setattr(pipeline, "IO_RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(loading, "IO_RETRY_DELAY_S", 0.0)
     cfg = RunConfig(execution=ExecutionConfig(max_retries=2))
-    out = pipeline.load_subject(_row(subject), cfg, "identity", frozenset())
+    out = loading.load_subject(_row(subject), cfg, "identity", frozenset())
     assert out["status"] == status, out["message"]
     if status == "failed":
         assert len(calls) == 3
@@ -381,7 +381,7 @@ def test_corrupt_file_is_not_retried(
 
     monkeypatch.setattr(nib, "load", counting)
     row = {**_row(subject), "image": str(junk)}
-    out = pipeline.load_subject(row, RunConfig(), "identity", frozenset())
+    out = loading.load_subject(row, RunConfig(), "identity", frozenset())
     assert (out["status"], out["stage"], len(calls)) == ("failed", "load", 1)
 
 

@@ -1,0 +1,125 @@
+"""Stage one of the pipeline: fingerprint, load, check and preprocess one subject.
+
+Kept free of torch and of the model, so the Ray tasks that run it start fast
+(importing the model stack costs several seconds per worker process).
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import pickle
+import time
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cohort import store
+from cohort.config import RunConfig, parse_label_map
+from cohort.errors import CohortError
+from cohort.volumes import check_pair, load_pair, preprocess_pair
+
+FAILED, READY, CACHED, DONE = "failed", "ready", "cached", "done"
+IO_RETRY_DELAY_S = 0.5  # first backoff of a transient I/O retry; doubles per attempt
+# OSErrors that say something about the file, not about the moment: never retried
+_PERMANENT_OS_ERRORS = (
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    gzip.BadGzipFile,
+)
+
+
+def failure_row(stage: str, err: BaseException, row: Mapping[str, Any]) -> dict[str, str]:
+    """An error row's fields; the message names the subject's files when ``err`` does not."""
+    message = str(err) or type(err).__name__
+    files = f"image {row['image']}, mask {row['mask']}"
+    if stage == "extract" and isinstance(err, CohortError):
+        message = f"subject {row['subject_id']} ({files}): {message}"
+    elif not isinstance(err, CohortError) and not isinstance(err, FileNotFoundError):
+        # an unexpected error: keep where it happened, for the bug report
+        where = traceback.extract_tb(err.__traceback__)[-1:] if err.__traceback__ else []
+        location = f" at {where[0].filename}:{where[0].lineno}" if where else ""
+        message = (
+            f"{message} (subject {row['subject_id']}, {files}; unexpected error{location}: "
+            "check these files, and report it as a bug if they are fine)"
+        )
+    return {
+        "status": FAILED,
+        "stage": stage,
+        "error_type": type(err).__name__,
+        "message": message,
+    }
+
+
+def is_transient(err: BaseException) -> bool:
+    """True for an I/O error that may pass on a retry (EIO, a stale NFS handle, a
+    timeout), also when a reader wrapped it; False for missing or corrupt files."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and not isinstance(cause, _PERMANENT_OS_ERRORS):
+            return cause.errno != errno.ENOENT
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+# ------------------------------------------------------------- stage: loading
+
+
+def load_subject(
+    row: dict[str, Any], cfg: RunConfig, identity: str, finished: frozenset[str]
+) -> dict[str, Any]:
+    """Ray Data map function: fingerprint, load, check and preprocess one subject.
+
+    Transient I/O errors while reading are retried ``cfg.execution.max_retries``
+    times with a doubling backoff; any other failure becomes an error row.
+    """
+    out = {**row, "key": "", "status": READY, "stage": "", "error_type": "", "message": ""}
+    out["payload"] = b""
+    stage = "load"
+    try:
+        image, mask = Path(row["image"]), Path(row["mask"])
+        for path, role in ((image, "image"), (mask, "mask")):
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{role} file {path} of subject {row['subject_id']} does not exist; "
+                    "fix the path in the manifest (relative paths start at its folder)"
+                )
+        attempts = cfg.execution.max_retries + 1
+        for attempt in range(attempts):
+            try:
+                print_ = store.fingerprint(
+                    [
+                        store.sha256_file(image),
+                        store.sha256_file(mask),
+                        row["labels"],
+                        identity,
+                    ]
+                )
+                out["key"] = store.subject_key(row["subject_id"], print_)
+                if out["key"] in finished:
+                    out["status"] = CACHED
+                    return out
+                pair = load_pair(image, mask, cfg.preprocess)
+                break
+            except Exception as err:
+                if attempt + 1 == attempts or not is_transient(err):
+                    if attempt:
+                        err.add_note(f"(after {attempt + 1} attempts)")
+                    raise
+                time.sleep(IO_RETRY_DELAY_S * 2**attempt)
+        labels = parse_label_map(row["labels"])
+        stage = "check"
+        check_pair(pair, labels, cfg.preprocess)
+        stage = "preprocess"
+        prepared = preprocess_pair(pair, labels, cfg.regions.background, cfg.preprocess)
+        out["payload"] = pickle.dumps(prepared, protocol=5)
+    except Exception as err:
+        out.update(failure_row(stage, err, row))
+        if getattr(err, "__notes__", None):
+            out["message"] = f"{out['message']} {' '.join(err.__notes__)}"
+    return out
