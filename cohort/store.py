@@ -84,12 +84,6 @@ def with_provenance(schema: pa.Schema, provenance: Mapping[str, Any]) -> pa.Sche
     return schema.with_metadata({PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)})
 
 
-def read_provenance(path: Path) -> dict[str, Any]:
-    metadata = pq.read_schema(path).metadata or {}
-    raw = metadata.get(PROVENANCE_KEY)
-    return json.loads(raw) if raw else {}
-
-
 _TMP = re.compile(r"^\..+\.tmp-(\d+)$")
 
 

@@ -38,21 +38,13 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from cohort import submit
+from cohort import store, submit
 from cohort.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "analyze.py"
 RAY_BIN = Path(sys.executable).with_name("ray")
-OUTPUTS = (
-    "features.parquet",
-    "similarity.parquet",
-    "similarity.csv",
-    "stats.parquet",
-    "stats.csv",
-    "errors.parquet",
-    "run.json",
-)
+OUTPUTS = store.FINAL_FILES  # every file a finished run publishes
 TIMINGS: dict[str, float] = {}
 
 

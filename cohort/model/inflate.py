@@ -233,21 +233,24 @@ def inflate(module2d: nn.Module, method: Inflation = "mean") -> tuple[nn.Module,
         _check_pass_through(module2d, "<root>")
         module3d = copy.deepcopy(module2d)
         _inflate_children(module3d, "", method, report)
-    source_keys = _state_keys(module2d)
-    missing = sorted(source_keys - set(report.transferred))
-    if missing:
-        raise InflationError(
-            f"{len(missing)} 2D tensors were not carried over to 3D: {', '.join(missing[:8])}; "
-            "add a 3D rule for the module that owns them"
-        )
-    target_keys = _state_keys(module3d)
-    unset = sorted(target_keys - set(report.transferred))
-    if unset:
-        raise InflationError(
-            f"{len(unset)} 3D tensors have no 2D source: {', '.join(unset[:8])}; "
-            "they would keep a default initialisation"
-        )
+    transferred = set(report.transferred)
+    _refuse(
+        _state_keys(module2d) - transferred,
+        "2D tensors were not carried over to 3D",
+        "add a 3D rule for the module that owns them",
+    )
+    _refuse(
+        _state_keys(module3d) - transferred,
+        "3D tensors have no 2D source",
+        "they would keep a default initialisation",
+    )
     return module3d, report
+
+
+def _refuse(keys: set[str], what: str, fix: str) -> None:
+    if keys:
+        names = sorted(keys)
+        raise InflationError(f"{len(names)} {what}: {', '.join(names[:8])}; {fix}")
 
 
 def _inflate_children(

@@ -331,7 +331,3 @@ def build_network(
     if gray_stem:
         report.note(f"{spec.stem}.weight", "RGB kernels summed to 1 channel, then inflated")
     return network.eval(), report
-
-
-def build_from_config(cfg: ModelConfig, weights: Weights) -> tuple[nn.Module, TransferReport]:
-    return build_network(cfg.backbone, weights.state_dict, cfg.inflation)
