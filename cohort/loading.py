@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cohort import store
+from cohort import keys
 from cohort.config import RunConfig, parse_label_map
 from cohort.errors import CohortError
 from cohort.volumes import check_pair, load_pair, preprocess_pair
@@ -92,15 +92,15 @@ def load_subject(
         attempts = cfg.execution.max_retries + 1
         for attempt in range(attempts):
             try:
-                print_ = store.fingerprint(
+                print_ = keys.fingerprint(
                     [
-                        store.sha256_file(image),
-                        store.sha256_file(mask),
+                        keys.sha256_file(image),
+                        keys.sha256_file(mask),
                         row["labels"],
                         identity,
                     ]
                 )
-                out["key"] = store.subject_key(row["subject_id"], print_)
+                out["key"] = keys.subject_key(row["subject_id"], print_)
                 if out["key"] in finished:
                     out["status"] = CACHED
                     return out

@@ -3,7 +3,7 @@
 ::
 
     manifest rows --map(loading.load_subject)--> prepared volumes   CPU tasks, streamed
-        --map_batches(FeatureActor)--> pooled vectors             one model per actor
+        --map_batches(extraction.FeatureActor)--> pooled vectors  one model per actor
         --> driver: cosines and per-subject part files as results arrive
         --> summaries, tests, run.json, moved into place at the end
 
@@ -24,10 +24,7 @@ Faults and interruptions:
 * Ctrl-C (SIGINT) stops the run without publishing anything: finished
   subjects stay in their part files, and rerunning the same command continues.
 
-Test hook (for fault-injection tests only): with ``COHORT_FAULT_KILL_SUBJECT``
-set to a subject id and ``COHORT_FAULT_MARKER`` to a file path in the driver's
-environment, the feature actor that receives that subject creates the marker
-and kills its own process (``os._exit``) -- once, as long as the marker exists.
+The fault-injection test hook lives with the actor, in :mod:`cohort.extraction`.
 """
 
 from __future__ import annotations
@@ -53,19 +50,15 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from cohort import __version__, stats, store
+from cohort import __version__, keys, stats, store
 from cohort.config import BACKGROUND, LabelMap, RunConfig, format_label_map
 from cohort.errors import CohortError
-from cohort.features import RegionVector, extract
-from cohort.loading import DONE, FAILED, READY, failure_row, load_subject
+from cohort.extraction import FaultHook, FeatureActor
+from cohort.features import RegionVector
+from cohort.loading import DONE, FAILED, load_subject
 from cohort.manifest import Subject, read_manifest
-from cohort.model.hooks import FeatureExtractor, LayerInfo, resolve_layers
+from cohort.model.hooks import LayerInfo, resolve_layers
 from cohort.model.network import Weights, build_network, load_weights
-from cohort.volumes import air_value
-
-FAULT_SUBJECT_ENV = "COHORT_FAULT_KILL_SUBJECT"  # test hook, see the module docstring
-FAULT_MARKER_ENV = "COHORT_FAULT_MARKER"
-
 
 # --------------------------------------------------------------- pure helpers
 
@@ -79,7 +72,7 @@ def result_identity(cfg: RunConfig, weights_sha256: str) -> str:
         "pooling": dataclasses.asdict(cfg.pooling),
         "cohort": __version__,
     }
-    return store.fingerprint([repr(sorted(parts.items()))])
+    return keys.fingerprint([repr(sorted(parts.items()))])
 
 
 def subject_labels(subject: Subject, cfg: RunConfig) -> LabelMap:
@@ -114,119 +107,6 @@ def cosine_rows(vectors: Sequence[RegionVector]) -> list[dict[str, Any]]:
         {name: row[name] for name in ("layer", "region_a", "region_b", "cosine")}
         for row in table.to_dict("records")
     ]
-
-
-# ------------------------------------------------------------ stage: features
-
-
-def pick_device(requested: str) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise CohortError(
-                "--device cuda was asked for but this worker sees no CUDA device; "
-                "use --device auto or cpu, or run on GPU workers"
-            )
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-@dataclass(frozen=True)
-class FaultHook:
-    """Test hook: kill the actor process on ``subject``, once (while ``marker`` is absent)."""
-
-    subject: str
-    marker: Path
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> FaultHook | None:
-        subject, marker = environ.get(FAULT_SUBJECT_ENV), environ.get(FAULT_MARKER_ENV)
-        if not subject:
-            return None
-        if not marker:
-            raise CohortError(
-                f"{FAULT_SUBJECT_ENV} is set but {FAULT_MARKER_ENV} is not; the fault hook "
-                "needs a marker file path so that it fires only once (unset both to run normally)"
-            )
-        return cls(subject, Path(marker))
-
-    def maybe_fire(self, subject_id: str) -> None:
-        if subject_id != self.subject:
-            return
-        try:
-            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return
-        os.write(fd, f"killed pid {os.getpid()} on {subject_id}\n".encode())
-        os.close(fd)
-        os._exit(17)  # like a segfault or an OOM kill: no cleanup, no exception
-
-
-class FeatureActor:
-    """Ray Data callable class: one model, loaded once, on this actor's device."""
-
-    def __init__(
-        self,
-        weights: list[Any],
-        cfg: RunConfig,
-        threads: int | None,
-        fault: FaultHook | None = None,
-    ) -> None:
-        import ray
-
-        state = ray.get(weights[0]) if isinstance(weights[0], ray.ObjectRef) else weights[0]
-        if threads is not None:
-            torch.set_num_threads(threads)
-        self.cfg = cfg
-        self.fault = fault
-        self.device = pick_device(cfg.execution.device)
-        network, _ = build_network(cfg.model.backbone, state, cfg.model.inflation)
-        network = network.to(self.device)
-        self.extractor = FeatureExtractor(network, resolve_layers(network, cfg.model.layers))
-        self.air = air_value(cfg.preprocess)
-        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        granted = ray.get_runtime_context().get_assigned_resources()
-        grants = ", ".join(f"{k}={v:g}" for k, v in sorted(granted.items()))
-        self.device_name = f"{name} (Ray resources: {grants})"
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["subject_id"])
-        columns: dict[str, list[Any]] = {name: list(batch[name]) for name in _PASS}
-        columns.update(features=[], seconds=[], device=[])
-        for i in range(n):
-            started = time.perf_counter()
-            features = b""
-            if columns["status"][i] == READY:
-                if self.fault is not None:
-                    self.fault.maybe_fire(str(batch["subject_id"][i]))
-                try:
-                    prepared = pickle.loads(batch["payload"][i])
-                    vectors = self._extract(prepared)
-                    features = pickle.dumps(
-                        [
-                            (v, int(prepared.voxels[prepared.region_names.index(v.region)]))
-                            for v in vectors
-                        ],
-                        protocol=5,
-                    )
-                    columns["status"][i] = DONE
-                except Exception as err:
-                    row = {name: batch[name][i] for name in ("subject_id", "image", "mask")}
-                    for name, value in failure_row("extract", err, row).items():
-                        columns[name][i] = value
-            columns["features"].append(features)
-            columns["seconds"].append(time.perf_counter() - started)
-            columns["device"].append(self.device_name)
-        return {name: np.asarray(values, dtype=object) for name, values in columns.items()}
-
-    def _extract(self, prepared: Any) -> list[RegionVector]:
-        image = torch.from_numpy(np.ascontiguousarray(prepared.image)).to(self.device)
-        index = torch.from_numpy(np.ascontiguousarray(prepared.region_index)).to(self.device)
-        return extract(
-            self.extractor, image, index, prepared.region_names, self.cfg.pooling, self.air
-        )
-
-
-_PASS = ("subject_id", "cohort", "image", "mask", "key", "status", "stage", "error_type", "message")
 
 
 # ----------------------------------------------------------------- the driver

@@ -18,12 +18,11 @@ temporary files an interrupted run left behind are removed by the next run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,32 +132,6 @@ def table(frame: pd.DataFrame | Sequence[Mapping[str, Any]], schema: pa.Schema) 
 
 
 # ----------------------------------------------------------------- fingerprints
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def fingerprint(parts: Iterable[str]) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(part.encode())
-        digest.update(b"\0")
-    return digest.hexdigest()
-
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def subject_key(subject_id: str, print_: str) -> str:
-    """A file-name-safe key: readable id, then a hash that also separates ids
-    that differ only in unsafe characters."""
-    safe = _UNSAFE.sub("_", subject_id)[:64]
-    return f"{safe}--{fingerprint([subject_id, print_])[:20]}"
 
 
 # ------------------------------------------------------------------------ parts

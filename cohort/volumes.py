@@ -20,7 +20,6 @@ import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
-from scipy import ndimage
 
 from cohort.config import BACKGROUND, LabelMap, PreprocessConfig
 from cohort.errors import ConfigError, GeometryError, InputError, RegionError
@@ -286,6 +285,8 @@ def resample_image(
 ) -> np.ndarray:
     """Trilinear resampling; the grids share their first corner, output voxel i samples
     input index ``(i + 0.5) * target / spacing - 0.5`` (edges repeat)."""
+    from scipy import ndimage  # here, not at the top: loaders that never resample skip it
+
     ratio = np.array([t / s for s, t in zip(spacing, target, strict=True)])
     out = ndimage.affine_transform(
         np.asarray(image, dtype=np.float32),

@@ -12,13 +12,13 @@ from torchvision import models
 
 from cohort.config import ModelConfig
 from cohort.errors import InflationError, ModelError, WeightsError
+from cohort.keys import sha256_file
 from cohort.model.hooks import FeatureExtractor, resolve_layers, trace
 from cohort.model.inflate import inflate, inflate_kernel
 from cohort.model.network import (
     build_network,
     imagenet_cache_path,
     load_weights,
-    sha256_file,
 )
 
 # Module paths hooked in the 2D and 3D networks alike: the last, 3rd-last and

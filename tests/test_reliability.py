@@ -29,7 +29,7 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-from cohort import loading, pipeline, store
+from cohort import extraction, loading, pipeline, store
 from cohort.cli import main
 from cohort.config import (
     ExecutionConfig,
@@ -40,7 +40,7 @@ from cohort.config import (
     StatsConfig,
     format_label_map,
 )
-from cohort.errors import WeightsError
+from cohort.errors import CohortError, WeightsError
 from cohort.manifest import Subject, read_manifest, write_manifest
 from cohort.model.network import load_weights
 from cohort.phantom import make_phantom_cohort
@@ -274,8 +274,8 @@ def test_killed_actor_is_restarted_and_its_subject_retried(
     manifest = write_manifest(subset, tmp_path / "four.csv")
     victim = subset[1].subject_id
     marker = tmp_path / "killed"
-    monkeypatch.setenv(pipeline.FAULT_SUBJECT_ENV, victim)
-    monkeypatch.setenv(pipeline.FAULT_MARKER_ENV, str(marker))
+    monkeypatch.setenv(extraction.FAULT_SUBJECT_ENV, victim)
+    monkeypatch.setenv(extraction.FAULT_MARKER_ENV, str(marker))
     out = tmp_path / "out"
 
     result = cohort_run(manifest, out, "--retries", "2")
@@ -303,8 +303,8 @@ def test_worker_death_beyond_the_retries_loses_nothing(
     subset = list(read_manifest(good))[:3]
     manifest = write_manifest(subset, tmp_path / "three.csv")
     victim = subset[1].subject_id
-    monkeypatch.setenv(pipeline.FAULT_SUBJECT_ENV, victim)
-    monkeypatch.setenv(pipeline.FAULT_MARKER_ENV, str(tmp_path / "killed"))
+    monkeypatch.setenv(extraction.FAULT_SUBJECT_ENV, victim)
+    monkeypatch.setenv(extraction.FAULT_MARKER_ENV, str(tmp_path / "killed"))
     out = tmp_path / "out"
 
     result = cohort_run(manifest, out, "--retries", "0")
@@ -323,9 +323,9 @@ def test_worker_death_beyond_the_retries_loses_nothing(
 
 
 def test_fault_hook_needs_a_marker() -> None:
-    assert pipeline.FaultHook.from_env({}) is None
-    with pytest.raises(pipeline.CohortError, match=pipeline.FAULT_MARKER_ENV):
-        pipeline.FaultHook.from_env({pipeline.FAULT_SUBJECT_ENV: "a"})
+    assert extraction.FaultHook.from_env({}) is None
+    with pytest.raises(CohortError, match=extraction.FAULT_MARKER_ENV):
+        extraction.FaultHook.from_env({extraction.FAULT_SUBJECT_ENV: "a"})
 
 
 def _row(subject: Subject) -> dict[str, str]:
@@ -515,7 +515,8 @@ def test_sigint_keeps_finished_subjects_and_rerun_does_only_the_rest(
 def test_weights_file_with_wrong_sha256_is_refused_with_both_hashes(
     tmp_path: Path, good: Path
 ) -> None:
-    from cohort.model.network import random_weights, sha256_file
+    from cohort.keys import sha256_file
+    from cohort.model.network import random_weights
 
     path = tmp_path / "weights.pth"
     torch.save(random_weights("densenet121", 1).state_dict, path)

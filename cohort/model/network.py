@@ -26,9 +26,9 @@ from torchvision.models import WeightsEnum
 
 from cohort.config import Inflation, ModelConfig
 from cohort.errors import ModelError, WeightsError
+from cohort.keys import sha256_file
 from cohort.model.factorise import factorise
 from cohort.model.inflate import TransferReport, inflate
-from cohort.store import sha256_file
 
 StateDict = dict[str, torch.Tensor]
 

@@ -1,0 +1,39 @@
+"""Content keys: file hashes and the fingerprints a rerun recognises a subject by.
+
+Kept free of pandas, pyarrow and torch: every loader task and actor imports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(parts: Iterable[str]) -> str:
+    """Hex sha256 of strings, each ended by a NUL so that boundaries count."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def subject_key(subject_id: str, print_: str) -> str:
+    """A file-name-safe key: readable id, then a hash that also separates ids
+    that differ only in unsafe characters."""
+    safe = _UNSAFE.sub("_", subject_id)[:64]
+    return f"{safe}--{fingerprint([subject_id, print_])[:20]}"
