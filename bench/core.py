@@ -9,20 +9,20 @@ result can be checked against ``extract``:
   subject in one forward pass (batch = regions) instead of one pass each;
 * :func:`extract_subjects_batched`: ``masked-pool`` with several same-shape
   subjects in one forward pass;
-* ``channels_last_3d`` memory format of network and input (:func:`extractor`).
+* ``channels_last_3d`` memory format of network and input (:func:`extractor`);
+* the network without depth factorisation (plain ``Conv3d``/``MaxPool3d``), to
+  measure what :mod:`cohort.model.factorise` gains.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from cohort.config import DEFAULT_LABELS, PoolingConfig, PreprocessConfig
 from cohort.features import (
@@ -96,9 +96,10 @@ def extractor(
     gray_stem: bool = True,
     stop_early: bool = True,
     channels_last: bool = False,
+    factorised: bool = True,
 ) -> FeatureExtractor:
     """cohort's DenseNet121 hooked at conv-1/3/5, optionally in channels_last_3d."""
-    network, _ = build_network("densenet121", state, gray_stem=gray_stem)
+    network, _ = build_network("densenet121", state, gray_stem=gray_stem, factorised=factorised)
     layers = resolve_layers(network, LAYERS, in_channels=1 if gray_stem else 3)
     if channels_last:
         network = network.to(memory_format=torch.channels_last_3d)
@@ -165,6 +166,7 @@ VARIANTS: dict[str, str] = {
     "masked-pool": "extract(), one forward per subject",
     "masked-pool/batch2": "two same-shape subjects per forward",
     "masked-pool/cl3d": "extract() with channels_last_3d",
+    "masked-pool/plain3d": "extract(), plain Conv3d/MaxPool3d (not factorised)",
     "masked-input": "extract(), one forward per region",
     "masked-input/regions": "all regions of a subject in one forward",
     "masked-input/regions+cl3d": "regions batched, channels_last_3d",
@@ -179,7 +181,7 @@ def run_variant(
     channels_last = variant.endswith("cl3d")
     out: list[list[RegionVector]] = []
     started = time.perf_counter()
-    if variant in ("masked-pool", "masked-pool/cl3d", "masked-input"):
+    if variant in ("masked-pool", "masked-pool/cl3d", "masked-pool/plain3d", "masked-input"):
         cfg = PoolingConfig(mode="masked-input" if variant == "masked-input" else "masked-pool")
         for s in loaded:
             out.append(extract(ex, s.image, s.index, s.names, cfg, air))
@@ -196,33 +198,6 @@ def run_variant(
     else:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     return time.perf_counter() - started, out
-
-
-@contextlib.contextmanager
-def mkldnn_conv3d() -> Iterator[None]:
-    """Route every Conv3d through oneDNN, also where torch's heuristic picks its slow path.
-
-    torch sends a batch-1 convolution whose input has ``N*C*D*H <= 20480`` elements and a
-    kernel of at most 3 to ``slow_conv3d`` (vol2col + gemm); on DenseNet121's deep,
-    small-grid layers that is most convolutions of a batch-1 forward.
-    """
-
-    def forward(self: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-        padding = self.padding
-        if isinstance(padding, str) or x.device.type != "cpu" or x.dtype != torch.float32:
-            return original(self, x)
-        if self.padding_mode != "zeros":
-            return original(self, x)
-        return torch.mkldnn_convolution(
-            x, self.weight, self.bias, padding, self.stride, self.dilation, self.groups
-        )
-
-    original = nn.Conv3d.forward
-    nn.Conv3d.forward = forward  # type: ignore[method-assign,assignment]
-    try:
-        yield
-    finally:
-        nn.Conv3d.forward = original  # type: ignore[method-assign]
 
 
 def interleaved(
@@ -245,17 +220,13 @@ def interleaved(
             fn()
         return (time.perf_counter() - started) / per
 
+    unfactorised = extractor(state, factorised=False)
     variants: dict[str, Callable[[], float]] = {
         "plain 3-ch whole trunk, batch 1": lambda: timed(lambda: plain.pooled(one[0, 0])),
         "cohort 1-ch stop, batch 1": lambda: timed(lambda: ex(one)),
+        "cohort 1-ch stop, not factorised": lambda: timed(lambda: unfactorised(one)),
         "cohort 1-ch stop, batch 3 (per volume)": lambda: timed(lambda: ex(three), 3),
     }
-
-    def forced() -> float:
-        with mkldnn_conv3d():
-            return timed(lambda: ex(one))
-
-    variants["cohort 1-ch stop, batch 1, oneDNN forced"] = forced
     ex_cl = extractor(state, channels_last=True)
     one_cl = one.contiguous(memory_format=torch.channels_last_3d)
     variants["cohort 1-ch stop, batch 1, channels_last_3d"] = lambda: timed(lambda: ex_cl(one_cl))

@@ -4,12 +4,15 @@ Sections, all in one process run (so every ratio compares figures of one run):
 
 1. ceiling   fp32 ``torch.mm`` rate of this machine (GFLOP/s)
 2. forward   one 1x1xDxHxW forward: 1- vs 3-channel stem, stop after the last
-             hook or not; seconds and GFLOP (torch's flop counter)
+             hook or not, depth-factorised or plain 3D layers; seconds and GFLOP
+             (torch's flop counter: the FLOPs each variant executes)
 3. baseline  the plain loop of the origin protocol (``bench/baseline.py``)
 4. model     cohort's core functions in a loop on pre-loaded tensors, plus the
              optimisation candidates of ``bench/core.py``
 5. pipeline  ``cohort run`` (Ray Data) in both pooling modes, each in its own
-             process; masked-input cosines checked against the baseline
+             process, with a local Ray started inside the clock; ``--warm-modes``
+             again on a Ray started before it (a running cluster); masked-input
+             cosines checked against the baseline
 6. memory    driver peak RSS of ``cohort run`` for a small and a large cohort
 
 Writes ``bench/results/bench-<time>.json`` and ``.txt`` (and ``latest.*``).
@@ -87,6 +90,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"model-only variants to time, of: {', '.join(core.VARIANTS)}",
     )
     p.add_argument("--modes", default="masked-input,masked-pool", help="pipeline pooling modes")
+    p.add_argument(
+        "--warm-modes",
+        default="masked-pool",
+        help="modes also run on a Ray instance started before the clock (a running cluster)",
+    )
     p.add_argument("--repeats", type=int, default=2, help="repeats of the single forward")
     p.add_argument("--rounds", type=int, default=3, help="rounds of interleaved forwards")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores)")
@@ -126,40 +134,54 @@ def weights_state(name: str) -> dict[str, torch.Tensor]:
     return load_weights(ModelConfig(weights=name), download=False).state_dict
 
 
+# (gray stem, stop after the last hook, depth-factorised): cohort's default first
+FORWARDS = [
+    (True, True, True),
+    (True, True, False),
+    (True, False, False),
+    (False, True, False),
+    (False, False, False),
+]
+
+
 def section_forward(
     args: argparse.Namespace, state: dict[str, torch.Tensor]
 ) -> list[dict[str, Any]]:
-    """Issue 2's numbers: one forward with/without the gray stem and the early stop."""
+    """One forward with/without the gray stem, the early stop and the depth factorisation."""
     rows = []
-    for gray in (True, False):
-        for stop in (True, False):
-            ex = core.extractor(state, gray_stem=gray, stop_early=stop)
-            x = torch.randn(1, 1 if gray else 3, *args.shape)
+    for gray, stop, factorised in FORWARDS:
+        ex = core.extractor(state, gray_stem=gray, stop_early=stop, factorised=factorised)
+        x = torch.randn(1, 1 if gray else 3, *args.shape)
 
-            def forward(ex: core.FeatureExtractor = ex, x: torch.Tensor = x) -> object:
-                with torch.inference_mode():
-                    return ex(x)
+        def forward(ex: core.FeatureExtractor = ex, x: torch.Tensor = x) -> object:
+            with torch.inference_mode():
+                return ex(x)
 
-            gflop = count_gflop(forward)  # also the warm-up
-            t = time_calls(forward, args.repeats, warmup=1)
-            rows.append(
-                {
-                    "stem": "1-channel" if gray else "3-channel",
-                    "stop_after_last_hook": stop,
-                    "gflop": gflop,
-                    "best_s": t.best,
-                    "median_s": t.median,
-                    "worst_s": t.worst,
-                    "spread": t.spread,
-                }
-            )
-            log(f"forward stem={rows[-1]['stem']} stop={stop}: {t.best:.2f} s, {gflop:.1f} GFLOP")
+        gflop = count_gflop(forward)  # also the warm-up
+        t = time_calls(forward, args.repeats, warmup=1)
+        rows.append(
+            {
+                "stem": "1-channel" if gray else "3-channel",
+                "stop_after_last_hook": stop,
+                "factorised": factorised,
+                "gflop": gflop,
+                "best_s": t.best,
+                "median_s": t.median,
+                "worst_s": t.worst,
+                "spread": t.spread,
+            }
+        )
+        log(
+            f"forward stem={rows[-1]['stem']} stop={stop} factorised={factorised}: "
+            f"{t.best:.2f} s, {gflop:.1f} GFLOP"
+        )
     return rows
 
 
 def run_probe(
     manifest: Path, mode: str, work: Path, weights: str, extra: list[str] | None = None
 ) -> dict[str, Any]:
+    """``cohort run`` in its own process (``bench/probe.py``); its JSON report."""
     out = work / f"run-{mode}-{time.monotonic_ns()}"
     report = out.with_suffix(".json")
     command = [
@@ -223,9 +245,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     forward = [] if "forward" in skip else section_forward(args, state)
     result["forward"] = forward
-    by = {(f["stem"], f["stop_after_last_hook"]): f for f in forward}
-    gf1 = by.get(("1-channel", True), {}).get("gflop", math.nan)
-    gf3 = by.get(("3-channel", False), {}).get("gflop", math.nan)
+    by = {(f["stem"], f["stop_after_last_hook"], f["factorised"]): f for f in forward}
+    gf1 = by.get(("1-channel", True, True), {}).get("gflop", math.nan)  # cohort's forward
+    gf1_plain = by.get(("1-channel", True, False), {}).get("gflop", math.nan)
+    gf3 = by.get(("3-channel", False, False), {}).get("gflop", math.nan)  # the baseline's
 
     manifest = phantom_cohort(args.out, args.subjects, args.shape)
     loaded, load_times = core.load_all(manifest, core.PreprocessConfig())
@@ -250,7 +273,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "model" not in skip:
         reference: dict[str, list[list[core.RegionVector]]] = {}
         for variant in [v for v in args.variants.split(",") if v]:
-            ex = core.extractor(state, channels_last=variant.endswith("cl3d"))
+            ex = core.extractor(
+                state,
+                channels_last=variant.endswith("cl3d"),
+                factorised=not variant.endswith("plain3d"),
+            )
             log(f"model-only {variant} on {len(loaded)} subjects")
             seconds, vectors = core.run_variant(variant, ex, loaded)
             family = variant.split("/")[0]
@@ -262,26 +289,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else:
                 reference[family] = vectors
             forwards = regions if family == "masked-input" else 1
-            rows.append(Row(f"model {variant}", len(loaded), seconds, forwards * gf1, note=note))
+            gflop = gf1_plain if variant.endswith("plain3d") else gf1
+            rows.append(Row(f"model {variant}", len(loaded), seconds, forwards * gflop, note=note))
 
     work = Path(tempfile.mkdtemp(prefix="cohort-bench-"))
     if "pipeline" not in skip:
-        for mode in [m for m in args.modes.split(",") if m]:
-            log(f"pipeline cohort run --pooling {mode} on {args.subjects} subjects")
-            probe = run_probe(manifest, mode, work, args.weights)
+        runs = [(mode, False) for mode in args.modes.split(",") if mode]
+        runs += [(mode, True) for mode in args.warm_modes.split(",") if mode]
+        for mode, warm in runs:
+            label = f"pipeline {mode}" + (" (Ray up)" if warm else "")
+            log(f"{label}: cohort run --pooling {mode} on {args.subjects} subjects")
+            probe = run_probe(manifest, mode, work, args.weights, ["--warm"] if warm else None)
             forwards = regions if mode == "masked-input" else 1
             note = f"first result {probe['first_s']:.1f} s"
             if probe["steady_per_s"]:
                 note += f"; steady {probe['steady_per_s']:.3f}/s"
             if mode == "masked-input" and baseline_cos:
                 gap = cosine_gap(Path(probe["out"]), baseline_cos)
-                checks["masked-input cosines vs baseline (max abs)"] = gap
+                checks[f"{label} cosines vs baseline (max abs)"] = gap
                 note += f"; cos gap {gap:.1e}"
             rows.append(
-                Row(f"pipeline {mode}", probe["done"], probe["wall_s"], forwards * gf1,
+                Row(label, probe["done"], probe["wall_s"], forwards * gf1,
                     probe["driver_peak_mib"], probe["actor_peak_mib"], note)
             )  # fmt: skip
-            result.setdefault("probes", []).append(probe)
+            result.setdefault("probes", []).append(probe | {"label": label})
 
     if "memory" not in skip:
         for n in args.memory_sizes:
@@ -300,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for r in rows
     ]  # null, not NaN, so that strict JSON readers take the file
     result["checks"] = checks
-    result["summary"] = summarise(rows, ceiling.best)
+    result["summary"] = summarise(rows, result.get("probes", []))
     result["seconds"] = time.perf_counter() - started
     result["bench_driver_peak_mib"] = peak_rss_mib()
     result["machine"]["load_average_end"] = os.getloadavg()
@@ -321,7 +352,7 @@ def _plain(value: object) -> object:
     raise TypeError(type(value).__name__)
 
 
-def summarise(rows: list[Row], ceiling: float) -> dict[str, float]:
+def summarise(rows: list[Row], probes: list[dict[str, Any]]) -> dict[str, float]:
     """Ratios the issue's targets are stated in."""
     by = {r.name: r for r in rows}
     out: dict[str, float] = {}
@@ -329,10 +360,16 @@ def summarise(rows: list[Row], ceiling: float) -> dict[str, float]:
     for r in rows:
         if base and not r.name.startswith("memory"):
             out[f"{r.name} / baseline"] = r.per_s / base.per_s
-    for mode in ("masked-input", "masked-pool"):
-        pipe, model = by.get(f"pipeline {mode}"), by.get(f"model {mode}")
-        if pipe and model:
-            out[f"pipeline/model {mode}"] = pipe.per_s / model.per_s
+    steady = {p["label"]: p["steady_per_s"] for p in probes if p.get("steady_per_s")}
+    for r in rows:
+        if not r.name.startswith("pipeline "):
+            continue
+        mode = r.name.split()[1]
+        model = by.get(f"model {mode}")
+        if model:
+            out[f"{r.name} / model, whole run"] = r.per_s / model.per_s
+            if r.name in steady:
+                out[f"{r.name} / model, steady state"] = steady[r.name] / model.per_s
     memory = [r for r in rows if r.name.startswith("memory")]
     if len(memory) >= 2:
         out["driver peak growth (largest/smallest cohort)"] = (
@@ -354,12 +391,12 @@ def render(result: dict[str, Any], rows: list[Row], ceiling: float) -> str:
         "",
     ]
     if result["forward"]:
-        lines.append("single forward 1x1xDxHxW       GFLOP   best s  median s  spread")
+        lines.append("single forward 1x1xDxHxW                   GFLOP   best s  median s  spread")
         for f in result["forward"]:
             stop = "stop at last hook" if f["stop_after_last_hook"] else "whole trunk"
-            label = f"{f['stem']}, {stop}"
+            label = f"{f['stem']}, {stop}, {'factorised' if f['factorised'] else 'plain 3D'}"
             lines.append(
-                f"  {label:<30} {f['gflop']:6.1f} {f['best_s']:8.2f} {f['median_s']:9.2f} "
+                f"  {label:<42} {f['gflop']:6.1f} {f['best_s']:8.2f} {f['median_s']:9.2f} "
                 f"{f['spread']:7.0%}"
             )
         lines.append("")
@@ -388,6 +425,8 @@ def render(result: dict[str, Any], rows: list[Row], ceiling: float) -> str:
         f"per subject ({load['voxels']:,} voxels): decode {load['decode_s'] / n:.3f} s, "
         f"check {load['check_s'] / n:.3f} s, preprocess {load['preprocess_s'] / n:.3f} s",
         "peak memory in MiB (RSS high-water mark); driver = the cohort run process",
+        "GFLOP/s counts the FLOPs a stage executes: factorised layers execute fewer for the "
+        "same values",
     ]
     for key, value in {**result["checks"], **result["summary"]}.items():
         lines.append(f"  {key}: {value:.4g}")
