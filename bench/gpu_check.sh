@@ -10,7 +10,8 @@
 # bf16 autocast, batch 1 and batch 3, with the flop counter; (3) fp32/bf16
 # agreement of the pooled vectors and cosines on phantom subjects (cosine gap
 # must stay below BF16_TOL); (4) `cohort run` on CUDA in both pooling modes
-# through bench.probe (fp32, as the pipeline has no autocast switch yet).
+# through bench.probe, in fp32 and with --precision bf16; (5) the forward with
+# and without depth factorisation (cohort.model.factorise) on cuDNN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -101,11 +102,27 @@ with torch.inference_mode():
                 gaps["cosine_abs"] = max(gaps["cosine_abs"], abs(r["cosine"] - l["cosine"]))
 report["bf16_vs_fp32"] = gaps
 
+plain = core.extractor(state, factorised=False)
+plain.network.to(dev)
+x = torch.randn(1, 1, *shape, device=dev)
+factorisation = {}
+with torch.inference_mode():
+    for precision in ("fp32", "bf16"):
+        for name, model in (("factorised", ex), ("plain 3D", plain)):
+            def step(model=model, precision=precision):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    return model(x)
+            factorisation[f"{name} {precision}"] = cuda_time(step)
+report["factorisation_s"] = factorisation
+
 pipeline = []
 for mode in ("masked-pool", "masked-input"):
-    probe = run_probe(manifest, mode, results, "random", ["--device", "cuda"])
-    pipeline.append({k: probe[k] for k in ("pooling", "done", "wall_s", "steady_per_s",
-                                           "driver_peak_mib", "actor_peak_mib")})
+    for precision in ("fp32", "bf16"):
+        probe = run_probe(manifest, mode, results, "random",
+                          ["--device", "cuda", "--precision", precision])
+        pipeline.append({k: probe[k] for k in ("pooling", "precision", "done", "wall_s",
+                                               "steady_per_s", "driver_peak_mib",
+                                               "actor_peak_mib")})
 report["pipeline"] = pipeline
 (results / "gpu_check.json").write_text(json.dumps(report, indent=2))
 
@@ -116,8 +133,11 @@ for f in forward:
     ceil = report["ceiling_bf16_tflops" if f["precision"] == "bf16" else "ceiling_fp32_tflops"]
     print(f"{f['batch']:>5} {f['precision']:>5} {f['s']:10.4f} {f['tflops']:8.2f} "
           f"{f['tflops'] / ceil:8.1%} {f['mem_gib']:6.2f}")
+for name, s in factorisation.items():
+    print(f"forward batch 1, {name}: {s:.4f} s")
 for p in pipeline:
-    print(f"cohort run --pooling {p['pooling']} --device cuda: {p['done']} subjects in "
+    print(f"cohort run --pooling {p['pooling']} --precision {p['precision']} --device cuda: "
+          f"{p['done']} subjects in "
           f"{p['wall_s']:.1f} s (steady {p['steady_per_s'] or float('nan'):.2f}/s), driver "
           f"{p['driver_peak_mib']:.0f} MiB, actor {p['actor_peak_mib']:.0f} MiB")
 print(f"bf16 vs fp32: max rel vector diff {gaps['vector_rel']:.2e}, "

@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--pooling", default="masked-pool")
     parser.add_argument("--weights", default="random")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--actors", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     cfg = RunConfig(
-        model=ModelConfig(weights=args.weights),
+        model=ModelConfig(weights=args.weights, precision=args.precision),
         pooling=PoolingConfig(mode=args.pooling),
         execution=ExecutionConfig(
             device=args.device,
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     wall = time.perf_counter() - started
     report = {
         "pooling": args.pooling,
+        "precision": args.precision,
         "warm": args.warm,
         "subjects": result.subjects,
         "done": result.done,

@@ -18,7 +18,7 @@ import pandas as pd
 
 from cohort import options
 from cohort.config import RunConfig
-from cohort.errors import CohortError, InputError, ManifestError, ModelError
+from cohort.errors import CohortError, ConfigError, InputError, ManifestError, ModelError
 from cohort.manifest import read_manifest
 
 EXIT_OK, EXIT_FAILURES, EXIT_UNUSABLE = 0, 1, 2
@@ -64,7 +64,7 @@ def execute(
 
     try:
         result = pipeline.run(manifest, out, cfg, download=download)
-    except (ManifestError, ModelError, click.BadParameter) as err:
+    except (ManifestError, ModelError, ConfigError, click.BadParameter) as err:
         _fail(err)
         raise AssertionError("unreachable") from None
     except pipeline.InterruptedRunError as err:

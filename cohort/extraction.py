@@ -49,6 +49,15 @@ def pick_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """The network's precision: fp32 as it is, or bf16 autocast on ``device``.
+
+    Pooling accumulates in float64 either way (:mod:`cohort.features`), so bf16
+    changes the feature maps, not the sums over them.
+    """
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 @dataclass(frozen=True)
 class FaultHook:
     """Test hook: kill the actor process on ``subject``, once (while ``marker`` is absent)."""
@@ -140,9 +149,10 @@ class FeatureActor:
     def _extract(self, prepared: Any) -> list[RegionVector]:
         image = torch.from_numpy(np.ascontiguousarray(prepared.image)).to(self.device)
         index = torch.from_numpy(np.ascontiguousarray(prepared.region_index)).to(self.device)
-        return extract(
-            self.extractor, image, index, prepared.region_names, self.cfg.pooling, self.air
-        )
+        with autocast(self.device, self.cfg.model.precision):
+            return extract(
+                self.extractor, image, index, prepared.region_names, self.cfg.pooling, self.air
+            )
 
 
 _PASS = ("subject_id", "cohort", "image", "mask", "key", "status", "stage", "error_type", "message")

@@ -52,7 +52,7 @@ import torch
 
 from cohort import __version__, keys, stats, store
 from cohort.config import BACKGROUND, LabelMap, RunConfig, format_label_map
-from cohort.errors import CohortError
+from cohort.errors import CohortError, ConfigError
 from cohort.extraction import FaultHook, FeatureActor
 from cohort.features import RegionVector
 from cohort.loading import DONE, FAILED, load_subject
@@ -178,9 +178,15 @@ def _pool(cfg: RunConfig) -> tuple[int, float, int | None]:
     cpus = float(resources.get("CPU", 1))
     use_gpu = cfg.execution.device == "cuda" or (cfg.execution.device == "auto" and gpus > 0)
     if cfg.execution.device == "cuda" and gpus == 0:
-        raise CohortError(
+        raise ConfigError(
             "--device cuda was asked for but the Ray cluster has no GPU resource; "
             "use --device auto or cpu, or add GPU workers"
+        )
+    if cfg.model.precision == "bf16" and not use_gpu:
+        raise ConfigError(
+            "--precision bf16 runs the network in bfloat16 on CUDA devices, and this run "
+            "uses the CPU; drop --precision (fp32 is the default) or run on GPU workers "
+            "with --device cuda"
         )
     actors = cfg.execution.num_actors or (gpus if use_gpu else 1)
     threads = cfg.execution.torch_threads

@@ -9,6 +9,7 @@ from torch import nn
 
 from cohort.config import PoolingConfig
 from cohort.errors import RegionError
+from cohort.extraction import autocast
 from cohort.features import (
     air_outside,
     check_coverage,
@@ -19,6 +20,8 @@ from cohort.features import (
     region_weights,
 )
 from cohort.model.hooks import FeatureExtractor, resolve_layers
+from cohort.model.network import build_network, random_weights
+from cohort.pipeline import cosine_rows
 
 
 def test_region_weights_are_cell_fractions() -> None:
@@ -131,3 +134,35 @@ def test_single_cell_grid_is_an_error_not_a_cosine_of_one() -> None:
     # masked-input pools the whole map per region, so one cell is fine there
     vectors = extract(extractor, image, index, ["a", "b"], PoolingConfig(mode="masked-input"), -1.0)
     assert len(vectors) == 2
+
+
+def test_bf16_autocast_stays_close_to_fp32() -> None:
+    """The --precision bf16 path (autocast, float64 pooling) against fp32 on the CPU.
+
+    The bound is the one bench/gpu_check.sh applies on CUDA; the vectors must
+    also differ, or autocast was not in effect and the comparison proves nothing.
+    """
+    network, _ = build_network("densenet121", random_weights("densenet121", 0).state_dict)
+    extractor = FeatureExtractor(network, resolve_layers(network, ["conv-1", "conv-5"]))
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn((48, 64, 64), generator=gen)
+    index = torch.zeros((48, 64, 64), dtype=torch.uint8)
+    index[:, :32] = 1
+    index[8:40, 40:, 16:48] = 2
+    names = ("tibia", "femur", "background")
+    cpu = torch.device("cpu")
+    gaps = []
+    for mode in ("masked-pool", "masked-input"):
+        cfg = PoolingConfig(mode=mode)  # type: ignore[arg-type]
+        with autocast(cpu, "fp32"):
+            ref = extract(extractor, image, index, names, cfg, -1.0)
+        with autocast(cpu, "bf16"):
+            low = extract(extractor, image, index, names, cfg, -1.0)
+        scale = max(float(np.abs(v.vector).max()) for v in ref)
+        diffs = [np.abs(a.vector - b.vector).max() for a, b in zip(ref, low, strict=True)]
+        rel = float(max(diffs)) / scale
+        assert 0 < rel < 0.05, (mode, rel)
+        for a, b in zip(cosine_rows(ref), cosine_rows(low), strict=True):
+            gaps.append(abs(a["cosine"] - b["cosine"]))
+        assert all(v.vector.dtype == np.float32 for v in low)
+    assert max(gaps) <= 0.02

@@ -163,6 +163,46 @@ def test_actors_ask_for_the_gpu_when_the_cluster_has_one(
     assert device.startswith("cpu")  # no CUDA here: the actor falls back to the CPU
 
 
+def test_bf16_on_the_cpu_is_refused_before_any_work(
+    ray_session: None, small_cohort: Path, tmp_path: Path
+) -> None:
+    result = cohort_run(small_cohort, tmp_path / "out", "--device", "cpu", "--precision", "bf16")
+    assert result.exit_code == 2, result.output
+    assert "--precision bf16" in result.output and "CUDA" in result.output
+    assert not (tmp_path / "out" / "features.parquet").exists()
+
+
+@pytest.mark.parametrize(
+    ("device", "precision", "gpus", "refused"),
+    [
+        ("cuda", "fp32", 0, "no GPU resource"),
+        ("auto", "bf16", 0, "--precision bf16"),
+        ("cpu", "bf16", 1, "--precision bf16"),
+        ("auto", "bf16", 2, None),
+        ("cuda", "bf16", 1, None),
+    ],
+)
+def test_device_and_precision_are_checked_against_the_cluster(
+    monkeypatch: pytest.MonkeyPatch, device: str, precision: str, gpus: int, refused: str | None
+) -> None:
+    import ray
+
+    from cohort import pipeline
+    from cohort.config import ExecutionConfig, RunConfig
+    from cohort.errors import ConfigError
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": float(gpus)})
+    cfg = RunConfig(
+        model=ModelConfig(precision=precision),  # type: ignore[arg-type]
+        execution=ExecutionConfig(device=device),  # type: ignore[arg-type]
+    )
+    if refused is None:
+        assert pipeline._pool(cfg) == (gpus, 1.0, None)  # one actor per GPU, one GPU each
+    else:
+        with pytest.raises(ConfigError, match=refused):
+            pipeline._pool(cfg)
+
+
 def test_per_row_label_map_swaps_numbering(
     ray_session: None, small_cohort: Path, tmp_path: Path
 ) -> None:
