@@ -145,6 +145,7 @@ def extract(
                 pooled[info.layer] = torch.stack([vectors[info.layer] for vectors in per_region])
         else:
             maps = extractor(image[None, None])
+            by_grid: dict[Grid, torch.Tensor] = {}  # layers on one grid share their weights
             for info in extractor.layers:
                 fmap = maps[info.layer][0]
                 grid = (fmap.shape[1], fmap.shape[2], fmap.shape[3])
@@ -155,7 +156,9 @@ def extract(
                         "the same vector (cosine exactly 1); give a larger volume (less "
                         "cropping, finer --spacing) or hook a shallower layer"
                     )
-                weights = region_weights(region_index, n, grid)
+                weights = by_grid.get(grid)
+                if weights is None:
+                    weights = by_grid[grid] = region_weights(region_index, n, grid)
                 check_coverage(weights, region_names, info.layer, cfg.min_coverage)
                 if cfg.mode == "masked-gem":
                     pooled[info.layer] = masked_gem(fmap, weights, cfg.gem_p)
