@@ -72,10 +72,9 @@ def window_reduce(
         return lo, hi, span[(slice(None),) * dim + (slice(None, None, stride),)]
 
     taps = [t for t in (tap(k - padding) for k in range(kernel)) if t is not None]
-    full = next((t for t in taps if t[0] == 0 and t[1] == size - 1), None)
-    if full is not None:
-        out = full[2].clone()
-        taps.remove(full)
+    first = next((i for i, t in enumerate(taps) if t[0] == 0 and t[1] == size - 1), None)
+    if first is not None:  # a tap that covers every output starts the result
+        out = taps.pop(first)[2].clone()
     else:
         shape = list(x.shape)
         shape[dim] = size
