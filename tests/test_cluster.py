@@ -220,6 +220,12 @@ def _cohort(args: list[str], env: dict[str, str], timeout: float = 280) -> tuple
 # ------------------------------------------------------- against the live head
 
 
+def _submit_run(head: Head, manifest: Path, out: Path, *extra: str) -> list[str]:
+    """``cohort submit jobs/analyze.py`` of a CPU run with random weights on ``head``."""
+    run = ["run", str(manifest), "--out", str(out), "--weights", "random", "--device", "cpu"]
+    return ["submit", str(JOB), "--address", head.url, "--", *run, *extra]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_submit_runs_the_analysis_on_the_cluster(
@@ -228,24 +234,7 @@ def test_submit_runs_the_analysis_on_the_cluster(
     out = tmp_path / "results"
     started = time.perf_counter()
     code, output = _cohort(
-        [
-            "submit",
-            str(JOB),
-            "--address",
-            ray_head.url,
-            "--",
-            "run",
-            str(small_cohort),
-            "--out",
-            str(out),
-            "--weights",
-            "random",
-            "--device",
-            "cpu",
-            "--quiet",
-            "--stall-timeout",
-            "240",
-        ],
+        _submit_run(ray_head, small_cohort, out, "--quiet", "--stall-timeout", "240"),
         ray_head.cli_env(ray_head.token),
     )
     TIMINGS["submit-to-done s"] = time.perf_counter() - started
@@ -275,22 +264,7 @@ def test_submit_runs_the_analysis_on_the_cluster(
 def test_a_failing_job_exits_1_with_its_error(ray_head: Head, tmp_path: Path) -> None:
     missing = tmp_path / "no-such-manifest.csv"
     code, output = _cohort(
-        [
-            "submit",
-            str(JOB),
-            "--address",
-            ray_head.url,
-            "--",
-            "run",
-            str(missing),
-            "--out",
-            str(tmp_path / "out"),
-            "--weights",
-            "random",
-            "--device",
-            "cpu",
-        ],
-        ray_head.cli_env(ray_head.token),
+        _submit_run(ray_head, missing, tmp_path / "out"), ray_head.cli_env(ray_head.token)
     )
     assert code == 1, output
     assert "FAILED" in output
