@@ -117,7 +117,7 @@ class DepthFactorisedConv3d(nn.Conv3d):
         profile = depth_profile(conv.weight.detach())
         if profile is None:
             return None
-        kd, pd = conv.kernel_size[0], _padding(conv)[0]
+        kd, pd = conv.kernel_size[0], _triple(conv.padding)[0]
         if profile == "centre" and pd != kd // 2:
             return None
         new = cls(
@@ -147,7 +147,7 @@ class DepthFactorisedConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kd, sd = self.kernel_size[0], self.stride[0]
-        pd, ph, pw = _padding(self)
+        pd, ph, pw = _triple(self.padding)
         plane_stride = (1, self.stride[1], self.stride[2])
         plane_padding = (0, ph, pw)
         plane_dilation = (1, self.dilation[1], self.dilation[2])
@@ -192,10 +192,6 @@ def _triple(value: object) -> tuple[int, int, int]:
     if isinstance(value, tuple) and len(value) == 3:
         return (int(value[0]), int(value[1]), int(value[2]))
     raise ModelError(f"expected an int or a triple, got {value!r}")
-
-
-def _padding(conv: nn.Conv3d) -> tuple[int, int, int]:
-    return _triple(conv.padding)
 
 
 def _plain_geometry(conv: nn.Conv3d) -> bool:
