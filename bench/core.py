@@ -1,7 +1,7 @@
 """The model alone: cohort's core functions in a plain loop on pre-loaded tensors.
 
 No Ray, no I/O inside the timed loops. Besides the package's own
-:func:`cohort.features.extract`, this module holds the optimisation candidates
+:func:`cohort.model.pooling.extract`, this module holds the optimisation candidates
 the bench measures, each built only from the package's pure functions so the
 result can be checked against ``extract``:
 
@@ -25,7 +25,13 @@ import numpy as np
 import torch
 
 from cohort.config import DEFAULT_LABELS, PoolingConfig, PreprocessConfig
-from cohort.features import (
+from cohort.inputs.geometry import check_pair
+from cohort.inputs.manifest import read_manifest
+from cohort.inputs.preprocess import air_value, preprocess_pair
+from cohort.inputs.readers import load_pair
+from cohort.model.hooks import FeatureExtractor, resolve_layers
+from cohort.model.network import build_network
+from cohort.model.pooling import (
     RegionVector,
     air_outside,
     check_coverage,
@@ -34,10 +40,6 @@ from cohort.features import (
     masked_mean,
     region_weights,
 )
-from cohort.manifest import read_manifest
-from cohort.model.hooks import FeatureExtractor, resolve_layers
-from cohort.model.network import build_network
-from cohort.volumes import air_value, check_pair, load_pair, preprocess_pair
 
 LAYERS = ("conv-1", "conv-3", "conv-5")
 

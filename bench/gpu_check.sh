@@ -34,10 +34,10 @@ import torch
 from bench import core
 from bench.run import phantom_cohort, run_probe
 from cohort.config import PoolingConfig, PreprocessConfig
-from cohort.features import extract
+from cohort.model.pooling import extract
 from cohort.model.network import random_weights
-from cohort.pipeline import cosine_rows
-from cohort.volumes import air_value
+from cohort.execution.pipeline import cosine_rows
+from cohort.inputs.preprocess import air_value
 
 subjects, shape = int(sys.argv[1]), tuple(int(x) for x in sys.argv[2].split(","))
 tol, results = float(sys.argv[3]), Path(sys.argv[4])

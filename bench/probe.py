@@ -1,7 +1,7 @@
 """One ``cohort run`` in its own process, measured from inside.
 
 ``python -m bench.probe MANIFEST OUT --pooling MODE --json PATH`` runs
-:func:`cohort.pipeline.run` exactly as ``cohort run`` does and writes a JSON
+:func:`cohort.execution.pipeline.run` exactly as ``cohort run`` does and writes a JSON
 with the wall time, the time each subject's result reached the driver, the
 driver's peak RSS (its own process, so earlier runs cannot inflate it) and the
 peak RSS of the busiest feature actor.
@@ -42,7 +42,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    from cohort import pipeline
     from cohort.config import (
         ExecutionConfig,
         ModelConfig,
@@ -50,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         RunConfig,
         StatsConfig,
     )
+    from cohort.execution import pipeline
 
     cfg = RunConfig(
         model=ModelConfig(weights=args.weights, precision=args.precision),

@@ -116,7 +116,7 @@ def log(message: str) -> None:
 
 def phantom_cohort(out: Path, n: int, shape: tuple[int, int, int]) -> Path:
     """A phantom cohort of ``n`` subjects (two cohorts), made once and reused."""
-    from cohort.phantom import make_phantom_cohort
+    from cohort.synthetic import make_phantom_cohort
 
     folder = out / "data" / f"{'x'.join(map(str, shape))}-n{n}"
     manifest = folder / "cohort.csv"

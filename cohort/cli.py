@@ -19,7 +19,7 @@ import pandas as pd
 from cohort import options
 from cohort.config import RunConfig
 from cohort.errors import CohortError, ConfigError, InputError, ManifestError, ModelError
-from cohort.manifest import read_manifest
+from cohort.inputs.manifest import read_manifest
 
 EXIT_OK, EXIT_FAILURES, EXIT_UNUSABLE = 0, 1, 2
 EXIT_INTERRUPTED = 130  # Ctrl-C: finished subjects are kept, rerun to continue
@@ -60,7 +60,7 @@ def execute(
     manifest: Path, out: Path, cfg: RunConfig, *, download: bool = True, report: bool = True
 ) -> int:
     """Run the pipeline, print its summary and write its report; returns the exit status."""
-    from cohort import pipeline
+    from cohort.execution import pipeline
 
     try:
         result = pipeline.run(manifest, out, cfg, download=download)
@@ -125,7 +125,7 @@ def run(manifest: Path, out: Path, no_report: bool, **values: Any) -> None:
 def demo(out: Path, per_cohort: int, shape: str, seed: int, no_report: bool) -> None:
     """Make a synthetic two-cohort knee-CT set under OUT and analyse it."""
     from cohort.model.network import imagenet_available
-    from cohort.phantom import make_phantom_cohort
+    from cohort.synthetic import make_phantom_cohort
 
     try:
         d, h, w = (int(x) for x in shape.split(","))
@@ -166,7 +166,8 @@ def _defaults(opts: list[Any]) -> dict[str, Any]:
 def validate(manifest: Path, labels: str) -> None:
     """Check every input of MANIFEST without running a model."""
     from cohort.config import PreprocessConfig, parse_label_map
-    from cohort.volumes import check_pair, load_pair
+    from cohort.inputs.geometry import check_pair
+    from cohort.inputs.readers import load_pair
 
     try:
         subjects = read_manifest(manifest)
@@ -198,7 +199,7 @@ def validate(manifest: Path, labels: str) -> None:
 def stats_command(folder: Path, **values: Any) -> None:
     """Recompute stats.parquet/csv and similarity.csv of a finished run in FOLDER."""
     from cohort.config import StatsConfig
-    from cohort.pipeline import write_summaries
+    from cohort.execution.pipeline import write_summaries
 
     run_json = folder / "run.json"
     if not run_json.is_file():
@@ -217,7 +218,7 @@ from cohort.report import report  # noqa: E402
 main.add_command(report)
 
 
-from cohort.submit import logs, status, stop, submit  # noqa: E402
+from cohort.execution.submit import logs, status, stop, submit  # noqa: E402
 
 main.add_command(submit)
 main.add_command(status)

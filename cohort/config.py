@@ -155,7 +155,7 @@ POOLING_MODES: tuple[str, ...] = ("masked-pool", "masked-gem", "masked-input")
 class PoolingConfig:
     """How a hooked feature map becomes one vector per region."""
 
-    mode: PoolingMode = "masked-pool"  # see cohort.features
+    mode: PoolingMode = "masked-pool"  # see cohort.model.pooling
     gem_p: float = 3.0  # exponent of the generalised mean (masked-gem only)
     min_coverage: float = 0.01  # least region weight, in grid cells, a layer must see
 

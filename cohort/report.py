@@ -43,9 +43,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from cohort import stats, store
+from cohort import stats
 from cohort.config import BACKGROUND, StatsConfig
 from cohort.errors import CohortError
+from cohort.outputs import store
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -476,7 +477,8 @@ def load_slice(
 ) -> Slice:
     """The coronal slice through the middle of the labelled voxels (RAS+, (D, H, W))."""
     from cohort.config import PreprocessConfig
-    from cohort.volumes import load_pair, to_dhw
+    from cohort.inputs.geometry import to_dhw
+    from cohort.inputs.readers import load_pair
 
     pair = load_pair(image, mask, PreprocessConfig())
     hu, spacing = to_dhw(pair.image, pair.image_affine)
@@ -764,7 +766,7 @@ class _Page:
 
 def _manifest_subjects(run: Mapping[str, Any]) -> tuple[list[Any], str]:
     """The manifest's subjects, or [] and a sentence saying why they cannot be read."""
-    from cohort.manifest import read_manifest
+    from cohort.inputs.manifest import read_manifest
 
     path = run.get("manifest")
     if not path:
@@ -1187,7 +1189,7 @@ def synthetic_results(
     """
     from cohort import __version__
     from cohort.config import RunConfig
-    from cohort.manifest import Subject, write_manifest
+    from cohort.inputs.manifest import Subject, write_manifest
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -1202,7 +1204,7 @@ def synthetic_results(
     for k, cohort in enumerate(cohorts):
         image, mask = data / f"{cohort}-image.nii.gz", data / f"{cohort}-mask.nii.gz"
         if images:
-            from cohort.phantom import cohort_effect, make_phantom_subject, write_phantom_nifti
+            from cohort.synthetic import cohort_effect, make_phantom_subject, write_phantom_nifti
 
             hu, label = make_phantom_subject((32, 48, 48), seed=seed + k, effect=cohort_effect(k))
             write_phantom_nifti(hu, label, (1.5, 0.8, 0.8), image, mask)

@@ -33,7 +33,7 @@ import click
 
 from cohort import options
 from cohort.cli import EXIT_FAILURES, EXIT_UNUSABLE, execute
-from cohort.store import STATE_DIR
+from cohort.outputs.store import STATE_DIR
 
 
 def is_uri(out: str) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cohort.phantom import make_phantom_cohort
+from cohort.synthetic import make_phantom_cohort
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SMALL_SHAPE = (64, 64, 64)  # DenseNet121's block 4 sees a 2x2x2 grid

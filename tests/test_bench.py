@@ -13,10 +13,10 @@ from bench import core
 from bench.baseline import run_baseline
 from bench.run import main, phantom_cohort
 from cohort.config import PoolingConfig, PreprocessConfig
-from cohort.features import extract
+from cohort.execution.pipeline import cosine_rows
+from cohort.inputs.preprocess import air_value
 from cohort.model.network import random_weights
-from cohort.pipeline import cosine_rows
-from cohort.volumes import air_value
+from cohort.model.pooling import extract
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

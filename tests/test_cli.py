@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from cohort.cli import main
-from cohort.manifest import read_manifest
+from cohort.inputs.manifest import read_manifest
 
 
 def test_validate_clean_manifest_exits_0(small_cohort: Path) -> None:

@@ -38,8 +38,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from cohort import store, submit
 from cohort.cli import main
+from cohort.execution import submit
+from cohort.outputs import store
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "analyze.py"

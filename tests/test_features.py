@@ -9,8 +9,11 @@ from torch import nn
 
 from cohort.config import PoolingConfig
 from cohort.errors import RegionError
-from cohort.extraction import autocast
-from cohort.features import (
+from cohort.execution.extract import autocast
+from cohort.execution.pipeline import cosine_rows
+from cohort.model.hooks import FeatureExtractor, resolve_layers
+from cohort.model.network import build_network, random_weights
+from cohort.model.pooling import (
     air_outside,
     check_coverage,
     extract,
@@ -19,9 +22,6 @@ from cohort.features import (
     masked_mean,
     region_weights,
 )
-from cohort.model.hooks import FeatureExtractor, resolve_layers
-from cohort.model.network import build_network, random_weights
-from cohort.pipeline import cosine_rows
 
 
 def test_region_weights_are_cell_fractions() -> None:

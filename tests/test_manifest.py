@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cohort.errors import ManifestError
-from cohort.manifest import Subject, read_manifest, write_manifest
+from cohort.inputs.manifest import Subject, read_manifest, write_manifest
 
 
 def write_csv(path: Path, text: str) -> Path:

@@ -12,7 +12,7 @@ from torchvision import models
 
 from cohort.config import ModelConfig
 from cohort.errors import InflationError, ModelError, WeightsError
-from cohort.keys import sha256_file
+from cohort.inputs.fingerprint import sha256_file
 from cohort.model.hooks import FeatureExtractor, resolve_layers, trace
 from cohort.model.inflate import inflate, inflate_kernel
 from cohort.model.network import (

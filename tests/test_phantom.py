@@ -11,8 +11,9 @@ from scipy import ndimage
 
 from cohort.config import PreprocessConfig
 from cohort.errors import ConfigError
-from cohort.manifest import read_manifest
-from cohort.phantom import (
+from cohort.inputs.manifest import read_manifest
+from cohort.inputs.preprocess import prepare_subject
+from cohort.synthetic import (
     FEMUR,
     TIBIA,
     CohortEffect,
@@ -20,7 +21,6 @@ from cohort.phantom import (
     make_phantom_cohort,
     make_phantom_subject,
 )
-from cohort.volumes import prepare_subject
 
 SMALL = (32, 48, 48)
 SMALL_SPACING = (4.5, 2.4, 2.4)  # the default field of view at a third of the resolution

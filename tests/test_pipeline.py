@@ -18,12 +18,12 @@ from click.testing import CliRunner, Result
 
 from cohort.cli import main
 from cohort.config import ModelConfig, PoolingConfig, PreprocessConfig
-from cohort.features import extract
-from cohort.manifest import read_manifest, write_manifest
+from cohort.inputs.manifest import read_manifest, write_manifest
+from cohort.inputs.preprocess import air_value, prepare_subject
 from cohort.model.hooks import FeatureExtractor, resolve_layers
 from cohort.model.network import build_network, random_weights
-from cohort.store import PROVENANCE_KEY
-from cohort.volumes import air_value, prepare_subject
+from cohort.model.pooling import extract
+from cohort.outputs.store import PROVENANCE_KEY
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
 
@@ -187,9 +187,9 @@ def test_device_and_precision_are_checked_against_the_cluster(
 ) -> None:
     import ray
 
-    from cohort import pipeline
     from cohort.config import ExecutionConfig, RunConfig
     from cohort.errors import ConfigError
+    from cohort.execution import pipeline
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": float(gpus)})
     cfg = RunConfig(
@@ -290,7 +290,7 @@ def test_feature_test_finds_the_planted_bone_difference(ray_session: None, tmp_p
     texture. The bone regions must differ (q < 0.05), and more strongly than the
     background, which the phantom leaves alike except where grid cells straddle bone.
     """
-    from cohort.phantom import make_phantom_cohort
+    from cohort.synthetic import make_phantom_cohort
 
     manifest = make_phantom_cohort(tmp_path / "data", n_per_cohort=7, shape=(64, 64, 64), seed=5)
     out = tmp_path / "out"

@@ -29,7 +29,6 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-from cohort import extraction, loading, pipeline, store
 from cohort.cli import main
 from cohort.config import (
     ExecutionConfig,
@@ -41,9 +40,13 @@ from cohort.config import (
     format_label_map,
 )
 from cohort.errors import CohortError, WeightsError
-from cohort.manifest import Subject, read_manifest, write_manifest
+from cohort.execution import extract as extraction
+from cohort.execution import load as loading
+from cohort.execution import pipeline
+from cohort.inputs.manifest import Subject, read_manifest, write_manifest
 from cohort.model.network import load_weights
-from cohort.phantom import make_phantom_cohort
+from cohort.outputs import store
+from cohort.synthetic import make_phantom_cohort
 
 SHAPE = (32, 64, 64)  # (D, H, W): DenseNet121's block 4 sees a 1x2x2 grid; ~1 s a subject
 FAST = [
@@ -515,7 +518,7 @@ def test_sigint_keeps_finished_subjects_and_rerun_does_only_the_rest(
 def test_weights_file_with_wrong_sha256_is_refused_with_both_hashes(
     tmp_path: Path, good: Path
 ) -> None:
-    from cohort.keys import sha256_file
+    from cohort.inputs.fingerprint import sha256_file
     from cohort.model.network import random_weights
 
     path = tmp_path / "weights.pth"

@@ -24,7 +24,7 @@ import pytest
 from click.testing import CliRunner
 
 from cohort.cli import main
-from cohort.manifest import read_manifest
+from cohort.inputs.manifest import read_manifest
 from cohort.report import pca_2d, robust_outliers, synthetic_results, write_report
 
 pytestmark = pytest.mark.timeout(240)

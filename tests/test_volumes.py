@@ -17,17 +17,16 @@ from hypothesis import strategies as st
 
 from cohort.config import LabelMap, PreprocessConfig
 from cohort.errors import GeometryError, InputError, RegionError
-from cohort.volumes import (
+from cohort.inputs.geometry import check_pair
+from cohort.inputs.preprocess import (
     NO_REGION,
     Prepared,
-    VolumePair,
     air_value,
-    check_pair,
-    load_pair,
     prepare_subject,
     preprocess_pair,
     window_normalise,
 )
+from cohort.inputs.readers import VolumePair, load_pair
 from tests.nifti_helpers import lps_from_ras, save_nifti, zyx_from_xyz
 
 LABELS: LabelMap = (("tibia", 1), ("femur", 2))

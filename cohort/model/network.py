@@ -26,7 +26,7 @@ from torchvision.models import WeightsEnum
 
 from cohort.config import Inflation, ModelConfig
 from cohort.errors import ModelError, WeightsError
-from cohort.keys import sha256_file
+from cohort.inputs.fingerprint import sha256_file
 from cohort.model.factorise import factorise
 from cohort.model.inflate import TransferReport, inflate
 

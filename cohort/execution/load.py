@@ -15,10 +15,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cohort import keys
 from cohort.config import RunConfig, parse_label_map
 from cohort.errors import CohortError
-from cohort.volumes import check_pair, load_pair, preprocess_pair
+from cohort.inputs.fingerprint import fingerprint, sha256_file, subject_key
+from cohort.inputs.geometry import check_pair
+from cohort.inputs.preprocess import preprocess_pair
+from cohort.inputs.readers import load_pair
 
 FAILED, READY, CACHED, DONE = "failed", "ready", "cached", "done"
 IO_RETRY_DELAY_S = 0.5  # first backoff of a transient I/O retry; doubles per attempt
@@ -92,15 +94,15 @@ def load_subject(
         attempts = cfg.execution.max_retries + 1
         for attempt in range(attempts):
             try:
-                print_ = keys.fingerprint(
+                print_ = fingerprint(
                     [
-                        keys.sha256_file(image),
-                        keys.sha256_file(mask),
+                        sha256_file(image),
+                        sha256_file(mask),
                         row["labels"],
                         identity,
                     ]
                 )
-                out["key"] = keys.subject_key(row["subject_id"], print_)
+                out["key"] = subject_key(row["subject_id"], print_)
                 if out["key"] in finished:
                     out["status"] = CACHED
                     return out

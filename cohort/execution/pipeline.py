@@ -24,7 +24,7 @@ Faults and interruptions:
 * Ctrl-C (SIGINT) stops the run without publishing anything: finished
   subjects stay in their part files, and rerunning the same command continues.
 
-The fault-injection test hook lives with the actor, in :mod:`cohort.extraction`.
+The fault-injection test hook lives with the actor, in :mod:`cohort.execution.extract`.
 """
 
 from __future__ import annotations
@@ -50,15 +50,17 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from cohort import __version__, keys, stats, store
+from cohort import __version__, stats
 from cohort.config import BACKGROUND, LabelMap, RunConfig, format_label_map
 from cohort.errors import CohortError, ConfigError
-from cohort.extraction import FaultHook, FeatureActor
-from cohort.features import RegionVector
-from cohort.loading import DONE, FAILED, load_subject
-from cohort.manifest import Subject, read_manifest
+from cohort.execution.extract import FaultHook, FeatureActor
+from cohort.execution.load import DONE, FAILED, load_subject
+from cohort.inputs.fingerprint import fingerprint
+from cohort.inputs.manifest import Subject, read_manifest
 from cohort.model.hooks import LayerInfo, resolve_layers
 from cohort.model.network import Weights, build_network, load_weights
+from cohort.model.pooling import RegionVector
+from cohort.outputs import store
 
 # --------------------------------------------------------------- pure helpers
 
@@ -72,7 +74,7 @@ def result_identity(cfg: RunConfig, weights_sha256: str) -> str:
         "pooling": dataclasses.asdict(cfg.pooling),
         "cohort": __version__,
     }
-    return keys.fingerprint([repr(sorted(parts.items()))])
+    return fingerprint([repr(sorted(parts.items()))])
 
 
 def subject_labels(subject: Subject, cfg: RunConfig) -> LabelMap:

@@ -2,7 +2,7 @@
 
 :class:`FeatureActor` is the Ray Data callable class behind ``map_batches``:
 it builds the inflated, hooked network once on its device and turns each
-prepared subject from :mod:`cohort.loading` into pooled vectors (or an error
+prepared subject from :mod:`cohort.execution.load` into pooled vectors (or an error
 row naming the subject). The module imports only what an actor needs (torch,
 the model, the pooling), not the driver's tables and statistics, so an actor
 process starts seconds sooner.
@@ -28,11 +28,11 @@ import torch
 
 from cohort.config import RunConfig
 from cohort.errors import CohortError
-from cohort.features import RegionVector, extract
-from cohort.loading import DONE, READY, failure_row
+from cohort.execution.load import DONE, READY, failure_row
+from cohort.inputs.preprocess import air_value
 from cohort.model.hooks import FeatureExtractor, resolve_layers
 from cohort.model.network import build_network
-from cohort.volumes import air_value
+from cohort.model.pooling import RegionVector, extract
 
 FAULT_SUBJECT_ENV = "COHORT_FAULT_KILL_SUBJECT"  # test hook, see the module docstring
 FAULT_MARKER_ENV = "COHORT_FAULT_MARKER"
@@ -52,7 +52,7 @@ def pick_device(requested: str) -> torch.device:
 def autocast(device: torch.device, precision: str) -> torch.autocast:
     """The network's precision: fp32 as it is, or bf16 autocast on ``device``.
 
-    Pooling accumulates in float64 either way (:mod:`cohort.features`), so bf16
+    Pooling accumulates in float64 either way (:mod:`cohort.model.pooling`), so bf16
     changes the feature maps, not the sums over them.
     """
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")

@@ -19,7 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from cohort.errors import ConfigError
-from cohort.manifest import Subject, write_manifest
+from cohort.inputs.manifest import Subject, write_manifest
 
 TIBIA, FEMUR = 1, 2  # mask values
 DEFAULT_SHAPE = (96, 128, 128)  # (D, H, W)
