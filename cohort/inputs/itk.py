@@ -1,0 +1,155 @@
+"""Read NRRD (.nrrd, .nhdr) and MetaImage (.mha, .mhd) volumes with SimpleITK.
+
+The header is read first (``ImageFileReader.ReadImageInformation``): size,
+shape and components are checked before any voxel is read. Files whose axes
+beyond the third all have length 1 (``x, y, z, 1``) are 3D volumes; a real
+4D series is refused. An image becomes float32 (HU as stored: these formats
+carry no rescale tags); a label map keeps its integer type, and a float label
+map must hold whole numbers (the NIfTI reader's rule).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+
+import SimpleITK as sitk  # noqa: N813 (the name SimpleITK's own documentation uses)
+
+from cohort.config import PreprocessConfig
+from cohort.errors import GeometryError, InputError
+from cohort.inputs.geometry import fmt_shape
+from cohort.inputs.readers import _as_labels, _squeezed_shape
+from cohort.inputs.volume import Volume, volume_from_sitk
+
+__all__ = [
+    "ITK_SUFFIXES",
+    "is_itk_file",
+    "itk_error_reason",
+    "read_itk_header",
+    "read_itk_image",
+    "read_itk_label_map",
+]
+
+# file name ending -> (format name for messages, the ITK ImageIO that reads it)
+ITK_SUFFIXES: dict[str, tuple[str, str]] = {
+    ".nrrd": ("NRRD", "NrrdImageIO"),
+    ".nhdr": ("NRRD", "NrrdImageIO"),
+    ".mha": ("MetaImage", "MetaImageIO"),
+    ".mhd": ("MetaImage", "MetaImageIO"),
+}
+_MAX_VOXELS = PreprocessConfig.max_voxels
+_ITK_OBJECT = re.compile(r"^\s*\w+\(0x[0-9a-fA-F]+\):\s*")
+
+
+def is_itk_file(path: Path) -> bool:
+    """Whether the file name ends in one of :data:`ITK_SUFFIXES` (any letter case)."""
+    return Path(path).suffix.lower() in ITK_SUFFIXES
+
+
+def itk_error_reason(exc: RuntimeError) -> str:
+    """The reason in a SimpleITK exception, without source paths and object addresses."""
+    text = str(exc)
+    for marker in ("ITK ERROR:", "itk::ERROR:", "sitk::ERROR:"):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+            break
+    text = _ITK_OBJECT.sub("", text, count=1)  # "NrrdImageIO(0x55...): reason" -> "reason"
+    text = text.rsplit("[nrrd]", 1)[-1]  # teem's chain of callers: the last one says what
+    lines = [line.strip() for line in text.splitlines()]
+    kept = [line for line in lines if line and line != "Reason: Success"]  # errno 0 says nothing
+    return " ".join(kept) or type(exc).__name__
+
+
+def read_itk_header(path: Path, role: str, max_voxels: int = _MAX_VOXELS) -> sitk.ImageFileReader:
+    """Open a NRRD/MetaImage file and check its header; no voxel data are read.
+
+    ``role`` names the file in messages ("image", "mask"). Returns the reader,
+    ready for ``Execute()``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(
+            f"{role} file {path} does not exist or is not a file; fix the path in the manifest"
+        )
+    if not is_itk_file(path):
+        raise InputError(
+            f"{role} file {path} does not end in {', '.join(ITK_SUFFIXES)}; give a NRRD or "
+            "MetaImage file with its usual extension, or convert it to NIfTI"
+        )
+    fmt, image_io = ITK_SUFFIXES[path.suffix.lower()]
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO(image_io)
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(
+            f"{role} file {path} is not a readable {fmt} file ({itk_error_reason(exc)}); "
+            "export it again, or convert it to NIfTI"
+        ) from None
+    shape = tuple(int(n) for n in reader.GetSize())
+    count = math.prod(shape)
+    if count > max_voxels:
+        raise InputError(
+            f"{role} file {path} has {fmt_shape(shape)} = {count:,} voxels, more than the "
+            f"limit of {max_voxels:,}; crop or downsample it first, or raise the "
+            "limit with --max-voxels"
+        )
+    components = int(reader.GetNumberOfComponents())
+    if components != 1:
+        fix = (
+            "it is a 3D Slicer segmentation: give it as a mask, where it is read by segment"
+            if path.name.lower().endswith(".seg.nrrd")
+            else "save one component per file (a 3D Slicer segmentation must be named .seg.nrrd)"
+        )
+        raise GeometryError(
+            f"{role} file {path} has {components} values per voxel (a vector or multi-layer "
+            f"{fmt} file, shape {fmt_shape(shape)}); cohort needs one value per voxel: {fix}"
+        )
+    squeezed = _squeezed_shape(shape)
+    if len(squeezed) > 3:
+        raise GeometryError(
+            f"{role} file {path} has shape {fmt_shape(shape)}, a {len(squeezed)}D series; "
+            "cohort needs one 3D volume per file: split the series into 3D files"
+        )
+    if len(squeezed) < 3 or min(squeezed) < 2:
+        raise GeometryError(
+            f"{role} file {path} has shape {fmt_shape(shape)}, a 2D slice; cohort needs "
+            "one 3D volume per file: stack the slices into one volume"
+        )
+    return reader
+
+
+def _execute(reader: sitk.ImageFileReader, path: Path, role: str) -> sitk.Image:
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(
+            f"{role} file {path}: the header is readable but the voxel data are not "
+            f"({itk_error_reason(exc)}); the file (or its data file) is probably missing, "
+            "truncated or corrupt: copy or export it again"
+        ) from None
+
+
+def read_itk_image(path: Path, *, max_voxels: int = _MAX_VOXELS) -> Volume:
+    """Read a NRRD/MetaImage image as a float32 :class:`Volume` (values as stored, HU)."""
+    path = Path(path)
+    reader = read_itk_header(path, "image", max_voxels)
+    reader.SetOutputPixelType(sitk.sitkFloat32)
+    fmt = ITK_SUFFIXES[path.suffix.lower()][0]
+    return volume_from_sitk(_execute(reader, path, "image"), path, f"{fmt} image {path.name}")
+
+
+def read_itk_label_map(path: Path, *, max_voxels: int = _MAX_VOXELS) -> Volume:
+    """Read a NRRD/MetaImage label map as an integer :class:`Volume`.
+
+    Integer files keep their type; float files must hold whole numbers (they
+    become int64), else :class:`InputError` with the count and an example.
+    """
+    path = Path(path)
+    reader = read_itk_header(path, "mask", max_voxels)
+    fmt = ITK_SUFFIXES[path.suffix.lower()][0]
+    volume = volume_from_sitk(_execute(reader, path, "mask"), path, f"{fmt} label map {path.name}")
+    return dataclasses.replace(volume, data=_as_labels(volume.data, path))

@@ -1,0 +1,125 @@
+"""One volume as stored, and its conversions to and from SimpleITK images.
+
+A :class:`Volume` follows nibabel's convention, so everything written for the
+NIfTI reader (e.g. :func:`cohort.inputs.geometry.to_dhw`) works on it
+unchanged:
+
+- ``data[i, j, k]`` is the voxel at stored index ``(i, j, k)``: ``i`` is the
+  fastest-varying index in the file (a DICOM column, NRRD's first axis);
+- ``affine @ (i, j, k, 1)`` is that voxel's centre in world millimetres,
+  RAS+: x grows towards the patient's right, y anterior, z superior.
+
+A SimpleITK image uses the other two conventions of the field:
+
+- ``sitk.GetArrayFromImage(image)[k, j, i]`` is the voxel at ITK index
+  ``(i, j, k)``: numpy axes in reverse order;
+- index ``(i, j, k)`` sits at ``origin + direction @ diag(spacing) @ (i, j, k)``
+  in LPS+ millimetres: x grows towards the patient's left, y posterior,
+  z superior.
+
+So, with ``F = diag(-1, -1, 1)`` (LPS <-> RAS, its own inverse)::
+
+    data          = array.transpose(2, 1, 0)
+    affine[:3, :3] = F @ direction @ diag(spacing)
+    affine[:3, 3]  = F @ origin
+
+and back: ``spacing`` = the column norms of ``affine[:3, :3]``,
+``direction = F @ affine[:3, :3] / spacing``, ``origin = F @ affine[:3, 3]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk  # noqa: N813 (the name SimpleITK's own documentation uses)
+
+from cohort.errors import GeometryError
+
+__all__ = ["LPS_TO_RAS", "Volume", "volume_from_sitk", "volume_to_sitk"]
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])  # flips x and y; its own inverse (RAS -> LPS)
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """A 3D array in stored index order (i, j, k) and its voxel -> RAS mm affine."""
+
+    data: np.ndarray  # 3D; float32 HU for images, integers for label maps
+    affine: np.ndarray  # 4x4 float64: (i, j, k, 1) -> RAS+ world mm (nibabel's convention)
+    path: Path  # the file or folder it was read from
+    description: str  # what was read, e.g. "DICOM series 1.2.3 (20 slices)"
+
+    def __post_init__(self) -> None:
+        if self.data.ndim != 3:
+            raise GeometryError(
+                f"{self.description} ({self.path}): a Volume holds a 3D array, got shape "
+                f"{self.data.shape}; squeeze or split the data first"
+            )
+        affine = np.asarray(self.affine, dtype=np.float64)
+        if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+            raise GeometryError(
+                f"{self.description} ({self.path}): the affine must be a finite 4x4 matrix, "
+                f"got {affine.tolist()}; fix the file's header"
+            )
+        object.__setattr__(self, "affine", affine)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        i, j, k = (int(n) for n in self.data.shape)
+        return i, j, k
+
+
+def volume_from_sitk(image: sitk.Image, path: Path, description: str) -> Volume:
+    """A :class:`Volume` from a scalar SimpleITK image (copies the voxels once).
+
+    Images of more than 3 dimensions are accepted when every axis beyond the
+    third has length 1 (``x, y, z, 1``): they are the 3D volume at index 0 of
+    those axes, placed by the top-left 3x3 block of the direction matrix.
+    """
+    path = Path(path)
+    dim = image.GetDimension()
+    size = tuple(int(n) for n in image.GetSize())
+    if dim < 3 or any(n != 1 for n in size[3:]):
+        raise GeometryError(
+            f"{description} ({path}) has size {size}; a Volume is 3D (extra axes of "
+            "length 1 are dropped): split it into 3D volumes"
+        )
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise GeometryError(
+            f"{description} ({path}) has {image.GetNumberOfComponentsPerPixel()} values per "
+            "voxel; a Volume holds one value per voxel: save each component as its own file"
+        )
+    array = sitk.GetArrayFromImage(image)  # (..., k, j, i)
+    data = array.reshape(array.shape[-3:]).transpose(2, 1, 0)
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)[:3]
+    origin = np.asarray(image.GetOrigin(), dtype=np.float64)[:3]
+    affine = np.eye(4)
+    affine[:3, :3] = LPS_TO_RAS @ direction @ np.diag(spacing)
+    affine[:3, 3] = LPS_TO_RAS @ origin
+    return Volume(data=data, affine=affine, path=path, description=description)
+
+
+def volume_to_sitk(volume: Volume) -> sitk.Image:
+    """A 3D SimpleITK image holding ``volume`` (voxels copied, dtype kept).
+
+    Inverse of :func:`volume_from_sitk` for 3D images, up to float64 rounding
+    of the spacing and direction.
+    """
+    columns = volume.affine[:3, :3]
+    spacing = np.linalg.norm(columns, axis=0)
+    if not np.all(spacing > 0) or not math.isfinite(float(np.linalg.cond(columns))):
+        raise GeometryError(
+            f"{volume.description} ({volume.path}): the affine "
+            f"{np.round(volume.affine, 4).tolist()} is singular; fix the header"
+        )
+    image = sitk.GetImageFromArray(
+        np.ascontiguousarray(volume.data.transpose(2, 1, 0)), isVector=False
+    )
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetDirection(tuple(float(v) for v in (LPS_TO_RAS @ columns / spacing).ravel()))
+    image.SetOrigin(tuple(float(v) for v in LPS_TO_RAS @ volume.affine[:3, 3]))
+    return image
