@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from cohort.config import StatsConfig
-from cohort.report import synthetic_results, write_report
+from cohort.report import write_report
+from cohort.synthetic import synthetic_results
 
 
 def main(argv: list[str] | None = None) -> int:

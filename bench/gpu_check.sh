@@ -36,7 +36,7 @@ from bench.run import phantom_cohort, run_probe
 from cohort.config import PoolingConfig, PreprocessConfig
 from cohort.model.pooling import extract
 from cohort.model.network import random_weights
-from cohort.execution.pipeline import cosine_rows
+from cohort.execution.driver import cosine_rows
 from cohort.inputs.preprocess import air_value
 
 subjects, shape = int(sys.argv[1]), tuple(int(x) for x in sys.argv[2].split(","))

@@ -1,12 +1,12 @@
 """One ``cohort run`` in its own process, measured from inside.
 
 ``python -m bench.probe MANIFEST OUT --pooling MODE --json PATH`` runs
-:func:`cohort.execution.pipeline.run` exactly as ``cohort run`` does and writes a JSON
+:func:`cohort.execution.driver.run` exactly as ``cohort run`` does and writes a JSON
 with the wall time, the time each subject's result reached the driver, the
 driver's peak RSS (its own process, so earlier runs cannot inflate it) and the
 peak RSS of the busiest feature actor.
 
-The one intrusion is a wrapper around ``pipeline.stream`` that notes when each
+The one intrusion is a wrapper around ``driver.stream`` that notes when each
 row arrives; the rows themselves pass through unchanged.
 """
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         RunConfig,
         StatsConfig,
     )
-    from cohort.execution import pipeline
+    from cohort.execution import driver
 
     cfg = RunConfig(
         model=ModelConfig(weights=args.weights, precision=args.precision),
@@ -66,19 +66,19 @@ def main(argv: list[str] | None = None) -> None:
         stats=StatsConfig(bootstrap=200, permutations=99),
     )
     arrivals: list[float] = []
-    original = pipeline.stream
+    original = driver.stream
 
     def timed_stream(*a: Any, **k: Any) -> Iterator[dict[str, Any]]:
         for row in original(*a, **k):
             arrivals.append(time.perf_counter())
             yield row
 
-    pipeline.stream = timed_stream  # type: ignore[assignment]
+    driver.stream = timed_stream  # type: ignore[assignment]
     if args.warm:
-        pipeline.ensure_ray(None)
+        driver.ensure_ray(None)
     started = time.perf_counter()
     with ProcessPeak("FeatureActor") as actors:
-        result = pipeline.run(args.manifest, args.out, cfg, download=False)
+        result = driver.run(args.manifest, args.out, cfg, download=False)
     wall = time.perf_counter() - started
     report = {
         "pooling": args.pooling,

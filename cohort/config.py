@@ -1,7 +1,8 @@
 """Typed, frozen configuration for every stage, validated once at the edge.
 
-Each stage takes its own config object explicitly. Defaults follow the
-numerical contract in the design sheet; every default is an option and is
+Each stage takes its own config object explicitly. Defaults are the numerical
+contract of the README's "What is computed" table; every default is an option
+(:mod:`cohort.cli.options` reads choices and defaults from here) and is
 written into ``run.json``.
 """
 
@@ -9,9 +10,31 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from cohort.errors import ConfigError
+
+__all__ = [
+    "BACKBONES",
+    "BACKGROUND",
+    "DEFAULT_LABELS",
+    "DEFAULT_LAYERS",
+    "Device",
+    "ExecutionConfig",
+    "Inflation",
+    "LabelMap",
+    "ModelConfig",
+    "PoolingConfig",
+    "PoolingMode",
+    "Precision",
+    "PreprocessConfig",
+    "RegionConfig",
+    "RunConfig",
+    "StatsConfig",
+    "WeightsChoice",
+    "format_label_map",
+    "parse_label_map",
+]
 
 # Label maps are ordered (name, value) pairs: the order is the order regions
 # appear in outputs. "background" is reserved for "in no named label".
@@ -120,13 +143,16 @@ class RegionConfig:
 WeightsChoice = str  # "imagenet", "random" or a path to a torchvision state dict
 Inflation = Literal["mean", "centre"]
 Precision = Literal["fp32", "bf16"]
+# Backbone names; cohort.model.network.BACKBONES says how to build each (a test
+# checks that the two agree). Kept here so that the CLI lists them without torch.
+BACKBONES: tuple[str, ...] = ("densenet121", "densenet169", "densenet201", "resnet18", "resnet50")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Which network, with which weights, hooked where."""
 
-    backbone: str = "densenet121"  # a key of cohort.model.backbones.BACKBONES
+    backbone: str = "densenet121"  # one of BACKBONES
     weights: WeightsChoice = "imagenet"  # "imagenet", "random" or PATH
     seed: int = 0  # seed for "random" weights
     inflation: Inflation = "mean"  # I3D mean inflation, or "centre"
@@ -135,9 +161,13 @@ class ModelConfig:
     precision: Precision = "fp32"  # "bf16": autocast on CUDA (faster, cosines move ~1e-3)
 
     def __post_init__(self) -> None:
-        if self.inflation not in ("mean", "centre"):
+        if self.backbone not in BACKBONES:
+            raise ConfigError(
+                f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}"
+            )
+        if self.inflation not in get_args(Inflation):
             raise ConfigError(f"inflation must be 'mean' or 'centre', got {self.inflation!r}")
-        if self.precision not in ("fp32", "bf16"):
+        if self.precision not in get_args(Precision):
             raise ConfigError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if not self.layers:
             raise ConfigError("at least one layer must be hooked")
@@ -148,7 +178,6 @@ class ModelConfig:
 
 
 PoolingMode = Literal["masked-pool", "masked-gem", "masked-input"]
-POOLING_MODES: tuple[str, ...] = ("masked-pool", "masked-gem", "masked-input")
 
 
 @dataclass(frozen=True)
@@ -160,8 +189,10 @@ class PoolingConfig:
     min_coverage: float = 0.01  # least region weight, in grid cells, a layer must see
 
     def __post_init__(self) -> None:
-        if self.mode not in POOLING_MODES:
-            raise ConfigError(f"pooling must be one of {', '.join(POOLING_MODES)}, got {self.mode}")
+        if self.mode not in get_args(PoolingMode):
+            raise ConfigError(
+                f"pooling must be one of {', '.join(get_args(PoolingMode))}, got {self.mode}"
+            )
         if self.gem_p < 1:
             raise ConfigError(f"GeM exponent must be >= 1, got {self.gem_p}")
         if self.min_coverage < 0:
@@ -187,7 +218,7 @@ class ExecutionConfig:
     actor_memory_gb: float = 2.0  # memory each actor reserves (a model and one volume's maps)
 
     def __post_init__(self) -> None:
-        if self.device not in ("auto", "cpu", "cuda"):
+        if self.device not in get_args(Device):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.num_actors is not None and self.num_actors < 1:
             raise ConfigError(f"num actors must be >= 1, got {self.num_actors}")

@@ -1,4 +1,14 @@
-"""Synthetic knee-CT cohorts for the demo and tests, generated here from a seed.
+"""Synthetic data, generated here from a seed, apart from the code that consumes it.
+
+Two generators:
+
+- phantom knee-CT cohorts (:func:`make_phantom_cohort`): NIfTI images and
+  label masks plus a manifest, for the demo, the tests and the benchmarks;
+- synthetic result folders (:func:`synthetic_results`): the files a finished
+  run writes, with known vectors and no model, for the report, the
+  statistics at scale and the benchmarks.
+
+Phantom knees:
 
 Arrays are (D, H, W) like the model input: D runs inferior -> superior,
 H posterior -> anterior, W left -> right. A phantom knee has a soft-tissue
@@ -11,15 +21,31 @@ trabecular density and coarser trabecular texture.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 from scipy import ndimage
 
+from cohort import __version__, stats
+from cohort.config import BACKGROUND, RunConfig, StatsConfig
 from cohort.errors import ConfigError
 from cohort.inputs.manifest import Subject, write_manifest
+from cohort.outputs import schemas, store
+
+__all__ = [
+    "CohortEffect",
+    "cohort_effect",
+    "make_phantom_cohort",
+    "make_phantom_subject",
+    "phantom_affine",
+    "synthetic_results",
+    "write_phantom_nifti",
+]
 
 TIBIA, FEMUR = 1, 2  # mask values
 DEFAULT_SHAPE = (96, 128, 128)  # (D, H, W)
@@ -189,3 +215,132 @@ def make_phantom_cohort(
             write_phantom_nifti(hu, label, spacing_mm, image, mask)
             subjects.append(Subject(subject_id, image, mask, cohort, None, len(subjects) + 1))
     return write_manifest(subjects, out_dir / "manifest.csv")
+
+
+# ------------------------------------------------------ synthetic result folders
+
+
+def synthetic_results(
+    folder: Path,
+    *,
+    n_per_cohort: int = 8,
+    cohorts: Sequence[str] = ("control", "osteo"),
+    layers: Sequence[str] = ("conv-1", "conv-3", "conv-5"),
+    channels: int = 32,
+    failed: int = 0,
+    identical: int = 0,
+    images: bool = True,
+    cfg: StatsConfig | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a result folder with known content and no model; returns ``folder``.
+
+    Regions tibia, femur and background; each cohort's vectors are a shared
+    direction per layer and region plus a cohort shift plus noise, made
+    non-negative like ReLU outputs. Stats come from :func:`cohort.stats.run_tests`
+    with ``cfg`` (default: 200 bootstrap resamples, 99 permutations). ``failed``
+    extra subjects per cohort fail at ``load`` (their files do not exist).
+    The first ``identical`` subjects of the first cohort get a femur vector
+    equal to their tibia vector (a ``cosine-one`` sanity flag).
+    With ``images``, one small phantom knee per cohort is written and every
+    finished subject of that cohort points at it in ``manifest.csv``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = cfg or StatsConfig(bootstrap=200, permutations=99)
+    rng = np.random.default_rng(seed)
+    regions = ("tibia", "femur", BACKGROUND)
+    base = {(layer, r): rng.gamma(2.0, 1.0, channels) for layer in layers for r in regions}
+    records: list[dict[str, Any]] = []
+    subjects: list[Subject] = []
+    error_rows: list[dict[str, str]] = []
+    data = folder / "data"
+    for k, cohort in enumerate(cohorts):
+        image, mask = data / f"{cohort}-image.nii.gz", data / f"{cohort}-mask.nii.gz"
+        if images:
+            hu, label = make_phantom_subject((32, 48, 48), seed=seed + k, effect=cohort_effect(k))
+            write_phantom_nifti(hu, label, (1.5, 0.8, 0.8), image, mask)
+        shift = {key: rng.normal(0.0, 0.6 * k, channels) for key in base}
+        for i in range(n_per_cohort):
+            sid = f"{cohort}-{i + 1:03d}"
+            subjects.append(Subject(sid, image, mask, cohort, None, len(subjects) + 1))
+            for layer in layers:
+                for region, voxels in zip(regions, (9000, 11000, 60000), strict=True):
+                    noise = rng.normal(0.0, 0.5, channels)
+                    vector = np.maximum(base[(layer, region)] + shift[(layer, region)] + noise, 0)
+                    if region == "femur" and k == 0 and i < identical:
+                        vector = records[-1]["vector"]
+                    records.append(
+                        {
+                            "subject_id": sid,
+                            "cohort": cohort,
+                            "region": region,
+                            "layer": layer,
+                            "layer_name": f"features.synthetic.{layer}",
+                            "channels": channels,
+                            "voxels": voxels + int(rng.integers(-500, 500)),
+                            "vector": vector.astype(np.float32),
+                        }
+                    )
+        for j in range(failed):
+            sid = f"{cohort}-F{j + 1:02d}"
+            missing = data / f"{sid}-missing.nii.gz"
+            subjects.append(Subject(sid, missing, missing, cohort, None, len(subjects) + 1))
+            error_rows.append(
+                {
+                    "subject_id": sid,
+                    "cohort": cohort,
+                    "stage": "load",
+                    "error_type": "FileNotFoundError",
+                    "message": f"image file {missing} of subject {sid} does not exist; fix the "
+                    "path in the manifest (relative paths start at its folder)",
+                    "image": str(missing),
+                    "mask": str(missing),
+                }
+            )
+    manifest = write_manifest(subjects, folder / "manifest.csv")
+    features = pd.DataFrame(records)
+    similarity = stats.cosine_table(features)
+    tests = stats.run_tests(features, similarity, cfg)
+    config = RunConfig(stats=cfg).to_dict()
+    done = len(subjects) - len(error_rows)
+    provenance: dict[str, Any] = {
+        "manifest": str(manifest.resolve()),
+        "config": config,
+        "versions": {"cohort": __version__, "numpy": np.__version__, "pandas": pd.__version__},
+        "weights": {"source": "synthetic", "detail": "synthetic vectors (no model)", "sha256": ""},
+        "layers": [
+            {
+                "layer": layer,
+                "module_path": f"features.synthetic.{layer}",
+                "channels": channels,
+                "grid": [2, 2, 2],
+                "rank": len(layers) - i,
+            }
+            for i, layer in enumerate(layers)
+        ],
+        "device": ["none (synthetic)"],
+        "counts": {"subjects": len(subjects), "done": done, "cached": 0, "failed": len(error_rows)},
+        "timings": {"total_s": 0.0},
+        "background": BACKGROUND,
+    }
+
+    store.write_parquet(
+        store.stamped(store.table(features, schemas.FEATURES_SCHEMA), provenance),
+        folder / "features.parquet",
+    )
+    store.write_parquet(
+        store.stamped(store.table(similarity, schemas.SIMILARITY_SCHEMA), provenance),
+        folder / "similarity.parquet",
+    )
+    store.write_csv(stats.origin_table(similarity), folder / "similarity.csv")
+    store.write_parquet(
+        store.stamped(store.table(tests, schemas.TESTS_SCHEMA), provenance),
+        folder / "stats.parquet",
+    )
+    store.write_csv(tests, folder / "stats.csv")
+    errors = store.table(error_rows, schemas.ERRORS_SCHEMA)
+    store.write_parquet(store.stamped(errors, provenance), folder / "errors.parquet")
+    store.write_csv(errors.to_pandas(), folder / "errors.csv")
+    store.write_json(provenance, folder / "run.json")
+    return folder

@@ -31,8 +31,9 @@ from urllib.parse import urlsplit
 
 import click
 
-from cohort import options
-from cohort.cli import EXIT_FAILURES, EXIT_UNUSABLE, execute
+from cohort.cli import options
+from cohort.cli.run import execute
+from cohort.errors import ExitCode
 from cohort.outputs.store import STATE_DIR
 
 
@@ -126,7 +127,7 @@ def run(manifest: Path, out: str, **values: Any) -> None:
                 "check the cluster's credentials for that location and rerun",
                 err=True,
             )
-            sys.exit(EXIT_FAILURES)
+            sys.exit(ExitCode.FAILURES)
     click.echo(f"uploaded {len(names)} files to {out}")
     sys.exit(code)
 
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as done:
         if done.code is None or isinstance(done.code, int):
             return done.code or 0
-        return EXIT_UNUSABLE
+        return int(ExitCode.UNUSABLE)
     return 0
 
 

@@ -13,7 +13,7 @@ from bench import core
 from bench.baseline import run_baseline
 from bench.run import main, phantom_cohort
 from cohort.config import PoolingConfig, PreprocessConfig
-from cohort.execution.pipeline import cosine_rows
+from cohort.execution.driver import cosine_rows
 from cohort.inputs.preprocess import air_value
 from cohort.model.network import random_weights
 from cohort.model.pooling import extract

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cohort.cli import main
+from cohort.cli.main import main
 from cohort.inputs.manifest import read_manifest
 
 

@@ -38,7 +38,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from cohort.cli import main
+from cohort.cli.main import main
+from cohort.errors import ConfigError
 from cohort.execution import submit
 from cohort.outputs import store
 
@@ -207,7 +208,7 @@ def ray_head(request: pytest.FixtureRequest) -> Iterator[Head]:
 def _cohort(args: list[str], env: dict[str, str], timeout: float = 280) -> tuple[int, str]:
     """Run the ``cohort`` command line in a subprocess; returns (exit status, output)."""
     done = subprocess.run(
-        [sys.executable, "-c", "from cohort.cli import main; main()", *args],
+        [sys.executable, "-c", "from cohort.cli.main import main; main()", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -359,7 +360,7 @@ def test_transport_rules() -> None:
     assert "unencrypted" in str(submit.check_transport(remote, token, insecure=False))
     assert "--insecure" in str(submit.check_transport(remote, None, insecure=True))
     assert submit.check_transport(submit.parse_address("https://h:443"), token, False) is None
-    with pytest.raises(submit.click.BadParameter, match="dashboard"):
+    with pytest.raises(ConfigError, match="dashboard"):
         submit.parse_address("ray://head:10001")
 
 
@@ -379,7 +380,7 @@ def test_job_spec_ships_script_and_package(tmp_path: Path) -> None:
     assert "py_modules" not in again.runtime_env
     whole = submit.job_spec(JOB, args, ROOT, ship_package=False, run_id=run_id, attempt=1)
     assert whole.entrypoint.startswith("python jobs/analyze.py ")
-    with pytest.raises(submit.click.BadParameter, match="not inside the working dir"):
+    with pytest.raises(ConfigError, match="not inside the working dir"):
         submit.job_spec(JOB, args, tmp_path, ship_package=True, run_id=run_id, attempt=1)
 
 

@@ -10,12 +10,14 @@ import torch
 from torch import nn
 from torchvision import models
 
-from cohort.config import ModelConfig
-from cohort.errors import InflationError, ModelError, WeightsError
+from cohort.config import BACKBONES, ModelConfig
+from cohort.errors import ConfigError, InflationError, ModelError, WeightsError
 from cohort.inputs.fingerprint import sha256_file
 from cohort.model.hooks import FeatureExtractor, resolve_layers, trace
 from cohort.model.inflate import inflate, inflate_kernel
+from cohort.model.network import BACKBONES as REGISTRY
 from cohort.model.network import (
+    backbone,
     build_network,
     imagenet_cache_path,
     load_weights,
@@ -300,8 +302,15 @@ def test_missing_imagenet_weights_say_where_to_put_them(
 
 
 def test_unknown_backbone_lists_choices() -> None:
+    with pytest.raises(ConfigError, match="densenet121"):
+        ModelConfig(backbone="vgg16", weights="random")
     with pytest.raises(ModelError, match="densenet121"):
-        load_weights(ModelConfig(backbone="vgg16", weights="random"))
+        backbone("vgg16")
+
+
+def test_config_backbone_names_are_the_registry() -> None:
+    # the CLI lists config.BACKBONES without importing torch; each must be buildable
+    assert set(BACKBONES) == set(REGISTRY)
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,11 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-from cohort.cli import main
+from cohort.cli.main import main
 from cohort.config import ModelConfig, PoolingConfig, PreprocessConfig
 from cohort.inputs.manifest import read_manifest, write_manifest
-from cohort.inputs.preprocess import air_value, prepare_subject
+from cohort.inputs.preprocess import air_value
+from cohort.inputs.stages import prepare_subject
 from cohort.model.hooks import FeatureExtractor, resolve_layers
 from cohort.model.network import build_network, random_weights
 from cohort.model.pooling import extract
@@ -189,7 +190,7 @@ def test_device_and_precision_are_checked_against_the_cluster(
 
     from cohort.config import ExecutionConfig, RunConfig
     from cohort.errors import ConfigError
-    from cohort.execution import pipeline
+    from cohort.execution import graph
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": float(gpus)})
     cfg = RunConfig(
@@ -197,10 +198,10 @@ def test_device_and_precision_are_checked_against_the_cluster(
         execution=ExecutionConfig(device=device),  # type: ignore[arg-type]
     )
     if refused is None:
-        assert pipeline._pool(cfg) == (gpus, 1.0, None)  # one actor per GPU, one GPU each
+        assert graph.plan_pool(cfg) == (gpus, 1.0, None)  # one actor per GPU, one GPU each
     else:
         with pytest.raises(ConfigError, match=refused):
-            pipeline._pool(cfg)
+            graph.plan_pool(cfg)
 
 
 def test_per_row_label_map_swaps_numbering(

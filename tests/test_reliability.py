@@ -29,7 +29,7 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-from cohort.cli import main
+from cohort.cli.main import main
 from cohort.config import (
     ExecutionConfig,
     ModelConfig,
@@ -42,7 +42,7 @@ from cohort.config import (
 from cohort.errors import CohortError, WeightsError
 from cohort.execution import extract as extraction
 from cohort.execution import load as loading
-from cohort.execution import pipeline
+from cohort.inputs.fingerprint import options_identity
 from cohort.inputs.manifest import Subject, read_manifest, write_manifest
 from cohort.model.network import load_weights
 from cohort.outputs import store
@@ -392,21 +392,21 @@ def test_corrupt_file_is_not_retried(
 
 
 def test_result_identity_follows_result_affecting_options_only() -> None:
-    base = pipeline.result_identity(RunConfig(), "w" * 64)
+    base = options_identity(RunConfig(), "w" * 64)
     same = [
         RunConfig(execution=ExecutionConfig(num_actors=3, max_retries=0, progress=False)),
         RunConfig(stats=StatsConfig(bootstrap=10, seed=4)),
     ]
     for cfg in same:
-        assert pipeline.result_identity(cfg, "w" * 64) == base
+        assert options_identity(cfg, "w" * 64) == base
     changed = [
         RunConfig(preprocess=PreprocessConfig(hu_min=-500.0)),
         RunConfig(model=ModelConfig(layers=("conv-1",))),
         RunConfig(pooling=PoolingConfig(mode="masked-input")),
     ]
     for cfg in changed:
-        assert pipeline.result_identity(cfg, "w" * 64) != base
-    assert pipeline.result_identity(RunConfig(), "v" * 64) != base
+        assert options_identity(cfg, "w" * 64) != base
+    assert options_identity(RunConfig(), "v" * 64) != base
 
 
 @pytest.mark.timeout(600)

@@ -10,6 +10,7 @@ screenshot.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -23,9 +24,12 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from cohort.cli import main
+from cohort.cli.main import main
 from cohort.inputs.manifest import read_manifest
-from cohort.report import pca_2d, robust_outliers, synthetic_results, write_report
+from cohort.report import write_report
+from cohort.report.figures import pca_2d
+from cohort.report.subjects import robust_outliers
+from cohort.synthetic import synthetic_results
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -311,7 +315,11 @@ def test_report_of_a_real_run_in_the_browser(
     page = path.read_text()
     assert "No subject failed." in page
     assert "features.denseblock4.denselayer16.conv2" in page  # provenance: hooked layers
-    assert "seed 0" in page or "random" in page  # the weights' description
+    # the weights' description, where the page states it (the embedded config also says
+    # "random", so a bare substring check could not fail)
+    detail = json.loads((out / "run.json").read_text())["weights"]["detail"]
+    assert detail == "torchvision init, seed 0"
+    assert f"Weights: {html.escape(detail)}. Cohorts:" in page
 
 
 # ------------------------------------------------------------ README examples

@@ -20,6 +20,7 @@ from scipy import stats as sps
 from cohort import stats
 from cohort.config import StatsConfig
 from cohort.errors import ConfigError
+from cohort.outputs import schemas
 
 LAYERS = ("conv-1", "conv-3", "conv-5")
 REGIONS = ("tibia", "femur", "background")
@@ -96,7 +97,7 @@ def make_similarity(
 
 
 def empty_features() -> pd.DataFrame:
-    return pd.DataFrame({c: [] for c in stats.FEATURE_COLUMNS})
+    return pd.DataFrame({c: [] for c in schemas.FEATURES_COLUMNS})
 
 
 def cosines(sim: pd.DataFrame, cohort: str, layer: str, pair: str) -> pd.Series:
@@ -109,7 +110,7 @@ def cosines(sim: pd.DataFrame, cohort: str, layer: str, pair: str) -> pd.Series:
 
 def check_invariants(table: pd.DataFrame) -> None:
     """Columns fixed; NaN p only on skipped rows with a reason; p and q in [0, 1]."""
-    assert list(table.columns) == list(stats.TEST_COLUMNS)
+    assert list(table.columns) == list(schemas.TESTS_COLUMNS)
     skipped = table.status == "skipped"
     assert set(table.status) <= {"ok", "skipped"}
     assert (table.p_value.isna() == skipped).all()
@@ -127,7 +128,7 @@ def check_invariants(table: pd.DataFrame) -> None:
 def test_cosine_table_matches_numpy() -> None:
     features = make_features({"a": 3, "b": 2}, seed=1)
     table = stats.cosine_table(features)
-    assert list(table.columns) == list(stats.SIMILARITY_COLUMNS)
+    assert list(table.columns) == list(schemas.SIMILARITY_COLUMNS)
     assert table.cosine.dtype == np.float64
     assert len(table) == 5 * len(LAYERS) * 3
     first = table[(table.subject_id == "a-000") & (table.layer == "conv-1")]
@@ -207,7 +208,7 @@ def test_summarise_matches_numpy() -> None:
     sim = make_similarity({"b": 12, "a": 9}, seed=3)
     sim.loc[5, "cosine"] = np.nan
     summary = stats.summarise(sim, CFG)
-    assert list(summary.columns) == list(stats.SUMMARY_COLUMNS)
+    assert list(summary.columns) == list(schemas.SUMMARY_COLUMNS)
     assert list(summary.cohort.unique()) == ["a", "b"]
     assert len(summary) == 2 * 3 * 3
     for row in summary.itertuples():
@@ -641,7 +642,7 @@ def test_two_layers_skip_friedman_and_empty_tables() -> None:
     assert (depth.status == "skipped").all()
     assert depth.reason.str.contains("needs >= 3 layers, found 2").all()
     empty = stats.run_tests(empty_features(), sim.iloc[:0], CFG)
-    assert list(empty.columns) == list(stats.TEST_COLUMNS)
+    assert list(empty.columns) == list(schemas.TESTS_COLUMNS)
     assert empty.empty
     assert stats.summarise(sim.iloc[:0], CFG).empty
     assert stats.cosine_table(empty_features()).empty

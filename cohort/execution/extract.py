@@ -34,6 +34,15 @@ from cohort.model.hooks import FeatureExtractor, resolve_layers
 from cohort.model.network import build_network
 from cohort.model.pooling import RegionVector, extract
 
+__all__ = [
+    "FAULT_MARKER_ENV",
+    "FAULT_SUBJECT_ENV",
+    "FaultHook",
+    "FeatureActor",
+    "autocast",
+    "pick_device",
+]
+
 FAULT_SUBJECT_ENV = "COHORT_FAULT_KILL_SUBJECT"  # test hook, see the module docstring
 FAULT_MARKER_ENV = "COHORT_FAULT_MARKER"
 

@@ -22,6 +22,17 @@ from cohort.inputs.geometry import check_pair
 from cohort.inputs.preprocess import preprocess_pair
 from cohort.inputs.readers import load_pair
 
+__all__ = [
+    "CACHED",
+    "DONE",
+    "FAILED",
+    "IO_RETRY_DELAY_S",
+    "READY",
+    "failure_row",
+    "is_transient",
+    "load_subject",
+]
+
 FAILED, READY, CACHED, DONE = "failed", "ready", "cached", "done"
 IO_RETRY_DELAY_S = 0.5  # first backoff of a transient I/O retry; doubles per attempt
 # OSErrors that say something about the file, not about the moment: never retried

@@ -1,4 +1,4 @@
-"""``cohort submit``, ``status``, ``logs`` and ``stop``: jobs on a Ray cluster.
+"""Jobs on a Ray cluster: what ``cohort submit``, ``status``, ``logs`` and ``stop`` do.
 
 A job script (``jobs/analyze.py``) is sent to the cluster's Jobs API with
 :class:`ray.job_submission.JobSubmissionClient`. The ``runtime_env`` ships the
@@ -13,9 +13,9 @@ HTTP address that is not loopback is refused without a token unless
 ``--insecure`` is given: an unauthenticated Jobs API runs any command it is
 sent (ShadowRay, CVE-2023-48022).
 
-Exit status: 0 the job SUCCEEDED; 1 it FAILED or was STOPPED; 2 unusable
-invocation, address or credentials; 130 interrupted while the job keeps
-running.
+The click commands are in :mod:`cohort.cli.cluster`; this module has no
+click: messages go through the ``say`` callables it is given, and errors are
+:class:`~cohort.errors.CohortError` subclasses with their exit status.
 """
 
 from __future__ import annotations
@@ -28,25 +28,57 @@ import ipaddress
 import os
 import shlex
 import socket
-import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import click
-
 from cohort import __version__
+from cohort.errors import ClusterError, ConfigError, CredentialsError, ExitCode
 
 if TYPE_CHECKING:
     from ray.job_submission import JobInfo, JobStatus, JobSubmissionClient
 
-F = TypeVar("F", bound=Callable[..., Any])
+__all__ = [
+    "HOW_TO_TOKEN",
+    "MODE_ENV",
+    "POLL_S",
+    "RUN_ID_KEY",
+    "SHADOWRAY",
+    "TOKEN_ENV",
+    "TOKEN_PATH_ENV",
+    "Address",
+    "Connection",
+    "JobSpec",
+    "Say",
+    "Token",
+    "auth_mode",
+    "call",
+    "check_transport",
+    "connect",
+    "exit_code_of",
+    "find_token",
+    "follow_job",
+    "is_terminal",
+    "job_spec",
+    "outcome",
+    "package_dir",
+    "parse_address",
+    "previous_attempts",
+    "run_id_for",
+    "status_lines",
+    "stop_job",
+    "stream_logs",
+    "submission_id_for",
+    "submit_job",
+    "wait_terminal",
+]
 
-EXIT_SUCCEEDED, EXIT_FAILED, EXIT_UNUSABLE, EXIT_INTERRUPTED = 0, 1, 2, 130
+Say = Callable[[str], None]  # prints one message for the user (stderr on the command line)
+
 TOKEN_ENV = "RAY_AUTH_TOKEN"
 TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 MODE_ENV = "RAY_AUTH_MODE"
@@ -70,18 +102,6 @@ SHADOWRAY = (
     "(`ray dashboard cluster.yaml`, `kubectl port-forward`). Pass --insecure only for a "
     "cluster on a network you trust completely."
 )
-
-
-class CredentialsError(click.ClickException):
-    """The cluster refused the request, or no usable token was given."""
-
-    exit_code = EXIT_UNUSABLE
-
-
-class ClusterError(click.ClickException):
-    """The Jobs API cannot be reached or answered with an error."""
-
-    exit_code = EXIT_UNUSABLE
 
 
 # ------------------------------------------------------------ pure helpers
@@ -127,9 +147,8 @@ def auth_mode(environ: Mapping[str, str]) -> str:
     """``token`` (default) or ``disabled``, from RAY_AUTH_MODE."""
     mode = environ.get(MODE_ENV, "token").strip().lower() or "token"
     if mode not in ("token", "disabled"):
-        raise click.BadParameter(
-            f"RAY_AUTH_MODE={environ[MODE_ENV]!r} is not a Ray auth mode; use token or disabled",
-            param_hint="RAY_AUTH_MODE",
+        raise ConfigError(
+            f"RAY_AUTH_MODE={environ[MODE_ENV]!r} is not a Ray auth mode; use token or disabled"
         )
     return mode
 
@@ -159,22 +178,19 @@ def parse_address(text: str) -> Address:
         raw = f"http://{raw}"
     parts = urlsplit(raw)
     if parts.scheme not in ("http", "https"):
-        raise click.BadParameter(
+        raise ConfigError(
             f"{text!r} is not a Jobs API address: it must be the dashboard's http(s) URL, e.g. "
-            "http://127.0.0.1:8265 (ray:// and GCS addresses like head:6379 are for ray.init)",
-            param_hint="--address",
+            "http://127.0.0.1:8265 (ray:// and GCS addresses like head:6379 are for ray.init)"
         )
     try:
         host, _ = parts.hostname, parts.port  # .port raises for a port that is not a number
     except ValueError:
-        raise click.BadParameter(
-            f"{text!r} has a bad port; give the dashboard URL, e.g. http://127.0.0.1:8265",
-            param_hint="--address",
+        raise ConfigError(
+            f"{text!r} has a bad port; give the dashboard URL, e.g. http://127.0.0.1:8265"
         ) from None
     if not host:
-        raise click.BadParameter(
-            f"{text!r} has no host; give the dashboard URL, e.g. http://127.0.0.1:8265",
-            param_hint="--address",
+        raise ConfigError(
+            f"{text!r} has no host; give the dashboard URL, e.g. http://127.0.0.1:8265"
         )
     return Address(url=raw, scheme=parts.scheme, host=host.lower())
 
@@ -221,8 +237,8 @@ class JobSpec:
 
 
 def package_dir() -> Path:
-    """The folder of this package, shipped as a py_module."""
-    return Path(__file__).resolve().parent
+    """The folder of the ``cohort`` package, shipped as a py_module."""
+    return Path(__file__).resolve().parents[1]
 
 
 def job_spec(
@@ -236,15 +252,14 @@ def job_spec(
     """Entrypoint, runtime_env and metadata for ``python SCRIPT ARGS`` on the cluster."""
     script = script.resolve()
     if not script.is_file():
-        raise click.BadParameter(f"job script {script} does not exist", param_hint="JOB_SCRIPT")
+        raise ConfigError(f"job script {script} does not exist")
     folder = (working_dir or script.parent).resolve()
     if not folder.is_dir():
-        raise click.BadParameter(f"{folder} is not a folder", param_hint="--working-dir")
+        raise ConfigError(f"{folder} is not a folder")
     if not script.is_relative_to(folder):
-        raise click.BadParameter(
+        raise ConfigError(
             f"job script {script} is not inside the working dir {folder}; the cluster only "
-            "sees files under the working dir. Move the script or pick a folder above it",
-            param_hint="--working-dir",
+            "sees files under the working dir. Move the script or pick a folder above it"
         )
     relative = script.relative_to(folder).as_posix()
     runtime_env: dict[str, Any] = {
@@ -292,6 +307,7 @@ def connect(
     address_text: str,
     token_file: Path | None,
     insecure: bool,
+    say: Say,
     environ: Mapping[str, str] | None = None,
 ) -> Connection:
     """A client for ``address_text`` that sends the token; refuses insecure setups."""
@@ -303,7 +319,7 @@ def connect(
     token = find_token(token_file, environ, Path.home()) if mode == "token" else None
     warning = check_transport(address, token, insecure)
     if warning:
-        click.echo(f"warning: {warning}", err=True)
+        say(f"warning: {warning}")
     headers = {"Authorization": f"Bearer {token.value}"} if token else None
     try:
         client = JobSubmissionClient(address.url, headers=headers)
@@ -312,7 +328,9 @@ def connect(
     return Connection(client, address, token)
 
 
-def _explain(err: Exception, address: Address, token: Token | None) -> click.ClickException:
+def _explain(
+    err: Exception, address: Address, token: Token | None
+) -> CredentialsError | ClusterError:
     """A message that says what went wrong with the cluster and what to do next."""
     from ray.exceptions import AuthenticationError
 
@@ -336,10 +354,11 @@ def _explain(err: Exception, address: Address, token: Token | None) -> click.Cli
     return ClusterError(f"the Ray Jobs API at {address.url} failed: {text}")
 
 
-def _call(connection: Connection, what: Callable[[], Any]) -> Any:
+def call(connection: Connection, what: Callable[[], Any]) -> Any:
+    """Run a Jobs API request; failures become errors that say what to do next."""
     try:
         return what()
-    except click.ClickException:
+    except (CredentialsError, ClusterError):
         raise
     except Exception as err:
         raise _explain(err, connection.address, connection.token) from None
@@ -347,11 +366,28 @@ def _call(connection: Connection, what: Callable[[], Any]) -> Any:
 
 def previous_attempts(connection: Connection, run_id: str) -> int:
     """How many submissions of ``run_id`` the cluster knows of."""
-    jobs = _call(connection, connection.client.list_jobs)
+    jobs = call(connection, connection.client.list_jobs)
     return sum(1 for job in jobs if (job.metadata or {}).get(RUN_ID_KEY) == run_id)
 
 
-def _is_terminal(status: JobStatus) -> bool:
+def submit_job(connection: Connection, spec: JobSpec, entrypoint_cpus: float | None) -> str:
+    """Send ``spec`` to the cluster; returns the job's submission id."""
+    if entrypoint_cpus is not None and entrypoint_cpus < 0:
+        raise ConfigError(f"--entrypoint-cpus must be 0 or more, got {entrypoint_cpus:g}")
+    job_id: str = call(
+        connection,
+        lambda: connection.client.submit_job(
+            entrypoint=spec.entrypoint,
+            runtime_env=spec.runtime_env,
+            metadata=spec.metadata,
+            submission_id=spec.submission_id,
+            entrypoint_num_cpus=entrypoint_cpus,
+        ),
+    )
+    return job_id
+
+
+def is_terminal(status: JobStatus) -> bool:
     return bool(status.is_terminal())
 
 
@@ -359,13 +395,13 @@ def wait_terminal(connection: Connection, job_id: str, timeout_s: float | None) 
     """Poll until the job reaches a terminal state (or ``timeout_s`` passes)."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
-        status = _call(connection, lambda: connection.client.get_job_status(job_id))
-        if _is_terminal(status) or (deadline is not None and time.monotonic() > deadline):
+        status = call(connection, lambda: connection.client.get_job_status(job_id))
+        if is_terminal(status) or (deadline is not None and time.monotonic() > deadline):
             return status
         time.sleep(POLL_S)
 
 
-def stream_logs(connection: Connection, job_id: str, echo: Callable[[str], None]) -> None:
+def stream_logs(connection: Connection, job_id: str, echo: Say, say: Say) -> None:
     """Print the job's logs as they come until it ends (websocket; polling if that fails)."""
     shown = 0
 
@@ -381,225 +417,90 @@ def stream_logs(connection: Connection, job_id: str, echo: Callable[[str], None]
     except KeyboardInterrupt:
         raise
     except Exception as err:
-        click.echo(f"warning: log streaming failed ({err}); polling the logs instead", err=True)
+        say(f"warning: log streaming failed ({err}); polling the logs instead")
     while True:
-        logs: str = _call(connection, lambda: connection.client.get_job_logs(job_id))
+        logs: str = call(connection, lambda: connection.client.get_job_logs(job_id))
         if len(logs) > shown:
             echo(logs[shown:])
             shown = len(logs)
-        if _is_terminal(wait_terminal(connection, job_id, timeout_s=0)):
-            logs = _call(connection, lambda: connection.client.get_job_logs(job_id))
+        if is_terminal(wait_terminal(connection, job_id, timeout_s=0)):
+            logs = call(connection, lambda: connection.client.get_job_logs(job_id))
             echo(logs[shown:])
             return
         time.sleep(POLL_S)
 
 
-def outcome(connection: Connection, job_id: str) -> int:
-    """Print the job's final state and return the exit status for it."""
+def outcome(connection: Connection, job_id: str, say: Say) -> ExitCode:
+    """Say the job's final state and return the exit status for it."""
     from ray.job_submission import JobStatus
 
-    info: JobInfo = _call(connection, lambda: connection.client.get_job_info(job_id))
+    info: JobInfo = call(connection, lambda: connection.client.get_job_info(job_id))
     seconds = (
         f" after {(info.end_time - info.start_time) / 1000:.1f} s"
         if info.end_time and info.start_time
         else ""
     )
     message = f": {info.message}" if info.message and info.status != JobStatus.SUCCEEDED else ""
-    click.echo(f"job {job_id} {info.status.value}{seconds}{message}", err=True)
-    if info.status == JobStatus.SUCCEEDED:
-        return EXIT_SUCCEEDED
-    if info.status in (JobStatus.FAILED, JobStatus.STOPPED):
-        return EXIT_FAILED
-    return EXIT_SUCCEEDED
+    say(f"job {job_id} {info.status.value}{seconds}{message}")
+    return exit_code_of(info.status.value)
 
 
-def _echo_chunk(chunk: str) -> None:
-    click.echo(chunk, nl=False)
+def exit_code_of(status: str) -> ExitCode:
+    """FAILURES for a FAILED or STOPPED job, OK otherwise."""
+    return ExitCode.FAILURES if status in ("FAILED", "STOPPED") else ExitCode.OK
 
 
-def follow_job(connection: Connection, job_id: str, stop_on_interrupt: bool) -> int:
+def follow_job(
+    connection: Connection,
+    job_id: str,
+    *,
+    stop_on_interrupt: bool,
+    confirm_stop: Callable[[str], bool],
+    echo: Say,
+    say: Say,
+) -> ExitCode:
     """Stream logs until the job ends; on Ctrl-C stop it (if asked or confirmed)."""
     try:
-        stream_logs(connection, job_id, _echo_chunk)
+        stream_logs(connection, job_id, echo, say)
         wait_terminal(connection, job_id, timeout_s=None)
     except KeyboardInterrupt:
-        click.echo("", err=True)
-        if not (stop_on_interrupt or _confirm_stop(job_id)):
-            click.echo(
+        say("")
+        if not (stop_on_interrupt or confirm_stop(job_id)):
+            say(
                 f"job {job_id} keeps running; follow it with `cohort logs {job_id} --follow "
                 f"--address {connection.address.url}` or stop it with `cohort stop {job_id} "
-                f"--address {connection.address.url}`",
-                err=True,
+                f"--address {connection.address.url}`"
             )
-            return EXIT_INTERRUPTED
-        click.echo(f"stopping job {job_id}", err=True)
-        _call(connection, lambda: connection.client.stop_job(job_id))
+            return ExitCode.INTERRUPTED
+        say(f"stopping job {job_id}")
+        call(connection, lambda: connection.client.stop_job(job_id))
         wait_terminal(connection, job_id, timeout_s=60)
-    return outcome(connection, job_id)
+    return outcome(connection, job_id, say)
 
 
-def _confirm_stop(job_id: str) -> bool:
-    if not sys.stdin.isatty():
-        return False
-    try:
-        return click.confirm(f"stop job {job_id} on the cluster?", default=False, err=True)
-    except click.Abort:
-        return False
-
-
-# ---------------------------------------------------------------- commands
-
-CONNECTION_OPTIONS: list[Callable[[F], F]] = [
-    click.option(
-        "--address",
-        required=True,
-        envvar="RAY_API_SERVER_ADDRESS",
-        show_envvar=True,
-        help="The cluster's Jobs API (dashboard) URL, e.g. http://127.0.0.1:8265.",
-    ),
-    click.option(
-        "--token-file",
-        type=click.Path(path_type=Path, dir_okay=False),
-        default=None,
-        help="File holding the Ray auth token (default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, "
-        "~/.ray/auth_token).",
-    ),
-    click.option(
-        "--insecure",
-        is_flag=True,
-        help="Allow a plain-HTTP, non-loopback address without a token (ShadowRay risk).",
-    ),
-]
-
-
-def _connection_options(command: F) -> F:
-    for option in reversed(CONNECTION_OPTIONS):
-        command = option(command)
-    return command
-
-
-@click.command(context_settings={"ignore_unknown_options": True})
-@click.argument("job_script", type=click.Path(path_type=Path, dir_okay=False))
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-@_connection_options
-@click.option(
-    "--working-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=None,
-    help="Folder shipped as the job's working dir (default: the job script's folder).",
-)
-@click.option(
-    "--ship-package/--no-ship-package",
-    default=True,
-    show_default=True,
-    help="Ship this cohort package with the job (off: use the one installed on the cluster).",
-)
-@click.option("--run-id", default=None, help="Logical run id (default: from script and ARGS).")
-@click.option("--no-wait", is_flag=True, help="Print the submission id and return.")
-@click.option("--stop-on-interrupt", is_flag=True, help="Ctrl-C stops the job without asking.")
-@click.option(
-    "--entrypoint-cpus",
-    type=float,
-    default=None,
-    help="CPUs reserved for the job's driver (default: none, it runs on the head).",
-)
-def submit(
-    job_script: Path,
-    args: tuple[str, ...],
-    address: str,
-    token_file: Path | None,
-    insecure: bool,
-    working_dir: Path | None,
-    ship_package: bool,
-    run_id: str | None,
-    no_wait: bool,
-    stop_on_interrupt: bool,
-    entrypoint_cpus: float | None,
-) -> None:
-    """Run JOB_SCRIPT with ARGS on a Ray cluster and stream its logs.
-
-    \b
-    cohort submit jobs/analyze.py --address http://127.0.0.1:8265 -- \\
-        run /data/manifest.csv --out s3://bucket/results --device cuda
-    """
-    if entrypoint_cpus is not None and entrypoint_cpus < 0:
-        raise click.BadParameter("must be 0 or more", param_hint="--entrypoint-cpus")
-    connection = connect(address, token_file, insecure)
-    run_id = run_id or run_id_for(job_script, args)
-    attempt = previous_attempts(connection, run_id) + 1
-    spec = job_spec(job_script, args, working_dir, ship_package, run_id, attempt)
-    job_id: str = _call(
-        connection,
-        lambda: connection.client.submit_job(
-            entrypoint=spec.entrypoint,
-            runtime_env=spec.runtime_env,
-            metadata=spec.metadata,
-            submission_id=spec.submission_id,
-            entrypoint_num_cpus=entrypoint_cpus,
-        ),
-    )
-    click.echo(
-        f"submitted {job_id} (run {run_id}, attempt {attempt}) to {connection.address.url}",
-        err=True,
-    )
-    if no_wait:
-        click.echo(job_id)
-        click.echo(
-            f"follow it with `cohort logs {job_id} --follow --address {connection.address.url}`",
-            err=True,
-        )
-        return
-    sys.exit(follow_job(connection, job_id, stop_on_interrupt))
-
-
-@click.command()
-@click.argument("job_id")
-@_connection_options
-def status(job_id: str, address: str, token_file: Path | None, insecure: bool) -> None:
-    """Print the state of job JOB_ID; exit 1 if it FAILED or was STOPPED."""
-    connection = connect(address, token_file, insecure)
-    info: JobInfo = _call(connection, lambda: connection.client.get_job_info(job_id))
+def status_lines(connection: Connection, job_id: str) -> tuple[list[str], ExitCode]:
+    """What ``cohort status`` prints about a job, and the exit status of its state."""
+    info: JobInfo = call(connection, lambda: connection.client.get_job_info(job_id))
     metadata = info.metadata or {}
-    click.echo(f"job: {job_id}")
-    click.echo(f"status: {info.status.value}")
+    lines = [f"job: {job_id}", f"status: {info.status.value}"]
     if RUN_ID_KEY in metadata:
-        click.echo(f"run: {metadata[RUN_ID_KEY]} (attempt {metadata.get('cohort_attempt', '?')})")
-    click.echo(f"entrypoint: {info.entrypoint}")
+        lines.append(f"run: {metadata[RUN_ID_KEY]} (attempt {metadata.get('cohort_attempt', '?')})")
+    lines.append(f"entrypoint: {info.entrypoint}")
     for name, stamp in (("started", info.start_time), ("ended", info.end_time)):
         if stamp:
             when = datetime.datetime.fromtimestamp(stamp / 1000, tz=datetime.UTC)
-            click.echo(f"{name}: {when.isoformat(timespec='seconds')}")
+            lines.append(f"{name}: {when.isoformat(timespec='seconds')}")
     if info.message:
-        click.echo(f"message: {info.message}")
-    sys.exit(EXIT_FAILED if info.status.value in ("FAILED", "STOPPED") else EXIT_SUCCEEDED)
+        lines.append(f"message: {info.message}")
+    return lines, exit_code_of(info.status.value)
 
 
-@click.command()
-@click.argument("job_id")
-@_connection_options
-@click.option("--follow", is_flag=True, help="Keep streaming until the job ends.")
-def logs(job_id: str, address: str, token_file: Path | None, insecure: bool, follow: bool) -> None:
-    """Print the logs of job JOB_ID (with --follow: until it ends, exit by its outcome)."""
-    connection = connect(address, token_file, insecure)
-    if follow:
-        stream_logs(connection, job_id, _echo_chunk)
-        wait_terminal(connection, job_id, timeout_s=None)
-        sys.exit(outcome(connection, job_id))
-    text: str = _call(connection, lambda: connection.client.get_job_logs(job_id))
-    click.echo(text, nl=False)
-
-
-@click.command()
-@click.argument("job_id")
-@_connection_options
-@click.option("--wait-s", default=60.0, show_default=True, help="How long to wait for the stop.")
-def stop(job_id: str, address: str, token_file: Path | None, insecure: bool, wait_s: float) -> None:
-    """Stop job JOB_ID and wait until it has ended."""
-    connection = connect(address, token_file, insecure)
-    stopped: bool = _call(connection, lambda: connection.client.stop_job(job_id))
+def stop_job(connection: Connection, job_id: str, wait_s: float, say: Say) -> None:
+    """Stop a job and wait until it has ended."""
+    stopped: bool = call(connection, lambda: connection.client.stop_job(job_id))
     if not stopped:
-        click.echo(f"job {job_id} had already ended", err=True)
+        say(f"job {job_id} had already ended")
     final = wait_terminal(connection, job_id, timeout_s=wait_s)
-    if not _is_terminal(final):
+    if not is_terminal(final):
         raise ClusterError(f"job {job_id} is still {final.value} after {wait_s:g} s; check again")
-    outcome(connection, job_id)
+    outcome(connection, job_id, say)

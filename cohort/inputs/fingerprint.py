@@ -5,10 +5,21 @@ Kept free of pandas, pyarrow and torch: every loader task and actor imports it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Iterable
 from pathlib import Path
+
+from cohort import __version__
+from cohort.config import RunConfig
+
+__all__ = [
+    "fingerprint",
+    "options_identity",
+    "sha256_file",
+    "subject_key",
+]
 
 
 def sha256_file(path: Path) -> str:
@@ -37,3 +48,15 @@ def subject_key(subject_id: str, print_: str) -> str:
     that differ only in unsafe characters."""
     safe = _UNSAFE.sub("_", subject_id)[:64]
     return f"{safe}--{fingerprint([subject_id, print_])[:20]}"
+
+
+def options_identity(cfg: RunConfig, weights_sha256: str) -> str:
+    """Everything besides the input files that changes a subject's numbers."""
+    parts = {
+        "preprocess": dataclasses.asdict(cfg.preprocess),
+        "background": cfg.regions.background,
+        "model": {**dataclasses.asdict(cfg.model), "weights": weights_sha256, "seed": None},
+        "pooling": dataclasses.asdict(cfg.pooling),
+        "cohort": __version__,
+    }
+    return fingerprint([repr(sorted(parts.items()))])

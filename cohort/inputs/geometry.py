@@ -7,18 +7,14 @@ axis: D inferior -> superior, H posterior -> anterior, W left -> right.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import nibabel as nib
 import numpy as np
 
 from cohort.config import LabelMap, PreprocessConfig
 from cohort.errors import GeometryError, InputError, RegionError
+from cohort.inputs.volume import VolumePair, fmt_affine, fmt_shape
 
-if TYPE_CHECKING:
-    from cohort.inputs.readers import VolumePair
-
-__all__ = ["check_pair", "fmt_affine", "fmt_shape", "to_dhw"]
+__all__ = ["check_pair", "to_dhw"]
 
 
 def check_pair(pair: VolumePair, labels: LabelMap, cfg: PreprocessConfig) -> None:
@@ -70,13 +66,3 @@ def to_dhw(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple[flo
     ras_affine = affine @ nib.orientations.inv_ornt_aff(ornt, array.shape)
     sizes = np.linalg.norm(ras_affine[:3, :3], axis=0)  # mm per step along x, y, z
     return ras.transpose(2, 1, 0), (float(sizes[2]), float(sizes[1]), float(sizes[0]))
-
-
-def fmt_shape(shape: tuple[int, ...]) -> str:
-    return "x".join(str(int(n)) for n in shape)
-
-
-def fmt_affine(affine: np.ndarray) -> str:
-    """The top three rows of an affine on one line, rounded to 1e-4 mm."""
-    rows = np.round(np.asarray(affine, dtype=np.float64)[:3], 4) + 0.0  # + 0.0 drops -0.0
-    return "[" + ", ".join("[" + ", ".join(f"{v:g}" for v in row) + "]" for row in rows) + "]"

@@ -19,9 +19,8 @@ import SimpleITK as sitk  # noqa: N813 (the name SimpleITK's own documentation u
 
 from cohort.config import PreprocessConfig
 from cohort.errors import GeometryError, InputError
-from cohort.inputs.geometry import fmt_shape
 from cohort.inputs.readers import _as_labels, _squeezed_shape
-from cohort.inputs.volume import Volume, volume_from_sitk
+from cohort.inputs.volume import Volume, fmt_shape, volume_from_sitk
 
 __all__ = [
     "ITK_SUFFIXES",

@@ -20,6 +20,18 @@ from pathlib import Path
 from cohort.config import LabelMap, format_label_map, parse_label_map
 from cohort.errors import ConfigError, ManifestError
 
+__all__ = [
+    "ALLOWED_COLUMNS",
+    "DEFAULT_COHORT",
+    "OPTIONAL_COLUMNS",
+    "REQUIRED_COLUMNS",
+    "SUFFIXES",
+    "Rows",
+    "Subject",
+    "read_manifest",
+    "write_manifest",
+]
+
 REQUIRED_COLUMNS: tuple[str, ...] = ("subject_id", "image", "mask")
 OPTIONAL_COLUMNS: tuple[str, ...] = ("cohort", "labels")
 ALLOWED_COLUMNS: tuple[str, ...] = REQUIRED_COLUMNS + OPTIONAL_COLUMNS

@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from cohort.config import BACKGROUND, LabelMap, PreprocessConfig
 from cohort.errors import ConfigError, RegionError
-from cohort.inputs.geometry import check_pair, fmt_shape, to_dhw
-from cohort.inputs.readers import VolumePair, load_pair
+from cohort.inputs.geometry import to_dhw
+from cohort.inputs.volume import VolumePair, fmt_shape
 
 __all__ = [
     "Prepared",
     "air_value",
     "crop_box",
-    "prepare_subject",
     "preprocess_pair",
     "resample_image",
     "resample_mask",
@@ -172,12 +170,3 @@ def window_normalise(hu: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
 def air_value(cfg: PreprocessConfig) -> float:
     """The normalised value of the window's low end (air), ``(0 - mean) / std``."""
     return (0.0 - cfg.mean) / cfg.std
-
-
-def prepare_subject(
-    image: Path, mask: Path, labels: LabelMap, background: bool, cfg: PreprocessConfig
-) -> Prepared:
-    """Load, check and preprocess one subject (the three stages chained)."""
-    pair = load_pair(image, mask, cfg)
-    check_pair(pair, labels, cfg)
-    return preprocess_pair(pair, labels, background, cfg)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -18,23 +17,11 @@ from nibabel.spatialimages import HeaderDataError
 
 from cohort.config import PreprocessConfig
 from cohort.errors import GeometryError, InputError
-from cohort.inputs.geometry import fmt_shape
+from cohort.inputs.volume import VolumePair, fmt_shape
 
 __all__ = ["VolumePair", "load_pair"]
 
 _READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError)
-
-
-@dataclass(frozen=True, eq=False)
-class VolumePair:
-    """An image and its mask as stored on disk (original orientation)."""
-
-    image: np.ndarray  # float32, HU after scl_slope/scl_inter
-    mask: np.ndarray  # integer labels, same dtype as stored (int64 if stored as float)
-    image_affine: np.ndarray  # 4x4 voxel -> mm (scanner RAS), as stored
-    mask_affine: np.ndarray  # 4x4, as stored
-    image_path: Path
-    mask_path: Path
 
 
 def load_pair(image: Path, mask: Path, cfg: PreprocessConfig) -> VolumePair:

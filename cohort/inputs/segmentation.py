@@ -28,14 +28,14 @@ import SimpleITK as sitk  # noqa: N813 (the name SimpleITK's own documentation u
 
 from cohort.config import BACKGROUND, LabelMap, PreprocessConfig
 from cohort.errors import GeometryError, InputError, RegionError
-from cohort.inputs.geometry import _present_values, fmt_affine, fmt_shape
+from cohort.inputs.geometry import _present_values
 from cohort.inputs.itk import (
     is_itk_file,
     itk_error_reason,
     read_itk_label_map,
 )
 from cohort.inputs.readers import _as_labels, _open, _read
-from cohort.inputs.volume import Volume, volume_from_sitk
+from cohort.inputs.volume import Volume, fmt_affine, fmt_shape, volume_from_sitk
 
 __all__ = [
     "MASK_SUFFIXES",

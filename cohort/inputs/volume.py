@@ -32,13 +32,24 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk  # noqa: N813 (the name SimpleITK's own documentation uses)
 
 from cohort.errors import GeometryError
 
-__all__ = ["LPS_TO_RAS", "Volume", "volume_from_sitk", "volume_to_sitk"]
+if TYPE_CHECKING:
+    import SimpleITK as sitk  # noqa: N813 (the name SimpleITK's own documentation uses)
+
+__all__ = [
+    "LPS_TO_RAS",
+    "Volume",
+    "VolumePair",
+    "fmt_affine",
+    "fmt_shape",
+    "volume_from_sitk",
+    "volume_to_sitk",
+]
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])  # flips x and y; its own inverse (RAS -> LPS)
 
@@ -79,6 +90,8 @@ def volume_from_sitk(image: sitk.Image, path: Path, description: str) -> Volume:
     third has length 1 (``x, y, z, 1``): they are the 3D volume at index 0 of
     those axes, placed by the top-left 3x3 block of the direction matrix.
     """
+    import SimpleITK as sitk  # noqa: N813
+
     path = Path(path)
     dim = image.GetDimension()
     size = tuple(int(n) for n in image.GetSize())
@@ -109,6 +122,8 @@ def volume_to_sitk(volume: Volume) -> sitk.Image:
     Inverse of :func:`volume_from_sitk` for 3D images, up to float64 rounding
     of the spacing and direction.
     """
+    import SimpleITK as sitk  # noqa: N813
+
     columns = volume.affine[:3, :3]
     spacing = np.linalg.norm(columns, axis=0)
     if not np.all(spacing > 0) or not math.isfinite(float(np.linalg.cond(columns))):
@@ -123,3 +138,25 @@ def volume_to_sitk(volume: Volume) -> sitk.Image:
     image.SetDirection(tuple(float(v) for v in (LPS_TO_RAS @ columns / spacing).ravel()))
     image.SetOrigin(tuple(float(v) for v in LPS_TO_RAS @ volume.affine[:3, 3]))
     return image
+
+
+@dataclass(frozen=True, eq=False)
+class VolumePair:
+    """An image and its mask as stored on disk (original orientation)."""
+
+    image: np.ndarray  # float32, HU after scl_slope/scl_inter
+    mask: np.ndarray  # integer labels, same dtype as stored (int64 if stored as float)
+    image_affine: np.ndarray  # 4x4 voxel -> mm (scanner RAS), as stored
+    mask_affine: np.ndarray  # 4x4, as stored
+    image_path: Path
+    mask_path: Path
+
+
+def fmt_shape(shape: tuple[int, ...]) -> str:
+    return "x".join(str(int(n)) for n in shape)
+
+
+def fmt_affine(affine: np.ndarray) -> str:
+    """The top three rows of an affine on one line, rounded to 1e-4 mm."""
+    rows = np.round(np.asarray(affine, dtype=np.float64)[:3], 4) + 0.0  # + 0.0 drops -0.0
+    return "[" + ", ".join("[" + ", ".join(f"{v:g}" for v in row) + "]" for row in rows) + "]"

@@ -29,6 +29,16 @@ from torchvision.models import densenet, resnet
 from cohort.config import Inflation
 from cohort.errors import InflationError
 
+__all__ = [
+    "CONVERTERS",
+    "PASS_THROUGH",
+    "Converter",
+    "TransferReport",
+    "Triple",
+    "inflate",
+    "inflate_kernel",
+]
+
 Triple = tuple[int, int, int]
 
 

@@ -30,6 +30,22 @@ from cohort.inputs.fingerprint import sha256_file
 from cohort.model.factorise import factorise
 from cohort.model.inflate import TransferReport, inflate
 
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "StateDict",
+    "Weights",
+    "backbone",
+    "build_2d",
+    "build_network",
+    "check_state_keys",
+    "imagenet_available",
+    "imagenet_cache_path",
+    "load_weights",
+    "random_weights",
+    "sha256_state",
+]
+
 StateDict = dict[str, torch.Tensor]
 
 

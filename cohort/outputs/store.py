@@ -30,6 +30,24 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cohort.errors import OutputError
+
+__all__ = [
+    "FINAL_FILES",
+    "PROVENANCE_KEY",
+    "STATE_DIR",
+    "Parts",
+    "atomic_path",
+    "publish",
+    "staging_dir",
+    "stamped",
+    "table",
+    "with_provenance",
+    "write_csv",
+    "write_json",
+    "write_parquet",
+]
+
 PROVENANCE_KEY = b"cohort.provenance"
 STATE_DIR = ".cohort"
 FINAL_FILES = (
@@ -43,44 +61,15 @@ FINAL_FILES = (
     "run.json",
 )
 
-FEATURES_SCHEMA = pa.schema(
-    [
-        ("subject_id", pa.string()),
-        ("cohort", pa.string()),
-        ("region", pa.string()),
-        ("layer", pa.string()),
-        ("layer_name", pa.string()),
-        ("channels", pa.int32()),
-        ("voxels", pa.int64()),
-        ("vector", pa.list_(pa.float32())),
-    ]
-)
-SIMILARITY_SCHEMA = pa.schema(
-    [
-        ("subject_id", pa.string()),
-        ("cohort", pa.string()),
-        ("layer", pa.string()),
-        ("region_a", pa.string()),
-        ("region_b", pa.string()),
-        ("cosine", pa.float64()),
-    ]
-)
-ERRORS_SCHEMA = pa.schema(
-    [
-        ("subject_id", pa.string()),
-        ("cohort", pa.string()),
-        ("stage", pa.string()),
-        ("error_type", pa.string()),
-        ("message", pa.string()),
-        ("image", pa.string()),
-        ("mask", pa.string()),
-    ]
-)
-
 
 def with_provenance(schema: pa.Schema, provenance: Mapping[str, Any]) -> pa.Schema:
     """The schema with the run's provenance as JSON under ``cohort.provenance``."""
     return schema.with_metadata({PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)})
+
+
+def stamped(table: pa.Table, provenance: Mapping[str, Any]) -> pa.Table:
+    """``table`` with the run's provenance as its schema metadata (and no other)."""
+    return table.replace_schema_metadata(with_provenance(table.schema, provenance).metadata)
 
 
 _TMP = re.compile(r"^\..+\.tmp-(\d+)$")
@@ -129,9 +118,6 @@ def table(frame: pd.DataFrame | Sequence[Mapping[str, Any]], schema: pa.Schema) 
     if isinstance(frame, pd.DataFrame):
         return pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
     return pa.Table.from_pylist(list(frame), schema=schema)
-
-
-# ----------------------------------------------------------------- fingerprints
 
 
 # ------------------------------------------------------------------------ parts
@@ -197,7 +183,9 @@ class Parts:
         the number of rows written.
         """
         if cohorts is not None and len(cohorts) != len(keys):
-            raise ValueError(f"{len(cohorts)} cohorts for {len(keys)} parts")
+            raise OutputError(
+                f"{len(cohorts)} cohorts for {len(keys)} parts; give one cohort per part"
+            )
         tmp = atomic_path(out)
         rows = 0
         with pq.ParquetWriter(tmp, schema) as writer:
@@ -222,8 +210,9 @@ def staging_dir(out_dir: Path) -> Path:
     return path
 
 
-def publish(staging: Path, out_dir: Path) -> None:
-    """Move the staged files into the output folder; run.json last, as the commit mark."""
-    names = [name for name in FINAL_FILES if (staging / name).exists()]
-    for name in sorted(names, key=lambda n: n == "run.json"):
+def publish(staging: Path, out_dir: Path, names: Sequence[str] = FINAL_FILES) -> None:
+    """Move the staged files ``names`` into the output folder; run.json last, as the
+    commit mark."""
+    present = [name for name in names if (staging / name).exists()]
+    for name in sorted(present, key=lambda n: n == "run.json"):
         os.replace(staging / name, Path(out_dir) / name)

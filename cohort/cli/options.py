@@ -1,22 +1,28 @@
-"""Command-line options shared by ``cohort run``, ``cohort demo`` and ``jobs/analyze.py``.
+"""Command-line options shared by ``cohort run``, ``demo``, ``stats`` and ``jobs/analyze.py``.
 
-One definition of each option; :func:`run_config` turns the parsed values into
-a validated :class:`~cohort.config.RunConfig`, once, at the edge.
+One definition of each option. Choices and defaults are read from the config
+types (:mod:`cohort.config`), never retyped here; :func:`run_config` turns the
+parsed values into a validated :class:`~cohort.config.RunConfig`, once, at the
+edge. Importing this module imports neither torch nor pandas.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, get_args
 
 import click
 
 from cohort.config import (
-    DEFAULT_LAYERS,
-    POOLING_MODES,
+    BACKBONES,
+    Device,
     ExecutionConfig,
+    Inflation,
     ModelConfig,
     PoolingConfig,
+    PoolingMode,
+    Precision,
     PreprocessConfig,
     RegionConfig,
     RunConfig,
@@ -25,9 +31,20 @@ from cohort.config import (
     parse_label_map,
 )
 from cohort.errors import ConfigError
-from cohort.model.network import BACKBONES
+
+__all__ = [
+    "RUN_OPTIONS",
+    "STATS_OPTIONS",
+    "apply",
+    "defaults",
+    "run_config",
+    "stats_config",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+_PRE, _REG, _MODEL = PreprocessConfig(), RegionConfig(), ModelConfig()
+_POOL, _EXEC, _STATS = PoolingConfig(), ExecutionConfig(), StatsConfig()
 
 
 def _floats(text: str | None, count: int, what: str) -> tuple[float, ...] | None:
@@ -43,100 +60,151 @@ def _floats(text: str | None, count: int, what: str) -> tuple[float, ...] | None
     return values
 
 
+# Statistics options default to None: ``cohort stats`` then keeps the run's own
+# setting, and ``cohort run`` takes StatsConfig's default (shown in --help).
 STATS_OPTIONS: list[Callable[[F], F]] = [
-    click.option("--bootstrap", default=2000, show_default=True, help="Bootstrap resamples."),
     click.option(
-        "--permutations", default=999, show_default=True, help="Permutations of the feature test."
+        "--bootstrap",
+        type=int,
+        default=None,
+        show_default=str(_STATS.bootstrap),
+        help="Bootstrap resamples.",
     ),
-    click.option("--stats-seed", default=0, show_default=True, help="Seed of every resampling."),
-    click.option("--min-n", default=3, show_default=True, help="Fewest subjects per group."),
+    click.option(
+        "--permutations",
+        type=int,
+        default=None,
+        show_default=str(_STATS.permutations),
+        help="Permutations of the feature test.",
+    ),
+    click.option(
+        "--stats-seed",
+        type=int,
+        default=None,
+        show_default=str(_STATS.seed),
+        help="Seed of every resampling.",
+    ),
+    click.option(
+        "--min-n",
+        type=int,
+        default=None,
+        show_default=str(_STATS.min_n),
+        help="Fewest subjects per group.",
+    ),
+    click.option(
+        "--ci-level",
+        type=float,
+        default=None,
+        show_default=str(_STATS.ci_level),
+        help="Coverage of every bootstrap percentile interval.",
+    ),
     click.option(
         "--centre/--raw",
-        default=False,
-        show_default=True,
+        default=None,
+        show_default="raw" if not _STATS.centre else "centre",
         help="Subtract the cohort-wide mean vector per layer before cosine (raw keeps the "
         "origin study's numbers comparable).",
     ),
 ]
 
+# click parameter name -> StatsConfig field
+_STATS_FIELDS: Mapping[str, str] = {
+    "bootstrap": "bootstrap",
+    "permutations": "permutations",
+    "stats_seed": "seed",
+    "min_n": "min_n",
+    "ci_level": "ci_level",
+    "centre": "centre",
+}
+
 RUN_OPTIONS: list[Callable[[F], F]] = [
     click.option(
         "--labels",
-        default=format_label_map(RegionConfig().labels),
+        default=format_label_map(_REG.labels),
         show_default=True,
         help="Named label values NAME=INT,...; a manifest 'labels' cell overrides per row.",
     ),
     click.option(
         "--background/--no-background",
-        default=True,
+        default=_REG.background,
         show_default=True,
         help="Add the region 'background' (every voxel in no named label).",
     ),
     click.option(
         "--layers",
-        default=",".join(DEFAULT_LAYERS),
+        default=",".join(_MODEL.layers),
         show_default=True,
         help="conv-K (K-th conv from the end, in execution order) or module paths.",
     ),
     click.option(
         "--pooling",
-        type=click.Choice(POOLING_MODES),
-        default="masked-pool",
+        type=click.Choice(get_args(PoolingMode)),
+        default=_POOL.mode,
         show_default=True,
         help="masked-pool: one pass, mask-weighted mean; masked-input: origin protocol.",
     ),
-    click.option("--gem-p", default=3.0, show_default=True, help="GeM exponent (masked-gem)."),
+    click.option("--gem-p", default=_POOL.gem_p, show_default=True, help="GeM exponent."),
     click.option(
         "--min-coverage",
-        default=0.01,
+        default=_POOL.min_coverage,
         show_default=True,
         help="Least region weight, in grid cells, a hooked layer must see.",
     ),
     click.option(
         "--weights",
-        default="imagenet",
+        default=_MODEL.weights,
         show_default=True,
         help="imagenet (torchvision's cache), random (seeded) or PATH to a state dict.",
     ),
     click.option("--weights-sha256", default=None, help="Expected sha256 of the weights file."),
     click.option(
-        "--backbone", type=click.Choice(sorted(BACKBONES)), default="densenet121", show_default=True
+        "--backbone", type=click.Choice(BACKBONES), default=_MODEL.backbone, show_default=True
     ),
-    click.option("--seed", default=0, show_default=True, help="Seed of random weights."),
+    click.option("--seed", default=_MODEL.seed, show_default=True, help="Seed of random weights."),
     click.option(
-        "--inflation", type=click.Choice(["mean", "centre"]), default="mean", show_default=True
+        "--inflation",
+        type=click.Choice(get_args(Inflation)),
+        default=_MODEL.inflation,
+        show_default=True,
     ),
     click.option(
         "--precision",
-        type=click.Choice(["fp32", "bf16"]),
-        default="fp32",
+        type=click.Choice(get_args(Precision)),
+        default=_MODEL.precision,
         show_default=True,
         help="bf16: autocast the network on CUDA (faster; vectors differ from fp32 by about "
         "1e-2 relative). CUDA only.",
     ),
-    click.option("--hu-window", default="-1000,2000", show_default=True, help="HU clip LOW,HIGH."),
+    click.option(
+        "--hu-window",
+        default=f"{_PRE.hu_min:g},{_PRE.hu_max:g}",
+        show_default=True,
+        help="HU clip LOW,HIGH.",
+    ),
     click.option("--spacing", default=None, help="Resample to D,H,W mm (default: keep)."),
     click.option("--crop-margin", type=float, default=None, help="Crop to labels + mm margin."),
     click.option(
         "--max-voxels",
-        default=PreprocessConfig().max_voxels,
+        default=_PRE.max_voxels,
         show_default=True,
         help="Refuse larger volumes before reading them.",
     ),
     click.option(
         "--device",
-        type=click.Choice(["auto", "cpu", "cuda"]),
-        default="auto",
+        type=click.Choice(get_args(Device)),
+        default=_EXEC.device,
         show_default=True,
     ),
     click.option("--address", default=None, help="Ray cluster address (default: local)."),
     click.option("--actors", type=int, default=None, help="Feature actors (default: GPUs or 1)."),
-    click.option("--actor-cpus", default=0.25, show_default=True, help="CPUs per actor."),
-    click.option("--loader-cpus", default=0.5, show_default=True, help="CPUs per load task."),
+    click.option("--actor-cpus", default=_EXEC.actor_cpus, show_default=True, help="CPUs/actor."),
+    click.option(
+        "--loader-cpus", default=_EXEC.loader_cpus, show_default=True, help="CPUs per load task."
+    ),
     click.option("--threads", type=int, default=None, help="Torch threads per CPU actor."),
     click.option(
         "--actor-memory",
-        default=2.0,
+        default=_EXEC.actor_memory_gb,
         show_default=True,
         help="GB of memory each actor reserves (raise for large volumes).",
     ),
@@ -146,13 +214,20 @@ RUN_OPTIONS: list[Callable[[F], F]] = [
         default=None,
         help="Abort after this many s without progress.",
     ),
-    click.option("--retries", default=2, show_default=True, help="Retries after a worker dies."),
+    click.option(
+        "--retries",
+        default=_EXEC.max_retries,
+        show_default=True,
+        help="Retries after a worker dies or a transient I/O error.",
+    ),
     click.option("--quiet", is_flag=True, help="No per-subject progress lines."),
     *STATS_OPTIONS,
 ]
 
 
 def apply(options: list[Callable[[F], F]]) -> Callable[[F], F]:
+    """Decorate a command with ``options`` (in the order listed)."""
+
     def decorate(command: F) -> F:
         for option in reversed(options):
             command = option(command)
@@ -161,17 +236,29 @@ def apply(options: list[Callable[[F], F]]) -> Callable[[F], F]:
     return decorate
 
 
-def stats_config(values: dict[str, Any]) -> StatsConfig:
-    return StatsConfig(
-        bootstrap=values["bootstrap"],
-        permutations=values["permutations"],
-        seed=values["stats_seed"],
-        min_n=values["min_n"],
-        centre=values["centre"],
-    )
+def defaults(options: list[Any]) -> dict[str, Any]:
+    """The value of every option in ``options`` when none is given, keyed as click passes it."""
+
+    @click.command()
+    @apply(options)
+    def probe(**values: Any) -> dict[str, Any]:
+        return values
+
+    return dict(probe.main([], standalone_mode=False))
 
 
-def run_config(values: dict[str, Any]) -> RunConfig:
+def stats_config(values: Mapping[str, Any], base: StatsConfig | None = None) -> StatsConfig:
+    """``base`` (default: StatsConfig()) with every statistics option that was given."""
+    given = {
+        field: values[name] for name, field in _STATS_FIELDS.items() if values[name] is not None
+    }
+    try:
+        return dataclasses.replace(base or StatsConfig(), **given)
+    except ConfigError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+def run_config(values: Mapping[str, Any]) -> RunConfig:
     """Validated RunConfig from parsed options; bad values become click errors."""
     try:
         window = _floats(values["hu_window"], 2, "--hu-window")

@@ -12,7 +12,7 @@ from scipy import ndimage
 from cohort.config import PreprocessConfig
 from cohort.errors import ConfigError
 from cohort.inputs.manifest import read_manifest
-from cohort.inputs.preprocess import prepare_subject
+from cohort.inputs.stages import prepare_subject
 from cohort.synthetic import (
     FEMUR,
     TIBIA,

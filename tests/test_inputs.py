@@ -22,11 +22,12 @@ from cohort.inputs.preprocess import (
     NO_REGION,
     Prepared,
     air_value,
-    prepare_subject,
     preprocess_pair,
     window_normalise,
 )
-from cohort.inputs.readers import VolumePair, load_pair
+from cohort.inputs.readers import load_pair
+from cohort.inputs.stages import prepare_subject
+from cohort.inputs.volume import VolumePair
 from tests.nifti_helpers import lps_from_ras, save_nifti, zyx_from_xyz
 
 LABELS: LabelMap = (("tibia", 1), ("femur", 2))

@@ -1,28 +1,22 @@
-"""The ``cohort`` command: one thin function per subcommand.
-
-Exit status: 0 every subject done; 1 failures recorded (partial results
-written); 2 unusable invocation, manifest or weights; 130 interrupted (finished
-subjects kept; rerun the same command to continue).
-"""
+"""``cohort run`` (the main job) and ``cohort demo`` (the same on a synthetic cohort)."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import pandas as pd
 
-from cohort import options
+from cohort.cli import options
+from cohort.cli.common import fail
 from cohort.config import RunConfig
-from cohort.errors import CohortError, ConfigError, InputError, ManifestError, ModelError
-from cohort.inputs.manifest import read_manifest
+from cohort.errors import CohortError, ExitCode
 
-EXIT_OK, EXIT_FAILURES, EXIT_UNUSABLE = 0, 1, 2
-EXIT_INTERRUPTED = 130  # Ctrl-C: finished subjects are kept, rerun to continue
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["demo", "execute", "format_origin", "run"]
 
 
 def format_origin(origin: pd.DataFrame) -> str:
@@ -45,34 +39,18 @@ def format_origin(origin: pd.DataFrame) -> str:
     return "\n\n".join(blocks)
 
 
-def _fail(err: Exception, code: int = EXIT_UNUSABLE) -> None:
-    click.echo(f"error: {err}", err=True)
-    sys.exit(code)
-
-
-@click.group()
-@click.version_option(package_name="cohort")
-def main() -> None:
-    """Deep region features and defensible statistics for CT cohorts."""
-
-
 def execute(
     manifest: Path, out: Path, cfg: RunConfig, *, download: bool = True, report: bool = True
-) -> int:
+) -> ExitCode:
     """Run the pipeline, print its summary and write its report; returns the exit status."""
-    from cohort.execution import pipeline
+    from cohort.execution import driver
 
     try:
-        result = pipeline.run(manifest, out, cfg, download=download)
-    except (ManifestError, ModelError, ConfigError, click.BadParameter) as err:
-        _fail(err)
-        raise AssertionError("unreachable") from None
-    except pipeline.InterruptedRunError as err:
-        _fail(err, EXIT_INTERRUPTED)
-        raise AssertionError("unreachable") from None
+        result = driver.run(manifest, out, cfg, download=download)
+    except click.BadParameter as err:
+        fail(err, ExitCode.UNUSABLE)
     except CohortError as err:
-        _fail(err, EXIT_FAILURES)
-        raise AssertionError("unreachable") from None
+        fail(err)
     click.echo(f"weights: {result.weights}")
     if result.origin is not None:
         click.echo(format_origin(result.origin))
@@ -103,7 +81,7 @@ NO_REPORT = click.option(
 )
 
 
-@main.command()
+@click.command()
 @click.argument("manifest", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @options.apply(options.RUN_OPTIONS)
@@ -114,7 +92,7 @@ def run(manifest: Path, out: Path, no_report: bool, **values: Any) -> None:
     sys.exit(execute(manifest, out, cfg, report=not no_report))
 
 
-@main.command()
+@click.command()
 @click.option(
     "--out", type=click.Path(path_type=Path), default=Path("demo-results"), show_default=True
 )
@@ -143,84 +121,7 @@ def demo(out: Path, per_cohort: int, shape: str, seed: int, no_report: bool) -> 
             "weights: seeded random (ImageNet weights are not in torchvision's cache; the "
             "numbers show the pipeline, not pretrained knowledge)"
         )
-    values = _defaults(options.RUN_OPTIONS)
+    values = options.defaults(options.RUN_OPTIONS)
     values["weights"] = "imagenet" if pretrained else "random"
     cfg = options.run_config(values)
     sys.exit(execute(manifest, out / "results", cfg, download=False, report=not no_report))
-
-
-def _defaults(opts: list[Any]) -> dict[str, Any]:
-    """The default value of every option in ``opts``, keyed like click passes them."""
-
-    @click.command()
-    @options.apply(opts)
-    def probe(**values: Any) -> dict[str, Any]:
-        return values
-
-    return dict(probe.main([], standalone_mode=False))
-
-
-@main.command()
-@click.argument("manifest", type=click.Path(path_type=Path))
-@click.option("--labels", default="tibia=1,femur=2", show_default=True)
-def validate(manifest: Path, labels: str) -> None:
-    """Check every input of MANIFEST without running a model."""
-    from cohort.config import PreprocessConfig, parse_label_map
-    from cohort.inputs.geometry import check_pair
-    from cohort.inputs.readers import load_pair
-
-    try:
-        subjects = read_manifest(manifest)
-        default_labels = parse_label_map(labels)
-    except (ManifestError, CohortError) as err:
-        _fail(err)
-        return
-    cfg = PreprocessConfig()
-    problems: list[tuple[str, str, str]] = []
-    for subject in subjects:
-        stage = "load"
-        try:
-            pair = load_pair(subject.image, subject.mask, cfg)
-            stage = "check"
-            check_pair(pair, subject.labels or default_labels, cfg)
-        except InputError as err:
-            problems.append((subject.subject_id, stage, str(err)))
-        except Exception as err:
-            problems.append((subject.subject_id, stage, f"{type(err).__name__}: {err}"))
-    click.echo(f"{len(subjects)} subjects, {len(problems)} with problems")
-    for sid, stage, message in problems:
-        click.echo(f"{sid}\t{stage}\t{message}")
-    sys.exit(EXIT_FAILURES if problems else EXIT_OK)
-
-
-@main.command("stats")
-@click.argument("folder", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@options.apply(options.STATS_OPTIONS)
-def stats_command(folder: Path, **values: Any) -> None:
-    """Recompute stats.parquet/csv and similarity.csv of a finished run in FOLDER."""
-    from cohort.config import StatsConfig
-    from cohort.execution.pipeline import write_summaries
-
-    run_json = folder / "run.json"
-    if not run_json.is_file():
-        _fail(CohortError(f"{run_json} is missing; FOLDER must be the --out of a finished run"))
-    provenance = json.loads(run_json.read_text())
-    stats_cfg = options.stats_config(values)
-    saved = provenance["config"]
-    saved["stats"] = {**saved.get("stats", {}), **dataclasses.asdict(stats_cfg)}
-    cfg = RunConfig(stats=StatsConfig(**saved["stats"]))
-    origin = write_summaries(folder, cfg, provenance)
-    click.echo(format_origin(origin))
-
-
-from cohort.report import report  # noqa: E402
-
-main.add_command(report)
-
-
-from cohort.execution.submit import logs, status, stop, submit  # noqa: E402
-
-main.add_command(submit)
-main.add_command(status)
-main.add_command(logs)
-main.add_command(stop)

@@ -9,8 +9,8 @@ from torch import nn
 
 from cohort.config import PoolingConfig
 from cohort.errors import RegionError
+from cohort.execution.driver import cosine_rows
 from cohort.execution.extract import autocast
-from cohort.execution.pipeline import cosine_rows
 from cohort.model.hooks import FeatureExtractor, resolve_layers
 from cohort.model.network import build_network, random_weights
 from cohort.model.pooling import (

@@ -1,11 +1,11 @@
-"""The Ray Data graph: a thin shell around the pure core.
+"""The driver of ``cohort run``: plan, stream, keep every subject's result, reduce.
 
 ::
 
-    manifest rows --map(loading.load_subject)--> prepared volumes   CPU tasks, streamed
-        --map_batches(extraction.FeatureActor)--> pooled vectors  one model per actor
-        --> driver: cosines and per-subject part files as results arrive
-        --> summaries, tests, run.json, moved into place at the end
+    manifest + weights + layers checked (prepare_run)
+        --> the Ray Data graph (:mod:`cohort.execution.graph`), one row per subject
+        --> a part file per finished subject, an error row per failed one
+        --> the reducer (:mod:`cohort.execution.reduce`): tables, tests, run.json
 
 Stage functions never raise for one subject's bad input: the failure becomes a
 row with its stage, error type and message, and the run goes on. The driver
@@ -31,50 +31,33 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import logging
-import os
 import pickle
-import platform
 import sys
 import threading
 import time
-import warnings
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
-import torch
 
-from cohort import __version__, stats
+from cohort import stats
 from cohort.config import BACKGROUND, LabelMap, RunConfig, format_label_map
-from cohort.errors import CohortError, ConfigError
-from cohort.execution.extract import FaultHook, FeatureActor
-from cohort.execution.load import DONE, FAILED, load_subject
-from cohort.inputs.fingerprint import fingerprint
+from cohort.errors import CohortError, ExitCode, RunInterruptedError, StalledError
+from cohort.execution.graph import ensure_ray, stream
+from cohort.execution.load import DONE, FAILED
+from cohort.execution.reduce import finish
+from cohort.inputs.fingerprint import options_identity
 from cohort.inputs.manifest import Subject, read_manifest
 from cohort.model.hooks import LayerInfo, resolve_layers
 from cohort.model.network import Weights, build_network, load_weights
 from cohort.model.pooling import RegionVector
-from cohort.outputs import store
+from cohort.outputs import schemas, store
+from cohort.outputs.provenance import versions
 
-# --------------------------------------------------------------- pure helpers
-
-
-def result_identity(cfg: RunConfig, weights_sha256: str) -> str:
-    """Everything besides the input files that changes a subject's numbers."""
-    parts = {
-        "preprocess": dataclasses.asdict(cfg.preprocess),
-        "background": cfg.regions.background,
-        "model": {**dataclasses.asdict(cfg.model), "weights": weights_sha256, "seed": None},
-        "pooling": dataclasses.asdict(cfg.pooling),
-        "cohort": __version__,
-    }
-    return fingerprint([repr(sorted(parts.items()))])
+__all__ = ["RunResult", "cosine_rows", "prepare_run", "run", "vector_rows"]
 
 
 def subject_labels(subject: Subject, cfg: RunConfig) -> LabelMap:
@@ -111,9 +94,6 @@ def cosine_rows(vectors: Sequence[RegionVector]) -> list[dict[str, Any]]:
     ]
 
 
-# ----------------------------------------------------------------- the driver
-
-
 @dataclass
 class RunResult:
     """What a run did; the CLI turns it into output and an exit status."""
@@ -129,12 +109,14 @@ class RunResult:
     seconds: float = 0.0
 
     @property
-    def exit_code(self) -> int:
-        return 1 if self.failed else 0
+    def exit_code(self) -> ExitCode:
+        return ExitCode.FAILURES if self.failed else ExitCode.OK
 
 
 @dataclass(frozen=True)
-class _Plan:
+class Plan:
+    """What the driver checked before Ray starts."""
+
     manifest: Path
     subjects: tuple[Subject, ...]
     weights: Weights
@@ -142,59 +124,15 @@ class _Plan:
     identity: str
 
 
-def prepare_run(manifest: Path, cfg: RunConfig, *, download: bool = True) -> _Plan:
+def prepare_run(manifest: Path, cfg: RunConfig, *, download: bool = True) -> Plan:
     """Everything checked on the driver before Ray starts: manifest, weights, layers."""
     subjects = read_manifest(manifest)
     weights = load_weights(cfg.model, download=download)
     network, _ = build_network(cfg.model.backbone, weights.state_dict, cfg.model.inflation)
     layers = resolve_layers(network, cfg.model.layers)
-    return _Plan(
-        Path(manifest).resolve(), subjects, weights, layers, result_identity(cfg, weights.sha256)
+    return Plan(
+        Path(manifest).resolve(), subjects, weights, layers, options_identity(cfg, weights.sha256)
     )
-
-
-def ensure_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-    else:
-        # "local": a private instance, never one a `ray start` on this machine left running
-        ray.init(
-            address="local",
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-        )
-
-
-def _pool(cfg: RunConfig) -> tuple[int, float, int | None]:
-    """Actors, GPUs per actor and torch threads per actor, from the cluster's resources."""
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    cpus = float(resources.get("CPU", 1))
-    use_gpu = cfg.execution.device == "cuda" or (cfg.execution.device == "auto" and gpus > 0)
-    if cfg.execution.device == "cuda" and gpus == 0:
-        raise ConfigError(
-            "--device cuda was asked for but the Ray cluster has no GPU resource; "
-            "use --device auto or cpu, or add GPU workers"
-        )
-    if cfg.model.precision == "bf16" and not use_gpu:
-        raise ConfigError(
-            "--precision bf16 runs the network in bfloat16 on CUDA devices, and this run "
-            "uses the CPU; drop --precision (fp32 is the default) or run on GPU workers "
-            "with --device cuda"
-        )
-    actors = cfg.execution.num_actors or (gpus if use_gpu else 1)
-    threads = cfg.execution.torch_threads
-    if threads is None and not use_gpu:
-        threads = max(1, int(cpus // actors))
-    return actors, (1.0 if use_gpu else 0.0), threads
 
 
 def _rows(subjects: Sequence[Subject], cfg: RunConfig) -> list[dict[str, Any]]:
@@ -242,73 +180,12 @@ class _Watchdog:
         self._stop.set()
 
 
-class StalledError(CohortError, RuntimeError):
-    """No subject finished within the no-progress timeout."""
-
-
-def stream(
-    plan: _Plan, cfg: RunConfig, finished: frozenset[str]
-) -> Generator[dict[str, Any], None, None]:
-    """Run the Ray Data graph and yield one result row per subject as it finishes."""
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext, Dataset
-
-    context = DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    actors, gpus, threads = _pool(cfg)
-    weights_ref = ray.put(plan.weights.state_dict)  # kept alive by this frame for the run
-    retries = cfg.execution.max_retries
-    items = ray.data.from_items(_rows(plan.subjects, cfg), override_num_blocks=len(plan.subjects))
-    loader = functools.partial(load_subject, cfg=cfg, identity=plan.identity, finished=finished)
-    with warnings.catch_warnings():
-        # Ray 2.60 marks ray_remote_args_fn deprecated (removal planned for 2.64) but
-        # offers no other way to bound actor restarts and task retries; without it a
-        # subject that kills its worker would be retried forever. Pinned to 2.60.
-        warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*deprecated")
-        ds: Dataset = items.map(
-            loader,
-            num_cpus=cfg.execution.loader_cpus,
-            ray_remote_args_fn=functools.partial(_remote_args, max_retries=retries),
-        )
-        ds = ds.map_batches(
-            FeatureActor,
-            fn_constructor_kwargs={
-                "weights": [weights_ref],
-                "cfg": cfg,
-                "threads": threads,
-                "fault": FaultHook.from_env(os.environ),
-            },
-            batch_size=1,
-            batch_format="numpy",
-            compute=ActorPoolStrategy(min_size=1, max_size=actors),
-            num_cpus=cfg.execution.actor_cpus,
-            num_gpus=gpus,
-            memory=cfg.execution.actor_memory_gb * 2**30,
-            ray_remote_args_fn=functools.partial(
-                _remote_args, max_restarts=retries, max_task_retries=retries
-            ),
-        )
-    for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
-        columns = cast(dict[str, np.ndarray], batch)
-        yield {name: columns[name][0] for name in columns}
-    del weights_ref
-
-
-def _remote_args(**args: int) -> dict[str, int]:
-    return dict(args)
-
-
-class InterruptedRunError(CohortError, RuntimeError):
-    """The run was stopped (Ctrl-C / SIGINT); finished subjects are kept for a rerun."""
-
-
 def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True) -> RunResult:
     """Run the whole analysis; returns counts. Raises only for unusable invocations.
 
     A subject whose part file already holds its result (same input contents,
     label map and result-affecting options) is reused, not recomputed. On
-    Ctrl-C nothing is published and :class:`InterruptedRunError` says how many
+    Ctrl-C nothing is published and :class:`RunInterruptedError` says how many
     subjects are kept.
     """
     started = time.perf_counter()
@@ -328,7 +205,15 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
         ensure_ray(cfg.execution.address)
         with (
             _Watchdog(cfg.execution.stall_timeout_s) as watchdog,
-            contextlib.closing(stream(plan, cfg, finished)) as rows,
+            contextlib.closing(
+                stream(
+                    _rows(plan.subjects, cfg),
+                    plan.weights.state_dict,
+                    cfg,
+                    plan.identity,
+                    finished,
+                )
+            ) as rows,
         ):
             try:
                 for row in rows:
@@ -379,7 +264,7 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
         )
     except KeyboardInterrupt:
         kept = len(finished) + result.done
-        raise InterruptedRunError(
+        raise RunInterruptedError(
             f"interrupted after {len(seen)} of {result.subjects} subjects; nothing was "
             f"published to {out_dir}, and {result.done} newly finished subject(s) are kept "
             f"({kept} part(s) in {parts.root}); rerun the same command to continue"
@@ -387,7 +272,7 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
     return result
 
 
-def _add_lost(plan: _Plan, seen: set[str], result: RunResult, broken: BaseException | None) -> None:
+def _add_lost(plan: Plan, seen: set[str], result: RunResult, broken: BaseException | None) -> None:
     """An error row for every manifest subject the stream did not return."""
     if broken is None:
         why = "the pipeline returned no result for this subject"
@@ -431,8 +316,8 @@ def _write_part(parts: store.Parts, row: Mapping[str, Any]) -> None:
     similarity = stats.cosine_table(pd.DataFrame(features))
     parts.write(
         str(row["key"]),
-        store.table(features, store.FEATURES_SCHEMA),
-        store.table(similarity, store.SIMILARITY_SCHEMA),
+        store.table(features, schemas.FEATURES_SCHEMA),
+        store.table(similarity, schemas.SIMILARITY_SCHEMA),
     )
 
 
@@ -441,30 +326,9 @@ def _progress(count: int, total: int, sid: str, status: str, started: float) -> 
     print(f"[{count}/{total}] {sid}: {status} ({rate:.2f} subjects/s)", file=sys.stderr, flush=True)
 
 
-def versions() -> dict[str, str]:
-    import nibabel
-    import pyarrow
-    import ray
-    import scipy
-    import torchvision
-
-    return {
-        "cohort": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "ray": ray.__version__,
-        "numpy": np.__version__,
-        "nibabel": nibabel.__version__,
-        "pyarrow": pyarrow.__version__,
-        "pandas": pd.__version__,
-        "scipy": scipy.__version__,
-    }
-
-
 def _provenance(
     cfg: RunConfig,
-    plan: _Plan,
+    plan: Plan,
     result: RunResult,
     devices: set[str],
     extract_seconds: list[float],
@@ -495,53 +359,3 @@ def _provenance(
         },
         "background": BACKGROUND if cfg.regions.background else None,
     }
-
-
-def finish(
-    out_dir: Path,
-    parts: store.Parts,
-    keys: Sequence[str],
-    errors: Sequence[Mapping[str, str]],
-    cfg: RunConfig,
-    provenance: Mapping[str, Any],
-    *,
-    cohorts: Sequence[str] | None = None,
-) -> pd.DataFrame:
-    """Combine parts, compute summaries and tests, and move every output into place.
-
-    ``cohorts`` (one per key) is each subject's cohort in this run's manifest;
-    it replaces the one stored in a reused part.
-    """
-    staging = store.staging_dir(out_dir)
-    features_schema = store.with_provenance(store.FEATURES_SCHEMA, provenance)
-    similarity_schema = store.with_provenance(store.SIMILARITY_SCHEMA, provenance)
-    parts.combine(keys, 0, features_schema, staging / "features.parquet", cohorts=cohorts)
-    parts.combine(keys, 1, similarity_schema, staging / "similarity.parquet", cohorts=cohorts)
-    error_table = store.table(list(errors), store.ERRORS_SCHEMA)
-    error_table = error_table.replace_schema_metadata(
-        store.with_provenance(store.ERRORS_SCHEMA, provenance).metadata
-    )
-    store.write_parquet(error_table, staging / "errors.parquet")
-    store.write_csv(error_table.to_pandas(), staging / "errors.csv")
-    origin = write_summaries(staging, cfg, provenance)
-    store.write_json(provenance, staging / "run.json")
-    store.publish(staging, out_dir)
-    return origin
-
-
-def write_summaries(folder: Path, cfg: RunConfig, provenance: Mapping[str, Any]) -> pd.DataFrame:
-    """Stats and the origin-study table from ``folder``'s features and similarity."""
-    features = pq.read_table(folder / "features.parquet").to_pandas()
-    similarity = pq.read_table(folder / "similarity.parquet").to_pandas()
-    if cfg.stats.centre and len(features):
-        similarity = stats.cosine_table(features, centre=True)
-    origin = stats.origin_table(similarity)
-    store.write_csv(origin, folder / "similarity.csv")
-    tests = stats.run_tests(features, similarity, cfg.stats)
-    stats_table = store.pa.Table.from_pandas(tests, preserve_index=False)
-    stats_table = stats_table.replace_schema_metadata(
-        store.with_provenance(stats_table.schema, provenance).metadata
-    )
-    store.write_parquet(stats_table, folder / "stats.parquet")
-    store.write_csv(tests, folder / "stats.csv")
-    return origin

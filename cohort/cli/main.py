@@ -1,0 +1,36 @@
+"""The ``cohort`` command line: the click group, with one module per command.
+
+Every module here is a thin shell: it parses options into typed configs
+(:mod:`cohort.cli.options`), calls the core, prints, and exits with the
+status of :class:`cohort.errors.ExitCode`. Importing the group imports
+neither torch nor pandas, so ``cohort --help`` is fast; each command imports
+what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import click
+
+from cohort.cli import cluster, report, run, stats, validate
+
+__all__ = ["main"]
+
+
+@click.group()
+@click.version_option(package_name="cohort")
+def main() -> None:
+    """Deep region features and defensible statistics for CT cohorts."""
+
+
+for _command in (
+    run.run,
+    run.demo,
+    validate.validate,
+    stats.stats,
+    report.report,
+    cluster.submit,
+    cluster.status,
+    cluster.logs,
+    cluster.stop,
+):
+    main.add_command(_command)

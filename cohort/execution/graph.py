@@ -1,0 +1,136 @@
+"""The Ray Data graph: loader tasks and feature actors, streamed to the driver.
+
+::
+
+    manifest rows --map(load.load_subject)--> prepared volumes    CPU tasks, streamed
+        --map_batches(extract.FeatureActor)--> pooled vectors  one model per actor
+        --> the driver (:mod:`cohort.execution.driver`), one row per subject
+
+Resources (actors, GPUs, threads, memory) are decided here, where the stages
+are used, not inside them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+from collections.abc import Generator, Mapping, Sequence
+from typing import Any, cast
+
+import numpy as np
+
+from cohort.config import RunConfig
+from cohort.errors import ConfigError
+from cohort.execution.extract import FaultHook, FeatureActor
+from cohort.execution.load import load_subject
+
+__all__ = ["ensure_ray", "plan_pool", "stream"]
+
+
+def ensure_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    else:
+        # "local": a private instance, never one a `ray start` on this machine left running
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+
+
+def plan_pool(cfg: RunConfig) -> tuple[int, float, int | None]:
+    """Actors, GPUs per actor and torch threads per actor, from the cluster's resources."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    cpus = float(resources.get("CPU", 1))
+    use_gpu = cfg.execution.device == "cuda" or (cfg.execution.device == "auto" and gpus > 0)
+    if cfg.execution.device == "cuda" and gpus == 0:
+        raise ConfigError(
+            "--device cuda was asked for but the Ray cluster has no GPU resource; "
+            "use --device auto or cpu, or add GPU workers"
+        )
+    if cfg.model.precision == "bf16" and not use_gpu:
+        raise ConfigError(
+            "--precision bf16 runs the network in bfloat16 on CUDA devices, and this run "
+            "uses the CPU; drop --precision (fp32 is the default) or run on GPU workers "
+            "with --device cuda"
+        )
+    actors = cfg.execution.num_actors or (gpus if use_gpu else 1)
+    threads = cfg.execution.torch_threads
+    if threads is None and not use_gpu:
+        threads = max(1, int(cpus // actors))
+    return actors, (1.0 if use_gpu else 0.0), threads
+
+
+def stream(
+    rows: Sequence[Mapping[str, Any]],
+    weights: Mapping[str, Any],
+    cfg: RunConfig,
+    identity: str,
+    finished: frozenset[str],
+) -> Generator[dict[str, Any], None, None]:
+    """Run the Ray Data graph on manifest ``rows`` and yield one result row per subject
+    as it finishes (in the order they finish).
+
+    ``weights`` is the 2D state dict every actor builds its network from;
+    ``identity`` and ``finished`` let the loaders recognise subjects that an
+    earlier run finished (they come back with status ``cached``).
+    """
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext, Dataset
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    actors, gpus, threads = plan_pool(cfg)
+    weights_ref = ray.put(dict(weights))  # kept alive by this frame for the run
+    retries = cfg.execution.max_retries
+    items = ray.data.from_items(list(rows), override_num_blocks=len(rows))
+    loader = functools.partial(load_subject, cfg=cfg, identity=identity, finished=finished)
+    with warnings.catch_warnings():
+        # Ray 2.60 marks ray_remote_args_fn deprecated (removal planned for 2.64) but
+        # offers no other way to bound actor restarts and task retries; without it a
+        # subject that kills its worker would be retried forever. Pinned to 2.60.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*deprecated")
+        ds: Dataset = items.map(
+            loader,
+            num_cpus=cfg.execution.loader_cpus,
+            ray_remote_args_fn=functools.partial(_remote_args, max_retries=retries),
+        )
+        ds = ds.map_batches(
+            FeatureActor,
+            fn_constructor_kwargs={
+                "weights": [weights_ref],
+                "cfg": cfg,
+                "threads": threads,
+                "fault": FaultHook.from_env(os.environ),
+            },
+            batch_size=1,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(min_size=1, max_size=actors),
+            num_cpus=cfg.execution.actor_cpus,
+            num_gpus=gpus,
+            memory=cfg.execution.actor_memory_gb * 2**30,
+            ray_remote_args_fn=functools.partial(
+                _remote_args, max_restarts=retries, max_task_retries=retries
+            ),
+        )
+    for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
+        columns = cast(dict[str, np.ndarray], batch)
+        yield {name: columns[name][0] for name in columns}
+    del weights_ref
+
+
+def _remote_args(**args: int) -> dict[str, int]:
+    return dict(args)

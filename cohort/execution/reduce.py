@@ -1,0 +1,96 @@
+"""The reducer: per-subject parts in, the run's tables and statistics out.
+
+:func:`finish` combines the part files of a run, computes the summaries and
+tests and moves every output into place (``run.json`` last). :func:`restate`
+recomputes the statistics of a finished run (``cohort stats``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from cohort import stats
+from cohort.config import RunConfig, StatsConfig
+from cohort.outputs import schemas, store
+from cohort.outputs.provenance import read_run
+
+__all__ = ["SUMMARY_FILES", "finish", "restate", "write_summaries"]
+
+# What the statistics write; ``cohort stats`` replaces these and run.json.
+SUMMARY_FILES = ("similarity.csv", "stats.parquet", "stats.csv")
+
+
+def finish(
+    out_dir: Path,
+    parts: store.Parts,
+    keys: Sequence[str],
+    errors: Sequence[Mapping[str, str]],
+    cfg: RunConfig,
+    provenance: Mapping[str, Any],
+    *,
+    cohorts: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Combine parts, compute summaries and tests, and move every output into place.
+
+    ``cohorts`` (one per key) is each subject's cohort in this run's manifest;
+    it replaces the one stored in a reused part. Returns the origin study's
+    table (what ``similarity.csv`` holds).
+    """
+    staging = store.staging_dir(out_dir)
+    features_schema = store.with_provenance(schemas.FEATURES_SCHEMA, provenance)
+    similarity_schema = store.with_provenance(schemas.SIMILARITY_SCHEMA, provenance)
+    parts.combine(keys, 0, features_schema, staging / "features.parquet", cohorts=cohorts)
+    parts.combine(keys, 1, similarity_schema, staging / "similarity.parquet", cohorts=cohorts)
+    error_table = store.stamped(store.table(list(errors), schemas.ERRORS_SCHEMA), provenance)
+    store.write_parquet(error_table, staging / "errors.parquet")
+    store.write_csv(error_table.to_pandas(), staging / "errors.csv")
+    origin = write_summaries(staging, staging, cfg.stats, provenance)
+    store.write_json(provenance, staging / "run.json")
+    store.publish(staging, out_dir)
+    return origin
+
+
+def write_summaries(
+    source: Path, target: Path, cfg: StatsConfig, provenance: Mapping[str, Any]
+) -> pd.DataFrame:
+    """Stats and the origin-study table from the features and similarity in ``source``.
+
+    Writes :data:`SUMMARY_FILES` into ``target``; returns the origin table.
+    """
+    features = pq.read_table(source / "features.parquet").to_pandas()
+    similarity = pq.read_table(source / "similarity.parquet").to_pandas()
+    if cfg.centre and len(features):
+        similarity = stats.cosine_table(features, centre=True)
+    origin = stats.origin_table(similarity)
+    store.write_csv(origin, target / "similarity.csv")
+    tests = stats.run_tests(features, similarity, cfg)
+    store.write_parquet(
+        store.stamped(store.table(tests, schemas.TESTS_SCHEMA), provenance),
+        target / "stats.parquet",
+    )
+    store.write_csv(tests, target / "stats.csv")
+    return origin
+
+
+def restate(folder: Path, cfg: StatsConfig) -> pd.DataFrame:
+    """Recompute the statistics of the finished run in ``folder`` with ``cfg``.
+
+    The new summaries and ``run.json`` (whose ``config.stats`` becomes
+    ``cfg``) are written to a staging folder and moved into place together,
+    so ``run.json`` always states the settings ``stats.parquet`` was made
+    with. Returns the origin study's table.
+    """
+    folder = Path(folder)
+    provenance = read_run(folder)
+    provenance["config"] = {**provenance.get("config", {}), "stats": dataclasses.asdict(cfg)}
+    staging = store.staging_dir(folder)
+    origin = write_summaries(folder, staging, cfg, provenance)
+    store.write_json(provenance, staging / "run.json")
+    store.publish(staging, folder, names=(*SUMMARY_FILES, "run.json"))
+    return origin
