@@ -23,6 +23,7 @@ __all__ = [
     "ExecutionConfig",
     "Inflation",
     "LabelMap",
+    "MaskResample",
     "ModelConfig",
     "PoolingConfig",
     "PoolingMode",
@@ -33,52 +34,80 @@ __all__ = [
     "StatsConfig",
     "WeightsChoice",
     "format_label_map",
+    "names_only",
     "parse_label_map",
 ]
 
 # Label maps are ordered (name, value) pairs: the order is the order regions
-# appear in outputs. "background" is reserved for "in no named label".
-LabelMap = tuple[tuple[str, int], ...]
+# appear in outputs. "background" is reserved for "in no named label". A value
+# of None names a region without a value: a mask file of a mask folder or a
+# segment of a 3D Slicer segmentation (written as a bare name, "liver,spleen").
+# In one map either every region has a value or none has.
+LabelMap = tuple[tuple[str, int | None], ...]
 BACKGROUND = "background"
 DEFAULT_LABELS: LabelMap = (("tibia", 1), ("femur", 2))
 DEFAULT_LAYERS: tuple[str, ...] = ("conv-1", "conv-3", "conv-5")
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+_BARE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-. ]*$")  # file or segment names: also . and space
 
 
 def parse_label_map(text: str) -> LabelMap:
-    """Parse ``"tibia=1,femur=2"`` into ``(("tibia", 1), ("femur", 2))``.
+    """Parse ``"tibia=1,femur=2"`` into ``(("tibia", 1), ("femur", 2))``, and bare
+    names ``"liver,spleen"`` into ``(("liver", None), ("spleen", None))``.
 
-    Names must be identifiers (letters, digits, ``_``, ``-``), values positive
-    integers; names and values must each be unique; ``background`` is reserved.
+    ``NAME=INT`` pairs name the values of a label-map file; bare names name the
+    files of a mask folder or the segments of a ``.seg.nrrd``; one map holds one
+    kind. Names must start with a letter and use letters, digits, ``_``, ``-``
+    (bare names also ``.`` and spaces, as file and segment names do), values
+    positive integers; names and values must each be unique; ``background`` is
+    reserved.
     """
     text = text.strip()
     if not text:
-        raise ConfigError("empty label map; write it as NAME=INT,... e.g. tibia=1,femur=2")
-    pairs: list[tuple[str, int]] = []
+        raise ConfigError(
+            "empty label map; write it as NAME=INT,... (a label-map file, e.g. tibia=1,femur=2) "
+            "or as bare names (a mask folder or .seg.nrrd, e.g. liver,spleen)"
+        )
+    pairs: list[tuple[str, int | None]] = []
     for item in text.split(","):
         name, sep, value = item.strip().partition("=")
         name, value = name.strip(), value.strip()
-        if not sep or not name or not value:
-            raise ConfigError(f"label map item {item!r} is not NAME=INT (e.g. tibia=1)")
-        if not _NAME.match(name):
+        if not name or (sep and not value):
+            raise ConfigError(
+                f"label map item {item!r} is neither NAME=INT (e.g. tibia=1) nor a bare name "
+                "(e.g. liver)"
+            )
+        if not (_NAME if sep else _BARE_NAME).match(name):
+            also = "" if sep else ", . or space"
             raise ConfigError(
                 f"label name {name!r} must start with a letter and use letters, digits, _ or -"
+                f"{also}"
             )
         if name == BACKGROUND:
             raise ConfigError(
                 f"label name {BACKGROUND!r} is reserved for voxels in no named label; "
                 "pick another name"
             )
-        try:
-            number = int(value)
-        except ValueError:
-            raise ConfigError(f"label value {value!r} for {name!r} is not an integer") from None
-        if number <= 0:
-            raise ConfigError(f"label value for {name!r} must be a positive integer, got {number}")
+        number: int | None = None
+        if sep:
+            try:
+                number = int(value)
+            except ValueError:
+                raise ConfigError(f"label value {value!r} for {name!r} is not an integer") from None
+            if number <= 0:
+                raise ConfigError(
+                    f"label value for {name!r} must be a positive integer, got {number}"
+                )
         pairs.append((name, number))
     names = [n for n, _ in pairs]
-    values = [v for _, v in pairs]
+    values = [v for _, v in pairs if v is not None]
+    if values and len(values) != len(pairs):
+        raise ConfigError(
+            f"label map {text!r} mixes NAME=INT pairs and bare names; use NAME=INT,... for a "
+            "label-map file (e.g. tibia=1,femur=2) or bare names for a mask folder or .seg.nrrd "
+            "(e.g. liver,spleen)"
+        )
     if len(set(names)) != len(names):
         raise ConfigError(f"label names repeat in {text!r}; each name once")
     if len(set(values)) != len(values):
@@ -88,7 +117,15 @@ def parse_label_map(text: str) -> LabelMap:
 
 def format_label_map(labels: LabelMap) -> str:
     """Inverse of :func:`parse_label_map`."""
-    return ",".join(f"{name}={value}" for name, value in labels)
+    return ",".join(name if value is None else f"{name}={value}" for name, value in labels)
+
+
+def names_only(labels: LabelMap) -> bool:
+    """Whether ``labels`` holds bare names (a mask folder or .seg.nrrd), not NAME=INT pairs."""
+    return all(value is None for _, value in labels)
+
+
+MaskResample = Literal["off", "nearest"]
 
 
 @dataclass(frozen=True)
@@ -101,8 +138,9 @@ class PreprocessConfig:
     std: float = 0.226  # gray ImageNet std
     target_spacing: tuple[float, float, float] | None = None  # mm along (D, H, W); None keeps
     crop_margin_mm: float | None = None  # crop to the labelled bounding box plus this margin
-    affine_tolerance_mm: float = 1e-3  # image and mask affines must agree to this
+    affine_tolerance_mm: float = 1e-3  # image and mask affines (RAS+) must agree to this
     max_voxels: int = 512 * 512 * 1024  # larger volumes are refused before allocation
+    mask_resample: MaskResample = "off"  # "nearest": put a mask on another grid onto the image's
 
     def __post_init__(self) -> None:
         if not self.hu_min < self.hu_max:
@@ -121,13 +159,18 @@ class PreprocessConfig:
             raise ConfigError("affine tolerance must be > 0 mm")
         if self.max_voxels <= 0:
             raise ConfigError("max voxels must be > 0")
+        if self.mask_resample not in get_args(MaskResample):
+            raise ConfigError(
+                f"mask resample must be one of {', '.join(get_args(MaskResample))}, "
+                f"got {self.mask_resample!r}"
+            )
 
 
 @dataclass(frozen=True)
 class RegionConfig:
     """Which regions are pooled: named label values plus optional background."""
 
-    labels: LabelMap = DEFAULT_LABELS  # default map; a manifest row may override it
+    labels: LabelMap = DEFAULT_LABELS  # default map or names; a manifest row may override it
     background: bool = True  # add "background" = every voxel in no named label
 
     def __post_init__(self) -> None:

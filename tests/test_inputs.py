@@ -25,9 +25,10 @@ from cohort.inputs.preprocess import (
     preprocess_pair,
     window_normalise,
 )
-from cohort.inputs.readers import load_pair
+from cohort.inputs.readers import VolumePair, load_pair
+from cohort.inputs.segmentation import LabelRegions
 from cohort.inputs.stages import prepare_subject
-from cohort.inputs.volume import VolumePair
+from cohort.inputs.volume import Volume
 from tests.nifti_helpers import lps_from_ras, save_nifti, zyx_from_xyz
 
 LABELS: LabelMap = (("tibia", 1), ("femur", 2))
@@ -56,6 +57,14 @@ def ras_files(tmp_path: Path) -> tuple[Path, Path]:
         save_nifti(tmp_path / "img.nii.gz", hu, affine),
         save_nifti(tmp_path / "seg.nii.gz", mask, affine),
     )
+
+
+def in_memory(
+    hu: np.ndarray, image_affine: np.ndarray, mask: np.ndarray, mask_affine: np.ndarray
+) -> VolumePair:
+    """A loaded pair without files: an image and a label map, each with its affine."""
+    image = Volume(hu, image_affine, Path("i"), "image")
+    return VolumePair(image, LabelRegions(mask, LABELS, mask_affine, Path("m")))
 
 
 def assert_same(a: Prepared, b: Prepared) -> None:
@@ -272,7 +281,7 @@ def test_region_lost_by_resampling_is_a_region_error(tmp_path: Path) -> None:
     hu, mask = cube_anatomy()
     mask[4, 4, 16] = 3  # one voxel at even indices: halving samples odd indices only
     cfg = PreprocessConfig(target_spacing=(2.0, 2.0, 2.0))
-    with pytest.raises(RegionError, match=r"region 'dot' of mask file .*m\.nii has no voxels"):
+    with pytest.raises(RegionError, match=r"region 'dot' of mask .*m\.nii has no voxels"):
         prepare_subject(
             save_nifti(tmp_path / "i.nii", hu),
             save_nifti(tmp_path / "m.nii", mask),
@@ -369,7 +378,8 @@ def test_shape_mismatch(tmp_path: Path) -> None:
         save_nifti(tmp_path / "i.nii", hu), save_nifti(tmp_path / "m.nii", mask[:, :, :19]), CFG
     )
     with pytest.raises(
-        GeometryError, match=r"mask grid 20x20x19 \(.*m\.nii\).*image grid 20x20x20"
+        GeometryError,
+        match=r"mask grid 19x20x20 \(.*m\.nii\).*image grid 20x20x20.*--mask-resample nearest",
     ):
         check_pair(pair, LABELS, CFG)
 
@@ -395,16 +405,16 @@ def test_affine_difference_within_tolerance_passes(tmp_path: Path) -> None:
     check_pair(pair, LABELS, CFG)
 
 
-def test_flipped_mask_affine_is_a_geometry_error(tmp_path: Path) -> None:
+def test_mask_stored_flipped_over_the_same_grid_is_the_same_pair(tmp_path: Path) -> None:
+    """Stored affines differ by up to 19 mm, the physical grid is the same: accepted."""
     hu, mask = cube_anatomy()
     lps_mask, lps_affine = lps_from_ras(mask, np.eye(4))
-    pair = load_pair(
-        save_nifti(tmp_path / "i.nii", hu),
-        save_nifti(tmp_path / "m.nii", lps_mask, lps_affine),
-        CFG,
+    image = save_nifti(tmp_path / "i.nii", hu)
+    flipped = prepare_subject(
+        image, save_nifti(tmp_path / "m.nii", lps_mask, lps_affine), LABELS, True, CFG
     )
-    with pytest.raises(GeometryError):
-        check_pair(pair, LABELS, CFG)
+    alike = prepare_subject(image, save_nifti(tmp_path / "r.nii", mask), LABELS, True, CFG)
+    assert_same(flipped, alike)
 
 
 def test_non_integer_mask(tmp_path: Path) -> None:
@@ -422,8 +432,9 @@ def test_float_mask_with_whole_values_is_accepted(tmp_path: Path) -> None:
         save_nifti(tmp_path / "m.nii", mask.astype(np.float32)),
         CFG,
     )
-    assert np.issubdtype(pair.mask.dtype, np.integer)
-    np.testing.assert_array_equal(pair.mask, mask)
+    assert isinstance(pair.regions, LabelRegions)
+    assert np.issubdtype(pair.regions.labels.dtype, np.integer)
+    np.testing.assert_array_equal(pair.regions.labels, mask)
 
 
 def test_absent_label_names_label_value_and_present_values(tmp_path: Path) -> None:
@@ -463,7 +474,7 @@ def test_trailing_singleton_4d_is_squeezed(tmp_path: Path) -> None:
         CFG,
     )
     assert pair.image.shape == (20, 20, 20)
-    np.testing.assert_array_equal(pair.image, hu)
+    np.testing.assert_array_equal(pair.image.data, hu)
 
 
 def test_absurd_size_refused_from_header_before_reading(tmp_path: Path) -> None:
@@ -483,10 +494,10 @@ def test_load_keeps_original_affines_and_scaled_hu(tmp_path: Path) -> None:
         save_nifti(tmp_path / "m.nii.gz", np.ones((3, 3, 3), dtype=np.uint8), affine),
         CFG,
     )
-    np.testing.assert_array_equal(pair.image_affine, affine)
-    np.testing.assert_array_equal(pair.mask_affine, affine)
-    assert pair.image.dtype == np.float32
-    np.testing.assert_array_equal(pair.image, raw * 2.0 - 100.0)
+    np.testing.assert_array_equal(pair.image.affine, affine)
+    np.testing.assert_array_equal(pair.regions.affine, affine)
+    assert pair.image.data.dtype == np.float32
+    np.testing.assert_array_equal(pair.image.data, raw * 2.0 - 100.0)
 
 
 # ------------------------------------------------------ real data: knee-3702
@@ -574,14 +585,10 @@ def test_any_axis_order_and_flip_gives_the_ras_result(
     hu = rng.uniform(-1200.0, 2200.0, size=(4, 5, 6)).astype(np.float32)
     mask = rng.integers(0, 3, size=(4, 5, 6)).astype(np.uint8)
     affine = np.diag([0.7, 0.9, 1.3, 1.0])
-    reference = preprocess_pair(
-        VolumePair(hu, mask, affine, affine, Path("i"), Path("m")), LABELS, True, CFG
-    )
+    reference = preprocess_pair(in_memory(hu, affine, mask, affine), LABELS, True, CFG)
     s_hu, s_affine = stored_as(hu, affine, tuple(order), flips)
     s_mask, _ = stored_as(mask, affine, tuple(order), flips)
-    other = preprocess_pair(
-        VolumePair(s_hu, s_mask, s_affine, s_affine, Path("i"), Path("m")), LABELS, True, CFG
-    )
+    other = preprocess_pair(in_memory(s_hu, s_affine, s_mask, s_affine), LABELS, True, CFG)
     assert_same(reference, other)
     assert reference.image.shape == (6, 5, 4)
 

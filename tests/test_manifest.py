@@ -113,6 +113,31 @@ def test_write_then_read_round_trips(tmp_path: Path) -> None:
     assert read_manifest(path) == subjects
 
 
+def test_bare_names_series_uid_and_folders_read_and_round_trip(tmp_path: Path) -> None:
+    """A DICOM folder with a series_uid, a mask folder named by bare names, a .seg.nrrd."""
+    manifest = write_csv(
+        tmp_path / "m.csv",
+        "subject_id,image,mask,labels,series_uid\n"
+        'a,dicom/a,masks/a,"liver,marrow spot",1.2.3\n'
+        "b,b.nrrd,b.seg.nrrd,,\n"
+        "c,dicom/c,c.nii.gz,,<empty>\n",
+    )
+    a, b, c = read_manifest(manifest)
+    assert (a.image, a.mask) == (tmp_path / "dicom/a", tmp_path / "masks/a")
+    assert a.labels == (("liver", None), ("marrow spot", None))
+    assert (a.series_uid, b.series_uid, c.series_uid) == ("1.2.3", None, "<empty>")
+    again = write_manifest((a, b, c), tmp_path / "again.csv")
+    assert read_manifest(again) == (a, b, c)
+    header = again.read_text(encoding="utf-8").splitlines()[0]
+    assert header == "subject_id,image,mask,cohort,labels,series_uid"
+
+
+def test_series_uid_column_is_written_only_when_used(tmp_path: Path) -> None:
+    one = Subject("001", tmp_path / "i.nii", tmp_path / "m.nii", "a", None, 1)
+    path = write_manifest([one], tmp_path / "m.csv")
+    assert path.read_text(encoding="utf-8").splitlines()[0] == "subject_id,image,mask,cohort"
+
+
 # ---- errors: each names the file, the row where there is one, and the fix ----
 
 
@@ -153,7 +178,7 @@ def test_unknown_column_lists_allowed(tmp_path: Path) -> None:
     message = str(info.value)
     assert "m.csv" in message
     assert "'Group'" in message
-    assert "subject_id, image, mask, cohort, labels" in message
+    assert "subject_id, image, mask, cohort, labels, series_uid" in message
 
 
 def test_repeated_column(tmp_path: Path) -> None:
@@ -193,7 +218,9 @@ def test_too_many_cells(tmp_path: Path) -> None:
         read_manifest(path)
 
 
-@pytest.mark.parametrize("labels", ["tibia", "tibia=one", "tibia=1,femur=1", "background=3"])
+@pytest.mark.parametrize(
+    "labels", ["tibia=1,femur", "tibia=one", "tibia=1,femur=1", "background=3", "1tibia"]
+)
 def test_bad_label_map_names_row(tmp_path: Path, labels: str) -> None:
     path = write_csv(
         tmp_path / "m.csv",

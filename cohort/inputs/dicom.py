@@ -43,7 +43,7 @@ from cohort.errors import GeometryError, InputError
 from cohort.inputs.itk import itk_error_reason
 from cohort.inputs.volume import Volume, volume_from_sitk
 
-__all__ = ["DicomSeries", "list_dicom_series", "read_dicom_series"]
+__all__ = ["DicomSeries", "list_dicom_series", "open_dicom_series", "read_dicom_series"]
 
 _SERIES_UID = "0020|000e"
 _SERIES_DESCRIPTION = "0008|103e"
@@ -114,6 +114,14 @@ def read_dicom_series(
     must hold exactly one. The volume's ``(i, j, k)`` are (column, row, slice)
     with slices in increasing position along the slice normal.
     """
+    return open_dicom_series(folder, series_uid, max_voxels=max_voxels)()
+
+
+def open_dicom_series(
+    folder: Path, series_uid: str | None = None, *, max_voxels: int = _MAX_VOXELS
+) -> Callable[[], Volume]:
+    """Read and check every header of one series now; the returned function reads
+    the pixel data (see :func:`read_dicom_series`)."""
     folder = _check_folder(folder)
     slices, skipped = _scan(folder)
     groups = _group(slices)
@@ -140,20 +148,24 @@ def read_dicom_series(
         )
     where = f"DICOM series {_series(chosen).label()} in {folder}"
     ordered = _check_grid(chosen, where, max_voxels)
-    reader = sitk.ImageSeriesReader()
-    reader.SetImageIO("GDCMImageIO")
-    reader.SetFileNames([str(s.path) for s in ordered])
-    reader.SetOutputPixelType(sitk.sitkFloat32)  # each file's rescale applied, no truncation
-    try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        raise InputError(
-            f"{where}: the headers are readable but the pixel data are not "
-            f"({itk_error_reason(exc)}); a file may be truncated, or use a compression GDCM "
-            "cannot decode: copy the series again, or convert it with dcm2niix"
-        ) from None
-    uid = ordered[0].series_uid or "<empty SeriesInstanceUID>"
-    return volume_from_sitk(image, folder, f"DICOM series {uid} ({len(ordered)} slices)")
+
+    def read() -> Volume:
+        reader = sitk.ImageSeriesReader()
+        reader.SetImageIO("GDCMImageIO")
+        reader.SetFileNames([str(s.path) for s in ordered])
+        reader.SetOutputPixelType(sitk.sitkFloat32)  # each file's rescale applied, no truncation
+        try:
+            image = reader.Execute()
+        except RuntimeError as exc:
+            raise InputError(
+                f"{where}: the headers are readable but the pixel data are not "
+                f"({itk_error_reason(exc)}); a file may be truncated, or use a compression GDCM "
+                "cannot decode: copy the series again, or convert it with dcm2niix"
+            ) from None
+        uid = ordered[0].series_uid or "<empty SeriesInstanceUID>"
+        return volume_from_sitk(image, folder, f"DICOM series {uid} ({len(ordered)} slices)")
+
+    return read
 
 
 def _check_folder(folder: Path) -> Path:

@@ -18,6 +18,7 @@ __all__ = [
     "fingerprint",
     "options_identity",
     "sha256_file",
+    "sha256_path",
     "subject_key",
 ]
 
@@ -29,6 +30,16 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_path(path: Path) -> str:
+    """:func:`sha256_file` of a file; of a folder (a DICOM series, a mask folder), a
+    fingerprint of the name and sha256 of every file directly in it."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    return fingerprint(["folder", *(f"{p.name}:{sha256_file(p)}" for p in files)])
 
 
 def fingerprint(parts: Iterable[str]) -> str:

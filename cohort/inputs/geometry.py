@@ -1,59 +1,81 @@
-"""Stage "check" and the array convention: grids, affines and orientation.
+"""Stage "check" and the array convention: grids, affines, orientation and size.
 
 Array convention of every prepared volume: axes (D, H, W) of the RAS+ volume,
 i.e. the RAS array axes (x, y, z) become (z, y, x). Index order along each
 axis: D inferior -> superior, H posterior -> anterior, W left -> right.
+
+Image and mask are compared in that frame, after both are reoriented to RAS+
+(closest canonical): the same physical grid stored in another axis order or
+direction is the same grid. A mask on another grid is an error, unless
+``--mask-resample nearest`` (:attr:`PreprocessConfig.mask_resample`) puts it
+on the image's (:mod:`cohort.inputs.nearest`). The model input must be large
+enough for every hooked layer: :class:`Reach` holds the least input size of
+each, worked out on the driver from the network (:mod:`cohort.model.reach`).
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from cohort.config import LabelMap, PreprocessConfig
 from cohort.errors import GeometryError, InputError, RegionError
-from cohort.inputs.volume import VolumePair, fmt_affine, fmt_shape
+from cohort.inputs.nearest import count_outside
+from cohort.inputs.readers import VolumePair
+from cohort.inputs.segmentation import LabelRegions, Regions, check_label_kind
+from cohort.inputs.volume import fmt_affine, fmt_shape
 
-__all__ = ["check_pair", "to_dhw"]
+__all__ = [
+    "AXES",
+    "Grid",
+    "LayerReach",
+    "Reach",
+    "check_pair",
+    "check_size",
+    "dhw_grid",
+    "mask_resampled",
+    "model_shape",
+    "same_grid",
+    "select_regions",
+    "to_dhw",
+]
 
-
-def check_pair(pair: VolumePair, labels: LabelMap, cfg: PreprocessConfig) -> None:
-    """Image and mask share a grid, the image is finite, every named label is present."""
-    if pair.image.shape != pair.mask.shape:
-        raise GeometryError(
-            f"mask grid {fmt_shape(pair.mask.shape)} ({pair.mask_path}) does not match image "
-            f"grid {fmt_shape(pair.image.shape)} ({pair.image_path}); resample the mask or "
-            "fix the manifest"
-        )
-    difference = float(np.max(np.abs(pair.image_affine[:3, :] - pair.mask_affine[:3, :])))
-    if not difference <= cfg.affine_tolerance_mm:
-        raise GeometryError(
-            f"mask affine of {pair.mask_path} differs from image affine of {pair.image_path} "
-            f"by up to {difference:.6g} mm (tolerance {cfg.affine_tolerance_mm:g} mm); "
-            f"image affine {fmt_affine(pair.image_affine)}, "
-            f"mask affine {fmt_affine(pair.mask_affine)}; "
-            "resample the mask or fix the manifest"
-        )
-    not_finite = int(pair.image.size - np.count_nonzero(np.isfinite(pair.image)))
-    if not_finite:
-        raise InputError(
-            f"image file {pair.image_path} has {not_finite:,} NaN or infinite voxels; "
-            "replace them (e.g. with -1000 HU) before the analysis"
-        )
-    for name, value in labels:
-        if not np.any(pair.mask == value):
-            raise RegionError(
-                f"mask file {pair.mask_path} has no voxel with value {value} (label {name!r}); "
-                f"values present: {_present_values(pair.mask)}; if this mask numbers its "
-                "labels differently, give the row a `labels` map in the manifest "
-                "(e.g. tibia=2,femur=1)"
-            )
+AXES = ("D", "H", "W")
+_AXIS_WORDS = ("D, inferior-superior", "H, posterior-anterior", "W, left-right")
 
 
-def _present_values(mask: np.ndarray, limit: int = 20) -> str:
-    values = np.unique(mask)
-    shown = ", ".join(str(int(v)) for v in values[:limit])
-    return shown + (f", ... ({values.size} in all)" if values.size > limit else "")
+@dataclass(frozen=True, eq=False)
+class Grid:
+    """A volume's grid in the RAS+ (D, H, W) frame."""
+
+    shape: tuple[int, int, int]  # voxels along D, H, W
+    affine: np.ndarray  # 4x4: (d, h, w, 1) -> RAS+ world mm
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        d, h, w = (float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+        return d, h, w
+
+
+@dataclass(frozen=True)
+class LayerReach:
+    """The least model input a hooked layer needs: its output keeps one cell per axis."""
+
+    layer: str  # the layer id as given ("conv-1") or a module path
+    module_path: str  # e.g. "features.denseblock4.denselayer16.conv2"
+    min_shape: tuple[int, int, int]  # least (D, H, W) input, voxels
+
+
+@dataclass(frozen=True)
+class Reach:
+    """What the hooked layers need, and how far shallower stages of the network reach."""
+
+    layers: tuple[LayerReach, ...]  # one per hooked layer
+    stages: tuple[LayerReach, ...] = ()  # the network's stages in execution order (for fixes)
 
 
 def to_dhw(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -63,6 +85,160 @@ def to_dhw(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple[flo
     """
     ornt = nib.orientations.io_orientation(affine)
     ras = nib.orientations.apply_orientation(array, ornt)
-    ras_affine = affine @ nib.orientations.inv_ornt_aff(ornt, array.shape)
-    sizes = np.linalg.norm(ras_affine[:3, :3], axis=0)  # mm per step along x, y, z
-    return ras.transpose(2, 1, 0), (float(sizes[2]), float(sizes[1]), float(sizes[0]))
+    grid = dhw_grid(array.shape, affine)
+    return ras.transpose(2, 1, 0), grid.spacing
+
+
+def dhw_grid(shape: tuple[int, ...], affine: np.ndarray) -> Grid:
+    """The grid of a stored volume (shape (i, j, k), voxel -> RAS affine) in the (D, H, W) frame."""
+    ornt = nib.orientations.io_orientation(affine)
+    ras_affine = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+    ras_shape = [0, 0, 0]
+    for stored_axis, (ras_axis, _) in enumerate(ornt):
+        ras_shape[int(ras_axis)] = int(shape[stored_axis])
+    dhw = np.eye(4)
+    dhw[:3, :3] = ras_affine[:3, :3][:, [2, 1, 0]]
+    dhw[:3, 3] = ras_affine[:3, 3]
+    return Grid((ras_shape[2], ras_shape[1], ras_shape[0]), dhw)
+
+
+def same_grid(a: Grid, b: Grid, tolerance_mm: float) -> bool:
+    """Same shape, and affines that agree to ``tolerance_mm``."""
+    return a.shape == b.shape and _difference(a, b) <= tolerance_mm
+
+
+def _difference(a: Grid, b: Grid) -> float:
+    return float(np.max(np.abs(a.affine[:3, :] - b.affine[:3, :])))
+
+
+def mask_resampled(pair: VolumePair, cfg: PreprocessConfig) -> bool:
+    """Whether the mask is put on the image grid: it lies on another grid, and
+    ``--mask-resample nearest`` allows it (else the check stage refuses the pair)."""
+    image = dhw_grid(pair.image.shape, pair.image.affine)
+    mask = dhw_grid(pair.regions.shape, pair.regions.affine)
+    return cfg.mask_resample == "nearest" and not same_grid(image, mask, cfg.affine_tolerance_mm)
+
+
+def model_shape(grid: Grid, cfg: PreprocessConfig) -> tuple[int, int, int]:
+    """The model input's (D, H, W) size before any crop: the grid, resampled if asked."""
+    if cfg.target_spacing is None:
+        return grid.shape
+    d, h, w = (
+        max(1, math.floor(n * s / t + 0.5))
+        for n, s, t in zip(grid.shape, grid.spacing, cfg.target_spacing, strict=True)
+    )
+    return d, h, w
+
+
+def select_regions(regions: Regions, labels: LabelMap) -> tuple[tuple[str, np.ndarray], ...]:
+    """The masks of ``labels``' regions, in order, on the mask's stored grid.
+
+    A label map's values are taken from ``labels``; a missing or empty region
+    is a :class:`RegionError`, labels of the wrong kind an :class:`InputError`.
+    """
+    check_label_kind(regions.path, labels, by_name=not isinstance(regions, LabelRegions))
+    if isinstance(regions, LabelRegions):
+        regions = LabelRegions(regions.labels, labels, regions.affine, regions.path)
+    return regions.select([name for name, _ in labels])
+
+
+def check_pair(
+    pair: VolumePair, labels: LabelMap, cfg: PreprocessConfig, reach: Reach | None = None
+) -> None:
+    """Image and mask share a grid in RAS+ (or the mask may be resampled onto the
+    image's and every region lies inside the image), the image is finite, every
+    named region is present, and the model input is large enough for ``reach``."""
+    image_grid = dhw_grid(pair.image.shape, pair.image.affine)
+    mask_grid = dhw_grid(pair.regions.shape, pair.regions.affine)
+    resample = not same_grid(image_grid, mask_grid, cfg.affine_tolerance_mm)
+    if resample and cfg.mask_resample == "off":
+        raise GeometryError(_grid_message(pair, image_grid, mask_grid, cfg))
+    not_finite = int(pair.image.data.size - np.count_nonzero(np.isfinite(pair.image.data)))
+    if not_finite:
+        raise InputError(
+            f"image file {pair.image_path} has {not_finite:,} NaN or infinite voxels; "
+            "replace them (e.g. with -1000 HU) before the analysis"
+        )
+    selected = select_regions(pair.regions, labels)
+    if resample:
+        for name, mask in selected:
+            dhw, _ = to_dhw(mask, pair.regions.affine)
+            outside = count_outside(dhw, mask_grid.affine, image_grid.shape, image_grid.affine)
+            if outside:
+                raise RegionError(
+                    f"region {name!r} of {pair.mask_path} has {outside:,} of "
+                    f"{int(np.count_nonzero(mask)):,} voxels outside the image "
+                    f"{pair.image_path} (mask grid {fmt_shape(mask_grid.shape)}, image grid "
+                    f"{fmt_shape(image_grid.shape)}, D x H x W in RAS+), so --mask-resample "
+                    "nearest would cut it; give an image that covers the region, or leave the "
+                    "region out of the labels"
+                )
+    if reach is not None:
+        spacing = cfg.target_spacing or image_grid.spacing
+        check_size(model_shape(image_grid, cfg), spacing, reach, pair.image_path)
+
+
+def _grid_message(pair: VolumePair, image: Grid, mask: Grid, cfg: PreprocessConfig) -> str:
+    codes = (
+        "".join(nib.aff2axcodes(pair.image.affine)),
+        "".join(nib.aff2axcodes(pair.regions.affine)),
+    )
+    fix = (
+        "resample the mask onto the image grid, e.g. with --mask-resample nearest (each "
+        "region by nearest neighbour in world coordinates), or fix the manifest"
+    )
+    if image.shape != mask.shape:
+        return (
+            f"mask grid {fmt_shape(mask.shape)} ({pair.mask_path}) does not match image grid "
+            f"{fmt_shape(image.shape)} ({pair.image_path}), both D x H x W after reorienting "
+            f"to RAS+ (stored {codes[1]} and {codes[0]}); {fix}"
+        )
+    return (
+        f"mask affine of {pair.mask_path} differs from image affine of {pair.image_path} by "
+        f"up to {_difference(image, mask):.6g} mm after both are reoriented to RAS+ (stored "
+        f"{codes[1]} and {codes[0]}; tolerance {cfg.affine_tolerance_mm:g} mm); image "
+        f"affine {fmt_affine(image.affine)}, mask affine {fmt_affine(mask.affine)} (D, H, W "
+        f"columns); {fix}"
+    )
+
+
+def check_size(
+    shape: tuple[int, int, int],
+    spacing: tuple[float, ...],
+    reach: Reach,
+    image: Path,
+    *,
+    cropped: bool = False,
+) -> None:
+    """The model input ``shape`` (D, H, W, at ``spacing`` mm) leaves every hooked layer
+    at least one cell; else a :class:`GeometryError` naming the minimum and the fixes."""
+    need = tuple(max([1, *(r.min_shape[a] for r in reach.layers)]) for a in range(3))
+    short = [a for a in range(3) if shape[a] < need[a]]
+    if not short:
+        return
+    a = short[0]
+    layers = [r for r in reach.layers if r.min_shape[a] > shape[a]]
+    deepest = max(layers, key=lambda r: r.min_shape[a])
+    finer = [f"{s:.4g}" for s in spacing]
+    for b in short:  # floor(n * s / t + 0.5) >= need  <=>  t <= n * s / (need - 0.5)
+        finer[b] = f"{math.floor(shape[b] * spacing[b] / (need[b] - 0.5) * 1000) / 1000:g}"
+    reached = [s for s in reach.stages if all(s.min_shape[b] <= shape[b] for b in range(3))]
+    shallower = "hook a shallower layer"
+    if reached:
+        stage = reached[-1]
+        shallower += (
+            f": this input reaches {stage.layer} (from {stage.min_shape[a]} voxels along "
+            f"{AXES[a]}), e.g. --layers {stage.layer}"
+        )
+    plural = len(layers) > 1
+    raise GeometryError(
+        f"image {image} gives a model input of {fmt_shape(shape)} voxels (D x H x W) "
+        f"{'after cropping to the labels (--crop-margin) ' if cropped else ''}at "
+        f"{'x'.join(f'{s:.4g}' for s in spacing)} mm, too small for hooked "
+        f"layer{'s' if plural else ''} {', '.join(r.layer for r in layers)} "
+        f"({deepest.module_path}): {'they need' if plural else 'it needs'} at least "
+        f"{deepest.min_shape[a]} voxels along {_AXIS_WORDS[a]} ({shape[a]} here, "
+        f"{shape[a] * spacing[a]:.4g} mm), or the network's strides leave no cell; fixes: "
+        f"{'a larger --crop-margin, ' if cropped else ''}resample finer along {AXES[a]} with "
+        f"--spacing (e.g. --spacing {','.join(finer)}), or {shallower}"
+    )

@@ -13,19 +13,23 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
-
-import SimpleITK as sitk  # noqa: N813 (the name SimpleITK's own documentation uses)
+from typing import TYPE_CHECKING
 
 from cohort.config import PreprocessConfig
 from cohort.errors import GeometryError, InputError
-from cohort.inputs.readers import _as_labels, _squeezed_shape
+from cohort.inputs.nifti import as_labels, squeezed_shape
 from cohort.inputs.volume import Volume, fmt_shape, volume_from_sitk
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk  # noqa: N813 (the name SimpleITK's own documentation uses)
 
 __all__ = [
     "ITK_SUFFIXES",
     "is_itk_file",
     "itk_error_reason",
+    "open_itk",
     "read_itk_header",
     "read_itk_image",
     "read_itk_label_map",
@@ -67,6 +71,8 @@ def read_itk_header(path: Path, role: str, max_voxels: int = _MAX_VOXELS) -> sit
     ``role`` names the file in messages ("image", "mask"). Returns the reader,
     ready for ``Execute()``.
     """
+    import SimpleITK as sitk  # noqa: N813 (here: a NIfTI-only run never imports it)
+
     path = Path(path)
     if not path.is_file():
         raise InputError(
@@ -107,7 +113,7 @@ def read_itk_header(path: Path, role: str, max_voxels: int = _MAX_VOXELS) -> sit
             f"{role} file {path} has {components} values per voxel (a vector or multi-layer "
             f"{fmt} file, shape {fmt_shape(shape)}); cohort needs one value per voxel: {fix}"
         )
-    squeezed = _squeezed_shape(shape)
+    squeezed = squeezed_shape(shape)
     if len(squeezed) > 3:
         raise GeometryError(
             f"{role} file {path} has shape {fmt_shape(shape)}, a {len(squeezed)}D series; "
@@ -132,23 +138,34 @@ def _execute(reader: sitk.ImageFileReader, path: Path, role: str) -> sitk.Image:
         ) from None
 
 
+def open_itk(path: Path, role: str, max_voxels: int, *, labels: bool) -> Callable[[], Volume]:
+    """Check a NRRD/MetaImage header now; the returned function reads the voxels.
+
+    An image reads as float32 (values as stored, HU); a label map keeps its
+    integer type, and a float label map must hold whole numbers (they become
+    int64), else :class:`InputError` with the count and an example.
+    """
+    import SimpleITK as sitk  # noqa: N813
+
+    path = Path(path)
+    reader = read_itk_header(path, role, max_voxels)
+    fmt = ITK_SUFFIXES[path.suffix.lower()][0]
+    if not labels:
+        reader.SetOutputPixelType(sitk.sitkFloat32)
+
+    def read() -> Volume:
+        kind = "label map" if labels else "image"
+        volume = volume_from_sitk(_execute(reader, path, role), path, f"{fmt} {kind} {path.name}")
+        return dataclasses.replace(volume, data=as_labels(volume.data, path)) if labels else volume
+
+    return read
+
+
 def read_itk_image(path: Path, *, max_voxels: int = _MAX_VOXELS) -> Volume:
     """Read a NRRD/MetaImage image as a float32 :class:`Volume` (values as stored, HU)."""
-    path = Path(path)
-    reader = read_itk_header(path, "image", max_voxels)
-    reader.SetOutputPixelType(sitk.sitkFloat32)
-    fmt = ITK_SUFFIXES[path.suffix.lower()][0]
-    return volume_from_sitk(_execute(reader, path, "image"), path, f"{fmt} image {path.name}")
+    return open_itk(path, "image", max_voxels, labels=False)()
 
 
 def read_itk_label_map(path: Path, *, max_voxels: int = _MAX_VOXELS) -> Volume:
-    """Read a NRRD/MetaImage label map as an integer :class:`Volume`.
-
-    Integer files keep their type; float files must hold whole numbers (they
-    become int64), else :class:`InputError` with the count and an example.
-    """
-    path = Path(path)
-    reader = read_itk_header(path, "mask", max_voxels)
-    fmt = ITK_SUFFIXES[path.suffix.lower()][0]
-    volume = volume_from_sitk(_execute(reader, path, "mask"), path, f"{fmt} label map {path.name}")
-    return dataclasses.replace(volume, data=_as_labels(volume.data, path))
+    """Read a NRRD/MetaImage label map as an integer :class:`Volume`."""
+    return open_itk(path, "mask", max_voxels, labels=True)()

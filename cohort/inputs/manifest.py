@@ -1,9 +1,14 @@
 """Read and validate the manifest: one row per subject.
 
 Columns ``subject_id``, ``image`` and ``mask`` are required; ``cohort``
-(default ``all``) and ``labels`` (a per-row ``name=int,...`` override of the
-run's label map) are optional. Relative paths resolve against the manifest's
-folder. Every value is read as text, so an id like ``007`` stays ``"007"``.
+(default ``all``), ``labels`` (a per-row override of the run's labels:
+``name=int,...`` for a label-map file, bare names ``liver,spleen`` for a mask
+folder or ``.seg.nrrd``) and ``series_uid`` (which DICOM series of an image
+folder; ``<empty>`` for a series whose SeriesInstanceUID is empty) are
+optional. ``image`` is a NIfTI, NRRD or MetaImage file or a DICOM series
+folder; ``mask`` a label-map file, a folder of binary masks or a ``.seg.nrrd``.
+Relative paths resolve against the manifest's folder. Every value is read as
+text, so an id like ``007`` stays ``"007"``.
 
 Whether the image and mask files exist is not checked here: a missing file is
 an error of that one subject (stage ``load``), not of the whole manifest.
@@ -33,7 +38,7 @@ __all__ = [
 ]
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("subject_id", "image", "mask")
-OPTIONAL_COLUMNS: tuple[str, ...] = ("cohort", "labels")
+OPTIONAL_COLUMNS: tuple[str, ...] = ("cohort", "labels", "series_uid")
 ALLOWED_COLUMNS: tuple[str, ...] = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 DEFAULT_COHORT = "all"
 SUFFIXES: tuple[str, ...] = (".csv", ".parquet")
@@ -44,11 +49,12 @@ class Subject:
     """One manifest row, validated, with absolute paths."""
 
     subject_id: str  # as written in the manifest (never parsed as a number)
-    image: Path  # CT volume (NIfTI), absolute
-    mask: Path  # label mask (NIfTI) on the image's grid, absolute
+    image: Path  # CT volume: NIfTI, NRRD or MetaImage file, or DICOM series folder; absolute
+    mask: Path  # label-map file, folder of binary masks, or .seg.nrrd; absolute
     cohort: str  # group name; "all" when the manifest has none
-    labels: LabelMap | None  # per-row label map; None = use the run's map
+    labels: LabelMap | None  # per-row label map or region names; None = use the run's
     row: int  # 1-based data row number in the manifest, for messages
+    series_uid: str | None = None  # the DICOM series of an image folder; None = its only one
 
 
 def read_manifest(path: Path) -> tuple[Subject, ...]:
@@ -94,8 +100,8 @@ def read_manifest(path: Path) -> tuple[Subject, ...]:
 def write_manifest(subjects: Iterable[Subject], path: Path) -> Path:
     """Write ``subjects`` as a CSV manifest; paths inside its folder are written relative.
 
-    The ``labels`` column is written only when some subject has a per-row map.
-    Returns ``path``.
+    The ``labels`` and ``series_uid`` columns are written only when some subject
+    has one. Returns ``path``.
     """
     path = Path(path)
     if path.suffix.lower() != ".csv":
@@ -103,7 +109,9 @@ def write_manifest(subjects: Iterable[Subject], path: Path) -> Path:
     items = list(subjects)
     folder = Path(os.path.abspath(path)).parent
     with_labels = any(s.labels is not None for s in items)
+    with_series = any(s.series_uid is not None for s in items)
     columns = [*REQUIRED_COLUMNS, "cohort"] + (["labels"] if with_labels else [])
+    columns += ["series_uid"] if with_series else []
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -112,6 +120,8 @@ def write_manifest(subjects: Iterable[Subject], path: Path) -> Path:
             cells = [s.subject_id, _relative(s.image, folder), _relative(s.mask, folder), s.cohort]
             if with_labels:
                 cells.append("" if s.labels is None else format_label_map(s.labels))
+            if with_series:
+                cells.append(s.series_uid or "")
             writer.writerow(cells)
     return path
 
@@ -219,7 +229,9 @@ def _subject_from_cells(path: Path, folder: Path, number: int, cells: dict[str, 
             raise ManifestError(
                 f"manifest {path}, row {number} (subject {cells['subject_id']!r}): "
                 f"labels {label_text!r} cannot be used: {exc}; write it as NAME=INT,... "
-                "e.g. tibia=2,femur=1, or leave the cell blank to use the run's labels"
+                "(e.g. tibia=2,femur=1) for a label-map file, as bare names (e.g. "
+                "liver,spleen) for a mask folder or .seg.nrrd, or leave the cell blank to use "
+                "the run's labels"
             ) from None
     return Subject(
         subject_id=cells["subject_id"],
@@ -228,6 +240,7 @@ def _subject_from_cells(path: Path, folder: Path, number: int, cells: dict[str, 
         cohort=cells.get("cohort", "") or DEFAULT_COHORT,
         labels=labels,
         row=number,
+        series_uid=cells.get("series_uid", "") or None,
     )
 
 

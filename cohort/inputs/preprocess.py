@@ -1,7 +1,11 @@
-"""Stage "preprocess": reorient, resample, crop, window and normalise; build regions.
+"""Stage "preprocess": reorient, put the mask on the image grid, resample, crop, window
+and normalise; build the region index.
 
-Pure numpy + nibabel (scipy only when resampling). The output
-:class:`Prepared` is what the model stage receives.
+Pure numpy + nibabel (scipy only when resampling the image). The output
+:class:`Prepared` is what the model stage receives: a float32 image and a
+uint8 region index (:mod:`cohort.inputs.regions`), 5 bytes per voxel when
+the regions are disjoint, one more byte per voxel per extra plane when
+regions overlap.
 """
 
 from __future__ import annotations
@@ -14,10 +18,20 @@ import numpy as np
 
 from cohort.config import BACKGROUND, LabelMap, PreprocessConfig
 from cohort.errors import ConfigError, RegionError
-from cohort.inputs.geometry import to_dhw
-from cohort.inputs.volume import VolumePair, fmt_shape
+from cohort.inputs.geometry import Reach, check_size, dhw_grid, same_grid, select_regions, to_dhw
+from cohort.inputs.nearest import nearest_onto
+from cohort.inputs.readers import VolumePair
+from cohort.inputs.regions import (
+    MAX_REGIONS,
+    NO_REGION,
+    as_region_index,
+    region_counts,
+    stack,
+)
+from cohort.inputs.volume import fmt_shape
 
 __all__ = [
+    "NO_REGION",
     "Prepared",
     "air_value",
     "crop_box",
@@ -28,35 +42,51 @@ __all__ = [
     "window_normalise",
 ]
 
-NO_REGION = 255  # region_index value of voxels in no region (background off)
-MAX_REGIONS = NO_REGION  # region ids 0..254
-
 
 @dataclass(frozen=True, eq=False)
 class Prepared:
     """One subject ready for the model: normalised image and region index, (D, H, W)."""
 
     image: np.ndarray  # float32 (D,H,W) normalised model input
-    region_index: np.ndarray  # uint8 (D,H,W): r = region r, 255 = no region (background off)
-    region_names: tuple[str, ...]  # named labels in LabelMap order, then "background" if on
+    # uint8 (D,H,W): r = region r, 255 = no region; (P,D,H,W) planes when regions overlap
+    region_index: np.ndarray
+    region_names: tuple[str, ...]  # named regions in label order, then "background" if on
     voxels: tuple[int, ...]  # voxel count per region
     spacing_mm: tuple[float, float, float]  # along D, H, W
     original_orientation: str  # axis codes of the stored image, e.g. "LPS"
+    mask_resampled: bool = False  # the mask was put on the image grid (--mask-resample)
 
 
 def preprocess_pair(
-    pair: VolumePair, labels: LabelMap, background: bool, cfg: PreprocessConfig
+    pair: VolumePair,
+    labels: LabelMap,
+    background: bool,
+    cfg: PreprocessConfig,
+    reach: Reach | None = None,
 ) -> Prepared:
-    """Reorient to RAS+ (D, H, W), resample, crop, window and normalise; build regions.
+    """Reorient to RAS+ (D, H, W), put the regions on the image grid, resample, crop,
+    window and normalise; build the region index.
 
-    Assumes :func:`check_pair` passed (the image affine is used for both arrays).
+    Assumes :func:`cohort.inputs.geometry.check_pair` passed. With ``reach``
+    a crop that leaves the model input too small is an error.
     """
     n_regions = len(labels) + (1 if background else 0)
     if n_regions > MAX_REGIONS:
         raise ConfigError(f"{n_regions} regions requested; at most {MAX_REGIONS} are supported")
-    orientation = "".join(str(c) for c in nib.aff2axcodes(pair.image_affine))
-    image, spacing = to_dhw(pair.image, pair.image_affine)
-    mask, _ = to_dhw(pair.mask, pair.image_affine)
+    orientation = "".join(str(c) for c in nib.aff2axcodes(pair.image.affine))
+    image_grid = dhw_grid(pair.image.shape, pair.image.affine)
+    mask_grid = dhw_grid(pair.regions.shape, pair.regions.affine)
+    image, spacing = to_dhw(pair.image.data, pair.image.affine)
+    selected = select_regions(pair.regions, labels)
+    planes = stack([to_dhw(mask, pair.regions.affine)[0] for _, mask in selected])
+    resampled = not same_grid(image_grid, mask_grid, cfg.affine_tolerance_mm)
+    if resampled:
+        planes = np.stack(
+            [
+                nearest_onto(p, mask_grid.affine, image_grid.shape, image_grid.affine, NO_REGION)
+                for p in planes
+            ]
+        )
     if cfg.target_spacing is not None:
         target = (
             float(cfg.target_spacing[0]),
@@ -64,36 +94,36 @@ def preprocess_pair(
             float(cfg.target_spacing[2]),
         )
         image = resample_image(image, spacing, target)
-        mask = resample_mask(mask, spacing, target)
+        planes = np.stack([resample_mask(p, spacing, target) for p in planes])
         spacing = target
-    named = np.isin(mask, np.array([value for _, value in labels]))
+    named = np.any(planes != NO_REGION, axis=0)
     if cfg.crop_margin_mm is not None:
         box = crop_box(named, spacing, cfg.crop_margin_mm)
-        image, mask, named = image[box], mask[box], named[box]
-    region_index = np.full(mask.shape, NO_REGION, dtype=np.uint8)
-    names: list[str] = []
-    for r, (name, value) in enumerate(labels):
-        region_index[mask == value] = r
-        names.append(name)
+        image, planes, named = image[box], planes[(slice(None), *box)], named[box]
+        if reach is not None:
+            d, h, w = (int(n) for n in image.shape)
+            check_size((d, h, w), spacing, reach, pair.image_path, cropped=True)
+    planes = np.ascontiguousarray(planes)
+    names = [name for name, _ in selected]
     if background:
-        region_index[~named] = len(labels)
+        planes[0][~named] = len(labels)
         names.append(BACKGROUND)
-    counts = np.bincount(region_index.ravel(), minlength=NO_REGION + 1)
-    voxels = tuple(int(counts[r]) for r in range(len(names)))
+    voxels = region_counts(planes, len(names))
     for name, count in zip(names, voxels, strict=True):
         if count == 0:
             raise RegionError(
-                f"region {name!r} of mask file {pair.mask_path} has no voxels after "
-                f"resampling/cropping (grid {fmt_shape(region_index.shape)}); use a finer "
+                f"region {name!r} of mask {pair.mask_path} has no voxels after "
+                f"resampling/cropping (grid {fmt_shape(named.shape)}); use a finer "
                 "target spacing or a larger crop margin, or check the label map"
             )
     return Prepared(
         image=np.ascontiguousarray(window_normalise(image, cfg)),
-        region_index=np.ascontiguousarray(region_index),
+        region_index=as_region_index(planes),
         region_names=tuple(names),
         voxels=voxels,
         spacing_mm=spacing,
         original_orientation=orientation,
+        mask_resampled=resampled,
     )
 
 

@@ -1,128 +1,103 @@
-"""Stage "load": read an image and its mask from disk, headers checked before voxels.
+"""Stage "load": read an image and its mask's regions, headers checked before voxels.
 
-Pure numpy + nibabel. A :class:`VolumePair` holds both arrays as stored, with
-their voxel -> world (RAS mm) affines; nothing is reoriented here.
+One dispatch for every accepted input, by what the manifest's path is:
+
+==========================  =====================================================
+``image``                   read with
+==========================  =====================================================
+``*.nii``, ``*.nii.gz``     nibabel (:mod:`cohort.inputs.nifti`)
+``*.nrrd``, ``*.nhdr``,     SimpleITK (:mod:`cohort.inputs.itk`)
+``*.mha``, ``*.mhd``
+a folder                    a DICOM series, by SimpleITK/GDCM (:mod:`cohort.inputs.dicom`);
+                            ``series_uid`` picks one of several
+==========================  =====================================================
+
+and the mask (:mod:`cohort.inputs.segmentation`): a label-map file (NIfTI,
+NRRD, MetaImage: regions named ``NAME=VALUE``), a folder of binary masks
+(one file per region, named by the file) or a 3D Slicer ``.seg.nrrd``
+(named by segment). Both headers (every file's, for a folder) are checked,
+size limit included, before any voxel is read. SimpleITK is imported only
+when a file needs it, so a NIfTI-only loader never pays for it. Nothing is
+reoriented here: a :class:`VolumePair` holds both as stored.
 """
 
 from __future__ import annotations
 
-import math
-import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-from nibabel.filebasedimages import ImageFileError
-from nibabel.spatialimages import HeaderDataError
+from cohort.config import LabelMap, PreprocessConfig
+from cohort.errors import InputError
+from cohort.inputs.itk import is_itk_file, open_itk
+from cohort.inputs.nifti import open_nifti, read_nifti
+from cohort.inputs.segmentation import Regions, open_regions
+from cohort.inputs.volume import Volume
 
-from cohort.config import PreprocessConfig
-from cohort.errors import GeometryError, InputError
-from cohort.inputs.volume import VolumePair, fmt_shape
+__all__ = ["EMPTY_SERIES_UID", "VolumePair", "load_pair", "open_image"]
 
-__all__ = ["VolumePair", "load_pair"]
-
-_READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError)
+EMPTY_SERIES_UID = "<empty>"  # a `series_uid` cell naming the series whose UID is empty
 
 
-def load_pair(image: Path, mask: Path, cfg: PreprocessConfig) -> VolumePair:
-    """Read an image and its mask; headers are checked before any data is read.
+@dataclass(frozen=True, eq=False)
+class VolumePair:
+    """An image and its mask's regions, as stored on disk (original orientation)."""
 
+    image: Volume  # float32 HU
+    regions: Regions  # a label map and its names, or named binary masks; on the mask's grid
+
+    @property
+    def image_path(self) -> Path:
+        return self.image.path
+
+    @property
+    def mask_path(self) -> Path:
+        return self.regions.path
+
+
+def load_pair(
+    image: Path,
+    mask: Path,
+    cfg: PreprocessConfig,
+    labels: LabelMap | None = None,
+    *,
+    series_uid: str | None = None,
+) -> VolumePair:
+    """Read an image and its mask; every header is checked before any voxel is read.
+
+    ``labels`` says which regions to read (a mask folder reads only their
+    files) and must be of the mask's kind: NAME=VALUE for a label-map file,
+    bare names for a folder or ``.seg.nrrd``. Without it a folder or
+    ``.seg.nrrd`` reads every region, and a label map's values are named at
+    the check stage.
     Raises :class:`InputError` (or :class:`GeometryError` for non-3D shapes)
     naming the file and the fix.
     """
-    image, mask = Path(image), Path(mask)
-    image_img = _open(image, "image", cfg)
-    mask_img = _open(mask, "mask", cfg)
-    image_data = _read(image_img, image, "image", as_float=True)
-    mask_data = _read(mask_img, mask, "mask", as_float=False)
-    return VolumePair(
-        image=image_data,
-        mask=_as_labels(mask_data, mask),
-        image_affine=np.asarray(image_img.affine, dtype=np.float64),
-        mask_affine=np.asarray(mask_img.affine, dtype=np.float64),
-        image_path=image,
-        mask_path=mask,
+    read_image = open_image(Path(image), cfg.max_voxels, series_uid)
+    read_regions = open_regions(
+        Path(mask),
+        () if labels is None else labels,  # (): every region; a label map's names come later
+        max_voxels=cfg.max_voxels,
+        affine_tolerance_mm=cfg.affine_tolerance_mm,
     )
+    return VolumePair(image=read_image(), regions=read_regions())
 
 
-def _open(path: Path, role: str, cfg: PreprocessConfig) -> nib.Nifti1Image:
-    """Open a NIfTI header (no voxel data) and check its shape and size."""
-    if not path.is_file():
+def open_image(path: Path, max_voxels: int, series_uid: str | None = None) -> Callable[[], Volume]:
+    """Check an image's header(s) now; the returned function reads its voxels (float32 HU)."""
+    path = Path(path)
+    if path.is_dir():
+        from cohort.inputs.dicom import open_dicom_series  # GDCM only for DICOM folders
+
+        uid = "" if series_uid == EMPTY_SERIES_UID else series_uid
+        return open_dicom_series(path, uid, max_voxels=max_voxels)
+    if series_uid is not None:
         raise InputError(
-            f"{role} file {path} does not exist or is not a file; fix the path in the manifest"
+            f"image {path} has a `series_uid` ({series_uid!r}) in the manifest, which picks a "
+            "series of a DICOM folder, but the image is not a folder; give the folder that "
+            "holds the series, or leave the row's `series_uid` blank"
         )
-    try:
-        img = nib.load(path, mmap=False)
-    except _READ_ERRORS as exc:
-        raise InputError(
-            f"{role} file {path} is not a readable NIfTI file ({type(exc).__name__}: {exc}); "
-            "convert it to .nii or .nii.gz"
-        ) from None
-    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-        raise InputError(
-            f"{role} file {path} is a {type(img).__name__}, not NIfTI; "
-            "convert it to .nii or .nii.gz"
-        )
-    shape = tuple(int(n) for n in img.shape)
-    count = math.prod(shape)
-    if count > cfg.max_voxels:
-        raise InputError(
-            f"{role} file {path} has {fmt_shape(shape)} = {count:,} voxels, more than the "
-            f"limit of {cfg.max_voxels:,}; crop or downsample it first, or raise the "
-            "limit with --max-voxels"
-        )
-    squeezed = _squeezed_shape(shape)
-    if len(squeezed) > 3:
-        raise GeometryError(
-            f"{role} file {path} has shape {fmt_shape(shape)}, a {len(squeezed)}D series; "
-            "cohort needs one 3D volume per file: split the series into 3D files"
-        )
-    if len(squeezed) < 3 or min(squeezed) < 2:
-        raise GeometryError(
-            f"{role} file {path} has shape {fmt_shape(shape)}, a 2D slice; cohort needs "
-            "one 3D volume per file: stack the slices into one volume"
-        )
-    return img
-
-
-def _squeezed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Drop trailing singleton axes beyond the third (X, Y, Z, 1 -> X, Y, Z)."""
-    out = list(shape)
-    while len(out) > 3 and out[-1] == 1:
-        out.pop()
-    return tuple(out)
-
-
-def _read(img: nib.Nifti1Image, path: Path, role: str, as_float: bool) -> np.ndarray:
-    """Read the voxel data as a 3D array: float32 HU after scl_slope/scl_inter, or as stored."""
-    try:
-        data = img.get_fdata(dtype=np.float32) if as_float else np.asarray(img.dataobj)
-    except (*_READ_ERRORS, TypeError) as exc:
-        raise InputError(
-            f"{role} file {path}: the header is readable but the voxel data are not "
-            f"({type(exc).__name__}: {exc}); the file is probably truncated or corrupt, "
-            "copy or export it again"
-        ) from None
-    return data.reshape(_squeezed_shape(data.shape))
-
-
-def _as_labels(data: np.ndarray, path: Path) -> np.ndarray:
-    """Mask voxels as integers; non-integer values are an error."""
-    if np.issubdtype(data.dtype, np.integer):
-        return data
-    if not np.issubdtype(data.dtype, np.floating):
-        raise InputError(
-            f"mask file {path} holds {data.dtype} values; a label mask must hold integers, "
-            "save it as uint8/int16"
-        )
-    finite = np.isfinite(data)
-    whole = finite & (data == np.round(data))
-    bad = int(data.size - np.count_nonzero(whole))
-    if bad:
-        example = data[~whole].flat[0]
-        raise InputError(
-            f"mask file {path} has {bad:,} non-integer voxel values (e.g. {example!r}); "
-            "a label mask must hold whole numbers: save it as an integer type, or round it "
-            "if it was interpolated"
-        )
-    return data.astype(np.int64)
+    if is_itk_file(path):
+        return open_itk(path, "image", max_voxels, labels=False)
+    img = open_nifti(path, "image", max_voxels)  # any other name: NIfTI, or a clear error
+    return lambda: read_nifti(img, path, "image", labels=False)

@@ -19,22 +19,16 @@ Masks from separate files or layers may overlap; nothing here resolves that.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk  # noqa: N813 (the name SimpleITK's own documentation uses)
 
-from cohort.config import BACKGROUND, LabelMap, PreprocessConfig
+from cohort.config import BACKGROUND, LabelMap, PreprocessConfig, names_only
 from cohort.errors import GeometryError, InputError, RegionError
-from cohort.inputs.geometry import _present_values
-from cohort.inputs.itk import (
-    is_itk_file,
-    itk_error_reason,
-    read_itk_label_map,
-)
-from cohort.inputs.readers import _as_labels, _open, _read
+from cohort.inputs.itk import is_itk_file, itk_error_reason, open_itk
+from cohort.inputs.nifti import as_labels, is_nifti_file, open_nifti, read_nifti
 from cohort.inputs.volume import Volume, fmt_affine, fmt_shape, volume_from_sitk
 
 __all__ = [
@@ -42,7 +36,13 @@ __all__ = [
     "LabelRegions",
     "NamedMasks",
     "Regions",
+    "check_label_kind",
     "is_slicer_segmentation",
+    "open_label_file",
+    "open_mask_folder",
+    "open_regions",
+    "open_slicer_segmentation",
+    "present_values",
     "read_label_file",
     "read_label_regions",
     "read_mask_folder",
@@ -69,6 +69,7 @@ class NamedMasks:
     affine: np.ndarray  # 4x4 float64 voxel -> RAS mm, shared by every mask
     path: Path  # the folder or .seg.nrrd file
     description: str  # "mask folder" or "3D Slicer segmentation"
+    present: tuple[str, ...] = ()  # every region the source holds, when only some were read
 
     def __post_init__(self) -> None:
         if not len(self.names) == len(self.masks) == len(self.sources):
@@ -91,7 +92,8 @@ class NamedMasks:
             if name not in index:
                 raise RegionError(
                     f"{self.description} {self.path} has no region {name!r}; regions present: "
-                    f"{_fmt_names(self.names)}; fix the region names (`labels`) in the manifest"
+                    f"{_fmt_names(self.present or self.names)}; fix the region names "
+                    "(`labels`) in the manifest"
                     + (
                         f", or add a mask file {name}.nii.gz to the folder"
                         if self.description == "mask folder"
@@ -133,16 +135,17 @@ class LabelRegions:
         values = dict(self.label_map)
         out: list[tuple[str, np.ndarray]] = []
         for name in names:
-            if name not in values:
+            value = values.get(name)
+            if value is None:
                 raise RegionError(
                     f"label map of mask file {self.path} names no region {name!r}; names in it: "
                     f"{_fmt_names(self.names)}; add {name}=VALUE to the row's `labels` map"
                 )
-            mask = self.labels == values[name]
+            mask = self.labels == value
             if not mask.any():
                 raise RegionError(
-                    f"mask file {self.path} has no voxel with value {values[name]} "
-                    f"(label {name!r}); values present: {_present_values(self.labels)}; if this "
+                    f"mask file {self.path} has no voxel with value {value} "
+                    f"(label {name!r}); values present: {present_values(self.labels)}; if this "
                     "mask numbers its labels differently, give the row a `labels` map in the "
                     "manifest (e.g. tibia=2,femur=1)"
                 )
@@ -155,6 +158,13 @@ Regions = NamedMasks | LabelRegions
 
 def _fmt_names(names: Sequence[str]) -> str:
     return ", ".join(repr(n) for n in names) if names else "none"
+
+
+def present_values(mask: np.ndarray, limit: int = 20) -> str:
+    """The distinct values of a label map, for messages (the first ``limit``)."""
+    values = np.unique(mask)
+    shown = ", ".join(str(int(v)) for v in values[:limit])
+    return shown + (f", ... ({values.size} in all)" if values.size > limit else "")
 
 
 def region_name(path: Path) -> str | None:
@@ -171,20 +181,15 @@ def is_slicer_segmentation(path: Path) -> bool:
     return Path(path).name.lower().endswith(SLICER_SUFFIX)
 
 
-def read_label_file(path: Path, *, max_voxels: int = _MAX_VOXELS) -> Volume:
-    """Read an integer label map from NIfTI (nibabel) or NRRD/MetaImage (SimpleITK)."""
+def open_label_file(path: Path, *, max_voxels: int = _MAX_VOXELS) -> Callable[[], Volume]:
+    """Check the header of an integer label map (NIfTI with nibabel, NRRD/MetaImage with
+    SimpleITK) now; the returned function reads its voxels."""
     path = Path(path)
     if is_itk_file(path):
-        return read_itk_label_map(path, max_voxels=max_voxels)
-    if path.name.lower().endswith((".nii", ".nii.gz")):
-        img = _open(path, "mask", PreprocessConfig(max_voxels=max_voxels))
-        data = _as_labels(_read(img, path, "mask", as_float=False), path)
-        return Volume(
-            data=data,
-            affine=np.asarray(img.affine, dtype=np.float64),
-            path=path,
-            description=f"NIfTI label map {path.name}",
-        )
+        return open_itk(path, "mask", max_voxels, labels=True)
+    if is_nifti_file(path):
+        img = open_nifti(path, "mask", max_voxels)
+        return lambda: read_nifti(img, path, "mask", labels=True)
     if not path.exists():
         raise InputError(
             f"mask file {path} does not exist or is not a file; fix the path in the manifest"
@@ -193,6 +198,11 @@ def read_label_file(path: Path, *, max_voxels: int = _MAX_VOXELS) -> Volume:
         f"mask file {path} is not NIfTI, NRRD or MetaImage by its name (expected one of "
         f"{', '.join(MASK_SUFFIXES)}); convert it to one of those"
     )
+
+
+def read_label_file(path: Path, *, max_voxels: int = _MAX_VOXELS) -> Volume:
+    """Read an integer label map from NIfTI (nibabel) or NRRD/MetaImage (SimpleITK)."""
+    return open_label_file(path, max_voxels=max_voxels)()
 
 
 def read_label_regions(
@@ -207,6 +217,7 @@ def read_label_regions(
 
 def read_mask_folder(
     folder: Path,
+    names: Sequence[str] | None = None,
     *,
     max_voxels: int = _MAX_VOXELS,
     affine_tolerance_mm: float = _TOLERANCE_MM,
@@ -214,10 +225,26 @@ def read_mask_folder(
     """One binary mask per file, named by the file (``spleen.nrrd`` -> ``spleen``).
 
     Files that are not masks by their name (a README, the ``.raw`` data of a
-    ``.mhd``) are ignored; regions come in file-name order. Every file must be
-    binary (0 and one other value) and on the first file's grid (shape, and
-    affine to ``affine_tolerance_mm``).
+    ``.mhd``) are ignored; regions come in file-name order. With ``names``
+    only the files of those regions are read (a name without a file is left
+    for :meth:`NamedMasks.select` to report). Every header is checked before
+    any voxel is read. Every file must be binary (0 and one other value) and
+    on the first file's grid (shape, and affine to ``affine_tolerance_mm``).
     """
+    return open_mask_folder(
+        folder, names, max_voxels=max_voxels, affine_tolerance_mm=affine_tolerance_mm
+    )()
+
+
+def open_mask_folder(
+    folder: Path,
+    names: Sequence[str] | None = None,
+    *,
+    max_voxels: int = _MAX_VOXELS,
+    affine_tolerance_mm: float = _TOLERANCE_MM,
+) -> Callable[[], NamedMasks]:
+    """List a mask folder and check the headers of its files now; the returned function
+    reads their voxels (see :func:`read_mask_folder`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(
@@ -250,21 +277,28 @@ def read_mask_folder(
             f"{', '.join(MASK_SUFFIXES)}); found: {found or 'nothing'}; put one binary mask "
             "file per structure there, named after the structure"
         )
-    paths = list(files.values())
-    first = read_label_file(paths[0], max_voxels=max_voxels)
-    masks = [_binary(first.data, paths[0])]
-    for path in paths[1:]:
-        volume = read_label_file(path, max_voxels=max_voxels)
-        _check_same_grid(first, volume, affine_tolerance_mm)
-        masks.append(_binary(volume.data, path))
-    return NamedMasks(
-        names=tuple(files),
-        masks=tuple(masks),
-        sources=tuple(f"file {path.name}" for path in paths),
-        affine=first.affine,
-        path=folder,
-        description="mask folder",
-    )
+    chosen = {n: f for n, f in files.items() if names is None or n in names} or files
+    readers = [open_label_file(path, max_voxels=max_voxels) for path in chosen.values()]
+    paths = list(chosen.values())
+
+    def read() -> NamedMasks:
+        first = readers[0]()
+        masks = [_binary(first.data, paths[0])]
+        for path, read_file in zip(paths[1:], readers[1:], strict=True):
+            volume = read_file()
+            _check_same_grid(first, volume, affine_tolerance_mm)
+            masks.append(_binary(volume.data, path))
+        return NamedMasks(
+            names=tuple(chosen),
+            masks=tuple(masks),
+            sources=tuple(f"file {path.name}" for path in paths),
+            affine=first.affine,
+            path=folder,
+            description="mask folder",
+            present=tuple(files) if len(chosen) < len(files) else (),
+        )
+
+    return read
 
 
 def _binary(data: np.ndarray, path: Path) -> np.ndarray:
@@ -275,7 +309,7 @@ def _binary(data: np.ndarray, path: Path) -> np.ndarray:
         other = values[values != values[0]][0]
         raise InputError(
             f"mask file {path} is not binary: it holds the values 0, {values[0]} and {other} "
-            f"(values present: {_present_values(data)}); a mask folder needs one binary file per "
+            f"(values present: {present_values(data)}); a mask folder needs one binary file per "
             "structure (0 outside, one value inside): split the label map into one file per "
             "structure, or give the label-map file itself as the mask with a `labels` map"
         )
@@ -301,8 +335,12 @@ def _check_same_grid(first: Volume, other: Volume, tolerance_mm: float) -> None:
         )
 
 
-def read_slicer_segmentation(path: Path, *, max_voxels: int = _MAX_VOXELS) -> NamedMasks:
+def read_slicer_segmentation(
+    path: Path, names: Sequence[str] | None = None, *, max_voxels: int = _MAX_VOXELS
+) -> NamedMasks:
     """Read a 3D Slicer ``.seg.nrrd`` to one mask per segment, named as in Slicer.
+
+    With ``names`` only the masks of those segments are made.
 
     The data are 3D (one layer) or 4D with the layers first (``kinds: list
     domain domain domain``). Segment N is ``layer == SegmentN_LabelValue`` on
@@ -312,6 +350,16 @@ def read_slicer_segmentation(path: Path, *, max_voxels: int = _MAX_VOXELS) -> Na
     the segments' extent); putting it on the image grid is the check stage's
     business.
     """
+    return open_slicer_segmentation(path, names, max_voxels=max_voxels)()
+
+
+def open_slicer_segmentation(
+    path: Path, names: Sequence[str] | None = None, *, max_voxels: int = _MAX_VOXELS
+) -> Callable[[], NamedMasks]:
+    """Check a ``.seg.nrrd`` header and its segments now; the returned function reads
+    the voxels (see :func:`read_slicer_segmentation`)."""
+    import SimpleITK as sitk  # noqa: N813 (here: a NIfTI-only run never imports it)
+
     path = Path(path)
     if not path.is_file():
         raise InputError(
@@ -338,35 +386,41 @@ def read_slicer_segmentation(path: Path, *, max_voxels: int = _MAX_VOXELS) -> Na
             "--max-voxels"
         )
     fields = {key: reader.GetMetaData(key).strip() for key in reader.GetMetaDataKeys()}
-    segments = _segments(fields, layers, path)
-    try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        raise InputError(
-            f"segmentation file {path}: the header is readable but the voxel data are not "
-            f"({itk_error_reason(exc)}); the file is probably truncated or corrupt, save it "
-            "again from 3D Slicer"
-        ) from None
-    volumes = [
-        volume_from_sitk(
-            sitk.VectorIndexSelectionCast(image, layer) if layers > 1 else image,
-            path,
-            f"layer {layer} of segmentation {path.name}",
+    every = _segments(fields, layers, path)
+    segments = [seg for seg in every if names is None or seg[0] in names] or every
+
+    def read() -> NamedMasks:
+        try:
+            image = reader.Execute()
+        except RuntimeError as exc:
+            raise InputError(
+                f"segmentation file {path}: the header is readable but the voxel data are not "
+                f"({itk_error_reason(exc)}); the file is probably truncated or corrupt, save it "
+                "again from 3D Slicer"
+            ) from None
+        volumes = {
+            layer: volume_from_sitk(
+                sitk.VectorIndexSelectionCast(image, layer) if layers > 1 else image,
+                path,
+                f"layer {layer} of segmentation {path.name}",
+            )
+            for layer in sorted({layer for _, layer, _ in segments})
+        }
+        data = {layer: as_labels(volume.data, path) for layer, volume in volumes.items()}
+        return NamedMasks(
+            names=tuple(name for name, _, _ in segments),
+            masks=tuple(data[layer] == value for _, layer, value in segments),
+            sources=tuple(
+                f"segment {name!r}, layer {layer}, label value {value}"
+                for name, layer, value in segments
+            ),
+            affine=next(iter(volumes.values())).affine,
+            path=path,
+            description="3D Slicer segmentation",
+            present=tuple(name for name, _, _ in every) if len(segments) < len(every) else (),
         )
-        for layer in range(layers)
-    ]
-    data = [_as_labels(volume.data, path) for volume in volumes]
-    return NamedMasks(
-        names=tuple(name for name, _, _ in segments),
-        masks=tuple(data[layer] == value for _, layer, value in segments),
-        sources=tuple(
-            f"segment {name!r}, layer {layer}, label value {value}"
-            for name, layer, value in segments
-        ),
-        affine=volumes[0].affine,
-        path=path,
-        description="3D Slicer segmentation",
-    )
+
+    return read
 
 
 def _segments(fields: dict[str, str], layers: int, path: Path) -> list[tuple[str, int, int]]:
@@ -434,16 +488,68 @@ def read_regions(
 ) -> Regions:
     """Read a mask as a manifest gives it: a folder of masks, a ``.seg.nrrd``, or a
     label-map file (which needs ``label_map``; the other two name their regions)."""
+    return open_regions(
+        path, label_map, max_voxels=max_voxels, affine_tolerance_mm=affine_tolerance_mm
+    )()
+
+
+def open_regions(
+    path: Path,
+    label_map: LabelMap | None = None,
+    *,
+    max_voxels: int = _MAX_VOXELS,
+    affine_tolerance_mm: float = _TOLERANCE_MM,
+) -> Callable[[], Regions]:
+    """Check a mask's kind and headers now; the returned function reads its voxels.
+
+    A folder of masks and a ``.seg.nrrd`` name their regions, so ``label_map``
+    must then hold bare names (only those are read); a label-map file needs
+    NAME=VALUE pairs. A map of the wrong kind is an :class:`InputError` that
+    says which kind the mask needs.
+    """
     path = Path(path)
+    by_name = path.is_dir() or is_slicer_segmentation(path)
+    if label_map is not None:
+        check_label_kind(path, label_map, by_name)
+    names = None if label_map is None else [name for name, _ in label_map]
     if path.is_dir():
-        return read_mask_folder(
-            path, max_voxels=max_voxels, affine_tolerance_mm=affine_tolerance_mm
+        return open_mask_folder(
+            path, names, max_voxels=max_voxels, affine_tolerance_mm=affine_tolerance_mm
         )
     if is_slicer_segmentation(path):
-        return read_slicer_segmentation(path, max_voxels=max_voxels)
+        return open_slicer_segmentation(path, names, max_voxels=max_voxels)
     if label_map is None:
         raise InputError(
             f"mask file {path} is a label map, and no label map NAME=VALUE,... was given for "
             "it; give one with --labels or the row's `labels` (e.g. tibia=1,femur=2)"
         )
-    return read_label_regions(path, label_map, max_voxels=max_voxels)
+    read = open_label_file(path, max_voxels=max_voxels)
+
+    def regions() -> LabelRegions:
+        volume = read()
+        return LabelRegions(
+            labels=volume.data, label_map=label_map, affine=volume.affine, path=volume.path
+        )
+
+    return regions
+
+
+def check_label_kind(path: Path, label_map: LabelMap, by_name: bool) -> None:
+    """Bare names for masks that name their regions, NAME=VALUE for label-map files."""
+    given = ",".join(name if value is None else f"{name}={value}" for name, value in label_map)
+    bare = ",".join(name for name, _ in label_map)
+    if by_name and not names_only(label_map):
+        what = "mask folder" if path.is_dir() else "3D Slicer segmentation"
+        source = "file names" if path.is_dir() else "segment names"
+        raise InputError(
+            f"{what} {path} names its regions by its {source}, but the labels {given!r} are "
+            f"NAME=VALUE pairs, which name the values of a label-map file; give the region "
+            f"names bare in --labels or the row's `labels` (e.g. {bare!r})"
+        )
+    if not by_name and label_map and names_only(label_map):
+        raise InputError(
+            f"mask file {path} is a label-map file (one integer per voxel), but the labels "
+            f"{given!r} are bare names, which name the files of a mask folder or the segments "
+            "of a .seg.nrrd; say which value each region has in --labels or the row's "
+            f"`labels` (e.g. {','.join(f'{n}={k}' for k, (n, _) in enumerate(label_map, 1))})"
+        )

@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 __all__ = [
     "LPS_TO_RAS",
     "Volume",
-    "VolumePair",
     "fmt_affine",
     "fmt_shape",
     "volume_from_sitk",
@@ -138,18 +137,6 @@ def volume_to_sitk(volume: Volume) -> sitk.Image:
     image.SetDirection(tuple(float(v) for v in (LPS_TO_RAS @ columns / spacing).ravel()))
     image.SetOrigin(tuple(float(v) for v in LPS_TO_RAS @ volume.affine[:3, 3]))
     return image
-
-
-@dataclass(frozen=True, eq=False)
-class VolumePair:
-    """An image and its mask as stored on disk (original orientation)."""
-
-    image: np.ndarray  # float32, HU after scl_slope/scl_inter
-    mask: np.ndarray  # integer labels, same dtype as stored (int64 if stored as float)
-    image_affine: np.ndarray  # 4x4 voxel -> mm (scanner RAS), as stored
-    mask_affine: np.ndarray  # 4x4, as stored
-    image_path: Path
-    mask_path: Path
 
 
 def fmt_shape(shape: tuple[int, ...]) -> str:

@@ -361,28 +361,49 @@ def load_slice(
     cohort: str,
     image: Path,
     mask: Path,
-    names: tuple[tuple[str, int], ...],
+    names: tuple[tuple[str, int | None], ...],
+    series_uid: str | None = None,
 ) -> Slice:
-    """The coronal slice through the middle of the labelled voxels (RAS+, (D, H, W))."""
+    """The coronal slice through the middle of the labelled voxels (RAS+, (D, H, W)).
+
+    ``mask`` is any mask the pipeline reads (a label-map file with
+    ``name=value`` names, a folder of binary masks or a ``.seg.nrrd`` with bare
+    names); each named region is drawn on the image grid (a mask on another
+    grid by nearest neighbour). Where regions overlap, the later one is drawn.
+    """
     from cohort.config import PreprocessConfig
-    from cohort.inputs.geometry import to_dhw
+    from cohort.inputs.geometry import dhw_grid, same_grid, select_regions, to_dhw
+    from cohort.inputs.nearest import nearest_onto
     from cohort.inputs.readers import load_pair
 
-    pair = load_pair(image, mask, PreprocessConfig())
-    hu, spacing = to_dhw(pair.image, pair.image_affine)
-    labels, _ = to_dhw(pair.mask, pair.image_affine)
-    named = np.isin(labels, [value for _, value in names])
+    cfg = PreprocessConfig()
+    pair = load_pair(image, mask, cfg, names, series_uid=series_uid)
+    hu, spacing = to_dhw(pair.image.data, pair.image.affine)
+    image_grid = dhw_grid(pair.image.shape, pair.image.affine)
+    mask_grid = dhw_grid(pair.regions.shape, pair.regions.affine)
+    on_grid = same_grid(image_grid, mask_grid, cfg.affine_tolerance_mm)
+    masks = []
+    for _, stored in select_regions(pair.regions, names):
+        region, _ = to_dhw(stored, pair.regions.affine)
+        if not on_grid:
+            region = nearest_onto(region, mask_grid.affine, image_grid.shape, image_grid.affine, 0)
+        masks.append(region)
+    named = np.any(np.stack(masks), axis=0)
     along_h = np.flatnonzero(named.any(axis=(0, 2)))
-    h = int((along_h[0] + along_h[-1]) // 2) if along_h.size else labels.shape[1] // 2
+    h = int((along_h[0] + along_h[-1]) // 2) if along_h.size else named.shape[1] // 2
+    values = tuple(k + 1 if value is None else value for k, (_, value) in enumerate(names))
+    labels = np.zeros((named.shape[0], named.shape[2]), dtype=np.int64)
+    for region, value in zip(masks, values, strict=True):
+        labels[region[:, h, :]] = value
     return Slice(
         subject_id,
         cohort,
         np.asarray(hu[:, h, :], dtype=np.float32),
-        np.asarray(labels[:, h, :]),
-        names,
+        labels,
+        tuple((name, value) for (name, _), value in zip(names, values, strict=True)),
         spacing[0] / spacing[2],
         h,
-        int(labels.shape[1]),
+        int(named.shape[1]),
     )
 
 

@@ -1,0 +1,63 @@
+"""The regions of one prepared subject: uint8 index planes, one byte per voxel per plane.
+
+Regions from a label map are disjoint; regions from separate mask files or
+Slicer segment layers may overlap. Both are held as *planes*: (D, H, W) uint8
+arrays in which value ``r`` marks region ``r`` and :data:`NO_REGION` no
+region. Each region lives in exactly one plane; a region goes into the first
+plane it does not overlap, so disjoint regions (every label map) share one
+plane, and only overlapping ones cost another byte per voxel. ``background``
+(every voxel in none of the named regions) goes into plane 0.
+
+:attr:`cohort.inputs.preprocess.Prepared.region_index` is the single plane
+itself, (D, H, W), when the regions are disjoint, and the stack (P, D, H, W)
+when they overlap; :func:`planes_of` reads either as (P, D, H, W).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["MAX_REGIONS", "NO_REGION", "as_region_index", "planes_of", "region_counts", "stack"]
+
+NO_REGION = 255  # value of voxels in no region of a plane
+MAX_REGIONS = NO_REGION  # region ids 0..254
+
+
+def planes_of(region_index: np.ndarray) -> np.ndarray:
+    """A region index as (P, D, H, W) planes (a view)."""
+    return region_index[np.newaxis] if region_index.ndim == 3 else region_index
+
+
+def as_region_index(planes: np.ndarray) -> np.ndarray:
+    """(P, D, H, W) planes as a region index: the plane itself when there is one."""
+    return planes[0] if planes.shape[0] == 1 else planes
+
+
+def stack(masks: Sequence[np.ndarray]) -> np.ndarray:
+    """Bool masks of one shape -> (P, D, H, W) uint8 planes; region r has value r in the
+    first plane where it overlaps no earlier region."""
+    if not masks:
+        raise ValueError("stack needs at least one mask")
+    if len(masks) > MAX_REGIONS:
+        raise ValueError(f"{len(masks)} regions; at most {MAX_REGIONS} are supported")
+    planes: list[np.ndarray] = []
+    for r, mask in enumerate(masks):
+        for plane in planes:
+            if not np.any(mask & (plane != NO_REGION)):
+                plane[mask] = r
+                break
+        else:
+            plane = np.full(mask.shape, NO_REGION, dtype=np.uint8)
+            plane[mask] = r
+            planes.append(plane)
+    return np.stack(planes)
+
+
+def region_counts(planes: np.ndarray, n_regions: int) -> tuple[int, ...]:
+    """Voxels of each region 0..n_regions-1 in (P, D, H, W) planes."""
+    counts = np.zeros(NO_REGION + 1, dtype=np.int64)
+    for plane in planes:
+        counts += np.bincount(plane.ravel(), minlength=NO_REGION + 1)
+    return tuple(int(counts[r]) for r in range(n_regions))
