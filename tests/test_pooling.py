@@ -20,6 +20,7 @@ from cohort.model.pooling import (
     global_mean,
     masked_gem,
     masked_mean,
+    plane_weights,
     region_weights,
 )
 
@@ -166,3 +167,53 @@ def test_bf16_autocast_stays_close_to_fp32() -> None:
             gaps.append(abs(a["cosine"] - b["cosine"]))
         assert all(v.vector.dtype == np.float32 for v in low)
     assert max(gaps) <= 0.02
+
+
+# --------------------------------------------- overlapping regions: index planes
+
+
+def overlapping_index() -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Two overlapping regions on a 4x4x4 grid as planes, and their masks by hand."""
+    a = np.zeros((4, 4, 4), dtype=bool)
+    a[0:3, 0:2, :] = True  # 24 voxels
+    b = np.zeros((4, 4, 4), dtype=bool)
+    b[1:4, 1:4, 1:3] = True  # 18 voxels, 6 of them also in a
+    planes = np.full((2, 4, 4, 4), 255, dtype=np.uint8)
+    planes[0][a] = 0  # region 0 in plane 0, region 1 in plane 1
+    planes[1][b] = 1
+    return torch.from_numpy(planes), a, b
+
+
+def test_plane_weights_are_each_regions_own_cell_fractions() -> None:
+    planes, a, b = overlapping_index()
+    weights = plane_weights(planes, 2, (2, 2, 2))
+    for r, mask in enumerate((a, b)):
+        by_hand = mask.reshape(2, 2, 2, 2, 2, 2).mean(axis=(1, 3, 5))  # 2x2x2 blocks
+        np.testing.assert_array_equal(weights[r].numpy(), by_hand.astype(np.float32))
+    one = plane_weights(planes[:1], 1, (2, 2, 2))  # one plane is region_weights itself
+    assert torch.equal(one, region_weights(planes[0], 1, (2, 2, 2)))
+
+
+def test_overlapping_regions_each_get_the_vector_of_their_own_voxels() -> None:
+    """masked-pool and masked-input on two overlapping regions, against numpy by hand."""
+    net = _Halver()
+    extractor = FeatureExtractor(net, resolve_layers(net, ["conv-1", "conv-2"], (4, 4, 4)))
+    image = torch.arange(64, dtype=torch.float32).reshape(4, 4, 4) / 7.0 - 3.0
+    x = image.numpy().astype(np.float64)
+    planes, a, b = overlapping_index()
+    pooled = extract(extractor, image, planes, ["a", "b"], PoolingConfig(), air=-1.0)
+    got = {(v.region, v.layer): v.vector for v in pooled}
+    cells = x.reshape(2, 2, 2, 2, 2, 2).mean(axis=(1, 3, 5))  # conv-1's map: 2x avg pool
+    for name, mask in (("a", a), ("b", b)):
+        # conv-2 (the first conv, full grid): the mean of the image over the region, negated
+        mean = x[mask].mean()
+        np.testing.assert_allclose(got[(name, "conv-2")], [mean, -mean], rtol=1e-6)
+        # conv-1: cell means weighted by the region's fraction of each cell
+        w = mask.reshape(2, 2, 2, 2, 2, 2).mean(axis=(1, 3, 5))
+        weighted = float((w * cells).sum() / w.sum())
+        np.testing.assert_allclose(got[(name, "conv-1")], [weighted, -weighted], rtol=1e-6)
+    masked = extract(extractor, image, planes, ["a", "b"], PoolingConfig(mode="masked-input"), -1.0)
+    got = {(v.region, v.layer): v.vector for v in masked}
+    for name, mask in (("a", a), ("b", b)):
+        mean = np.where(mask, x, -1.0).mean()  # air outside the region's own voxels
+        np.testing.assert_allclose(got[(name, "conv-1")], [mean, -mean], rtol=1e-5, atol=1e-6)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import click
 
-from cohort.cli import cluster, report, run, stats, validate
+from cohort.cli import cluster, manifest, report, run, stats, validate
 
 __all__ = ["main"]
 
@@ -26,6 +26,7 @@ for _command in (
     run.run,
     run.demo,
     validate.validate,
+    manifest.manifest,
     stats.stats,
     report.report,
     cluster.submit,

@@ -19,6 +19,7 @@ from cohort.config import (
     Device,
     ExecutionConfig,
     Inflation,
+    MaskResample,
     ModelConfig,
     PoolingConfig,
     PoolingMode,
@@ -33,6 +34,8 @@ from cohort.config import (
 from cohort.errors import ConfigError
 
 __all__ = [
+    "LABELS",
+    "MASK_RESAMPLE",
     "RUN_OPTIONS",
     "STATS_OPTIONS",
     "apply",
@@ -117,13 +120,25 @@ _STATS_FIELDS: Mapping[str, str] = {
     "centre": "centre",
 }
 
+# Options that `cohort validate` shares with `cohort run`.
+LABELS = click.option(
+    "--labels",
+    default=format_label_map(_REG.labels),
+    show_default=True,
+    help="Regions: NAME=INT,... for label-map masks, bare names (liver,spleen) for mask "
+    "folders and .seg.nrrd; a manifest 'labels' cell overrides per row.",
+)
+MASK_RESAMPLE = click.option(
+    "--mask-resample",
+    type=click.Choice(get_args(MaskResample)),
+    default=_PRE.mask_resample,
+    show_default=True,
+    help="nearest: put a mask on another grid onto the image grid (each region by nearest "
+    "neighbour in world coordinates); off: such a pair is an error.",
+)
+
 RUN_OPTIONS: list[Callable[[F], F]] = [
-    click.option(
-        "--labels",
-        default=format_label_map(_REG.labels),
-        show_default=True,
-        help="Named label values NAME=INT,...; a manifest 'labels' cell overrides per row.",
-    ),
+    LABELS,
     click.option(
         "--background/--no-background",
         default=_REG.background,
@@ -183,6 +198,7 @@ RUN_OPTIONS: list[Callable[[F], F]] = [
     ),
     click.option("--spacing", default=None, help="Resample to D,H,W mm (default: keep)."),
     click.option("--crop-margin", type=float, default=None, help="Crop to labels + mm margin."),
+    MASK_RESAMPLE,
     click.option(
         "--max-voxels",
         default=_PRE.max_voxels,
@@ -272,6 +288,7 @@ def run_config(values: Mapping[str, Any]) -> RunConfig:
                 target_spacing=(spacing[0], spacing[1], spacing[2]) if spacing else None,
                 crop_margin_mm=values["crop_margin"],
                 max_voxels=values["max_voxels"],
+                mask_resample=values["mask_resample"],
             ),
             regions=RegionConfig(
                 labels=parse_label_map(values["labels"]), background=values["background"]

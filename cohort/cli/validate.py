@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import cast
 
 import click
 
+from cohort.cli import options
 from cohort.cli.common import reported
-from cohort.config import RegionConfig, format_label_map
 from cohort.errors import ExitCode, InputError
 
 __all__ = ["validate"]
@@ -16,22 +17,35 @@ __all__ = ["validate"]
 
 @click.command()
 @click.argument("manifest", type=click.Path(path_type=Path))
-@click.option("--labels", default=format_label_map(RegionConfig().labels), show_default=True)
-def validate(manifest: Path, labels: str) -> None:
-    """Check every input of MANIFEST without running a model."""
-    from cohort.config import PreprocessConfig, parse_label_map
+@options.LABELS
+@options.MASK_RESAMPLE
+def validate(manifest: Path, labels: str, mask_resample: str) -> None:
+    """Check every input of MANIFEST without running a model.
+
+    Each subject is loaded (any image and mask kind `cohort run` reads) and
+    checked: grids in RAS+, regions present, finite image. Whether a volume is
+    large enough for the hooked layers needs the network, so `cohort run`
+    checks that.
+    """
+    from cohort.config import MaskResample, PreprocessConfig, parse_label_map
     from cohort.inputs.manifest import read_manifest
     from cohort.inputs.stages import Stages
 
     with reported():
         subjects = read_manifest(manifest)
         default_labels = parse_label_map(labels)
-    cfg = PreprocessConfig()
+        cfg = PreprocessConfig(mask_resample=cast(MaskResample, mask_resample))
     problems: list[tuple[str, str, str]] = []
     for subject in subjects:
         stages = Stages()
         try:
-            stages.checked(subject.image, subject.mask, subject.labels or default_labels, cfg)
+            stages.checked(
+                subject.image,
+                subject.mask,
+                subject.labels or default_labels,
+                cfg,
+                series_uid=subject.series_uid,
+            )
         except InputError as err:
             problems.append((subject.subject_id, stages.stage, str(err)))
         except Exception as err:

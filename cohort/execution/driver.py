@@ -47,13 +47,15 @@ from cohort import stats
 from cohort.config import BACKGROUND, LabelMap, RunConfig, format_label_map
 from cohort.errors import CohortError, ExitCode, RunInterruptedError, StalledError
 from cohort.execution.graph import ensure_ray, stream
-from cohort.execution.load import DONE, FAILED
+from cohort.execution.load import DONE, FAILED, RESAMPLED_NOTE
 from cohort.execution.reduce import finish
 from cohort.inputs.fingerprint import options_identity
+from cohort.inputs.geometry import Reach
 from cohort.inputs.manifest import Subject, read_manifest
 from cohort.model.hooks import LayerInfo, resolve_layers
 from cohort.model.network import Weights, build_network, load_weights
 from cohort.model.pooling import RegionVector
+from cohort.model.reach import layer_reach
 from cohort.outputs import schemas, store
 from cohort.outputs.provenance import versions
 
@@ -107,6 +109,7 @@ class RunResult:
     origin: pd.DataFrame | None = None
     weights: str = ""
     seconds: float = 0.0
+    resampled: list[str] = field(default_factory=list)  # subjects whose mask was resampled
 
     @property
     def exit_code(self) -> ExitCode:
@@ -122,6 +125,7 @@ class Plan:
     weights: Weights
     layers: tuple[LayerInfo, ...]
     identity: str
+    reach: Reach | None = None  # least model input of each hooked layer (for the loaders)
 
 
 def prepare_run(manifest: Path, cfg: RunConfig, *, download: bool = True) -> Plan:
@@ -131,7 +135,12 @@ def prepare_run(manifest: Path, cfg: RunConfig, *, download: bool = True) -> Pla
     network, _ = build_network(cfg.model.backbone, weights.state_dict, cfg.model.inflation)
     layers = resolve_layers(network, cfg.model.layers)
     return Plan(
-        Path(manifest).resolve(), subjects, weights, layers, options_identity(cfg, weights.sha256)
+        Path(manifest).resolve(),
+        subjects,
+        weights,
+        layers,
+        options_identity(cfg, weights.sha256),
+        layer_reach(network, layers),
     )
 
 
@@ -143,6 +152,7 @@ def _rows(subjects: Sequence[Subject], cfg: RunConfig) -> list[dict[str, Any]]:
             "image": str(s.image),
             "mask": str(s.mask),
             "labels": format_label_map(subject_labels(s, cfg)),
+            "series_uid": s.series_uid or "",
         }
         for s in subjects
     ]
@@ -212,6 +222,7 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
                     cfg,
                     plan.identity,
                     finished,
+                    reach=plan.reach,
                 )
             ) as rows,
         ):
@@ -223,6 +234,8 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
                         continue
                     seen.add(sid)
                     status = str(row["status"])
+                    if RESAMPLED_NOTE in str(row["message"]):
+                        result.resampled.append(sid)
                     if status == FAILED:
                         result.failed += 1
                         result.errors.append(_error_row(row))
@@ -350,6 +363,8 @@ def _provenance(
             "cached": result.cached,
             "failed": result.failed,
         },
+        # subjects loaded in this run whose mask was put on the image grid (--mask-resample)
+        "resampled_masks": {"count": len(result.resampled), "subjects": sorted(result.resampled)},
         "timings": {
             "total_s": round(result.seconds, 3),
             "extract_mean_s": round(float(np.mean(extract_seconds)), 4)

@@ -25,6 +25,7 @@ from cohort.config import RunConfig
 from cohort.errors import ConfigError
 from cohort.execution.extract import FaultHook, FeatureActor
 from cohort.execution.load import load_subject
+from cohort.inputs.geometry import Reach
 
 __all__ = ["ensure_ray", "plan_pool", "stream"]
 
@@ -79,13 +80,16 @@ def stream(
     cfg: RunConfig,
     identity: str,
     finished: frozenset[str],
+    reach: Reach | None = None,
 ) -> Generator[dict[str, Any], None, None]:
     """Run the Ray Data graph on manifest ``rows`` and yield one result row per subject
     as it finishes (in the order they finish).
 
     ``weights`` is the 2D state dict every actor builds its network from;
     ``identity`` and ``finished`` let the loaders recognise subjects that an
-    earlier run finished (they come back with status ``cached``).
+    earlier run finished (they come back with status ``cached``); ``reach``
+    (what the hooked layers need of the model input) lets them refuse a volume
+    that is too small at the check stage.
     """
     import ray
     from ray.data import ActorPoolStrategy, DataContext, Dataset
@@ -97,7 +101,9 @@ def stream(
     weights_ref = ray.put(dict(weights))  # kept alive by this frame for the run
     retries = cfg.execution.max_retries
     items = ray.data.from_items(list(rows), override_num_blocks=len(rows))
-    loader = functools.partial(load_subject, cfg=cfg, identity=identity, finished=finished)
+    loader = functools.partial(
+        load_subject, cfg=cfg, identity=identity, finished=finished, reach=reach
+    )
     with warnings.catch_warnings():
         # Ray 2.60 marks ray_remote_args_fn deprecated (removal planned for 2.64) but
         # offers no other way to bound actor restarts and task retries; without it a

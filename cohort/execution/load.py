@@ -1,7 +1,9 @@
 """Stage one of the pipeline: fingerprint, load, check and preprocess one subject.
 
 Kept free of torch and of the model, so the Ray tasks that run it start fast
-(importing the model stack costs several seconds per worker process).
+(importing the model stack costs several seconds per worker process); the
+least input size of each hooked layer (:class:`~cohort.inputs.geometry.Reach`)
+is worked out on the driver and passed in.
 """
 
 from __future__ import annotations
@@ -17,10 +19,9 @@ from typing import Any
 
 from cohort.config import RunConfig, parse_label_map
 from cohort.errors import CohortError
-from cohort.inputs.fingerprint import fingerprint, sha256_file, subject_key
-from cohort.inputs.geometry import check_pair
-from cohort.inputs.preprocess import preprocess_pair
-from cohort.inputs.readers import load_pair
+from cohort.inputs.fingerprint import fingerprint, sha256_path, subject_key
+from cohort.inputs.geometry import Reach, mask_resampled
+from cohort.inputs.stages import Stages
 
 __all__ = [
     "CACHED",
@@ -28,12 +29,15 @@ __all__ = [
     "FAILED",
     "IO_RETRY_DELAY_S",
     "READY",
+    "RESAMPLED_NOTE",
     "failure_row",
     "is_transient",
     "load_subject",
 ]
 
 FAILED, READY, CACHED, DONE = "failed", "ready", "cached", "done"
+# said in a row's message when the subject's mask was put on the image grid (--mask-resample)
+RESAMPLED_NOTE = "(mask resampled onto the image grid by nearest neighbour)"
 IO_RETRY_DELAY_S = 0.5  # first backoff of a transient I/O retry; doubles per attempt
 # OSErrors that say something about the file, not about the moment: never retried
 _PERMANENT_OS_ERRORS = (
@@ -84,40 +88,47 @@ def is_transient(err: BaseException) -> bool:
 
 
 def load_subject(
-    row: dict[str, Any], cfg: RunConfig, identity: str, finished: frozenset[str]
+    row: dict[str, Any],
+    cfg: RunConfig,
+    identity: str,
+    finished: frozenset[str],
+    reach: Reach | None = None,
 ) -> dict[str, Any]:
     """Ray Data map function: fingerprint, load, check and preprocess one subject.
 
-    Transient I/O errors while reading are retried ``cfg.execution.max_retries``
-    times with a doubling backoff; any other failure becomes an error row.
+    ``row`` holds ``subject_id``, ``image``, ``mask`` (file or folder paths),
+    ``labels`` (the subject's label map or region names, as text) and
+    optionally ``series_uid``. ``reach`` is what the hooked layers need of the
+    model input (checked at the check stage and after cropping). Transient
+    I/O errors while reading are retried ``cfg.execution.max_retries`` times
+    with a doubling backoff; any other failure becomes an error row. A
+    subject whose mask was resampled onto the image grid says so in its
+    ``message`` (:data:`RESAMPLED_NOTE`), also when it fails later.
     """
     out = {**row, "key": "", "status": READY, "stage": "", "error_type": "", "message": ""}
     out["payload"] = b""
-    stage = "load"
+    stages = Stages()
+    series_uid = str(row.get("series_uid") or "") or None
+    resampled = False
     try:
         image, mask = Path(row["image"]), Path(row["mask"])
         for path, role in ((image, "image"), (mask, "mask")):
-            if not path.is_file():
+            if not path.exists():
                 raise FileNotFoundError(
-                    f"{role} file {path} of subject {row['subject_id']} does not exist; "
+                    f"{role} {path} of subject {row['subject_id']} does not exist; "
                     "fix the path in the manifest (relative paths start at its folder)"
                 )
+        labels = parse_label_map(row["labels"])
         attempts = cfg.execution.max_retries + 1
         for attempt in range(attempts):
             try:
-                print_ = fingerprint(
-                    [
-                        sha256_file(image),
-                        sha256_file(mask),
-                        row["labels"],
-                        identity,
-                    ]
-                )
+                parts = [sha256_path(image), sha256_path(mask), row["labels"], identity]
+                print_ = fingerprint(parts + ([f"series_uid={series_uid}"] if series_uid else []))
                 out["key"] = subject_key(row["subject_id"], print_)
                 if out["key"] in finished:
                     out["status"] = CACHED
                     return out
-                pair = load_pair(image, mask, cfg.preprocess)
+                pair = stages.loaded(image, mask, labels, cfg.preprocess, series_uid=series_uid)
                 break
             except Exception as err:
                 if attempt + 1 == attempts or not is_transient(err):
@@ -125,14 +136,15 @@ def load_subject(
                         err.add_note(f"(after {attempt + 1} attempts)")
                     raise
                 time.sleep(IO_RETRY_DELAY_S * 2**attempt)
-        labels = parse_label_map(row["labels"])
-        stage = "check"
-        check_pair(pair, labels, cfg.preprocess)
-        stage = "preprocess"
-        prepared = preprocess_pair(pair, labels, cfg.regions.background, cfg.preprocess)
+        resampled = mask_resampled(pair, cfg.preprocess)
+        stages.check(pair, labels, cfg.preprocess, reach)
+        prepared = stages.preprocess(pair, labels, cfg.regions.background, cfg.preprocess, reach)
+        out["message"] = RESAMPLED_NOTE if resampled else ""
         out["payload"] = pickle.dumps(prepared, protocol=5)
     except Exception as err:
-        out.update(failure_row(stage, err, row))
+        out.update(failure_row(stages.stage, err, row))
         if getattr(err, "__notes__", None):
             out["message"] = f"{out['message']} {' '.join(err.__notes__)}"
+        if resampled:
+            out["message"] = f"{out['message']} {RESAMPLED_NOTE}"
     return out

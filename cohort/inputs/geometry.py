@@ -216,19 +216,22 @@ def check_size(
     short = [a for a in range(3) if shape[a] < need[a]]
     if not short:
         return
-    a = short[0]
-    layers = [r for r in reach.layers if r.min_shape[a] > shape[a]]
-    deepest = max(layers, key=lambda r: r.min_shape[a])
+    layers = [r for r in reach.layers if any(r.min_shape[a] > shape[a] for a in short)]
+    deepest = max(layers, key=lambda r: sum(r.min_shape))
     finer = [f"{s:.4g}" for s in spacing]
-    for b in short:  # floor(n * s / t + 0.5) >= need  <=>  t <= n * s / (need - 0.5)
-        finer[b] = f"{math.floor(shape[b] * spacing[b] / (need[b] - 0.5) * 1000) / 1000:g}"
+    for a in short:  # floor(n * s / t + 0.5) >= need  <=>  t <= n * s / (need - 0.5)
+        finer[a] = f"{math.floor(shape[a] * spacing[a] / (need[a] - 0.5) * 1000) / 1000:g}"
+    along = " and ".join(
+        f"{need[a]} voxels along {_AXIS_WORDS[a]} ({shape[a]} here, {shape[a] * spacing[a]:.4g} mm)"
+        for a in short
+    )
     reached = [s for s in reach.stages if all(s.min_shape[b] <= shape[b] for b in range(3))]
     shallower = "hook a shallower layer"
     if reached:
         stage = reached[-1]
         shallower += (
-            f": this input reaches {stage.layer} (from {stage.min_shape[a]} voxels along "
-            f"{AXES[a]}), e.g. --layers {stage.layer}"
+            f": this input reaches {stage.layer} (from {fmt_shape(stage.min_shape)} voxels), "
+            f"e.g. --layers {stage.layer}"
         )
     plural = len(layers) > 1
     raise GeometryError(
@@ -236,9 +239,9 @@ def check_size(
         f"{'after cropping to the labels (--crop-margin) ' if cropped else ''}at "
         f"{'x'.join(f'{s:.4g}' for s in spacing)} mm, too small for hooked "
         f"layer{'s' if plural else ''} {', '.join(r.layer for r in layers)} "
-        f"({deepest.module_path}): {'they need' if plural else 'it needs'} at least "
-        f"{deepest.min_shape[a]} voxels along {_AXIS_WORDS[a]} ({shape[a]} here, "
-        f"{shape[a] * spacing[a]:.4g} mm), or the network's strides leave no cell; fixes: "
-        f"{'a larger --crop-margin, ' if cropped else ''}resample finer along {AXES[a]} with "
-        f"--spacing (e.g. --spacing {','.join(finer)}), or {shallower}"
+        f"({deepest.module_path}): {'they need' if plural else 'it needs'} at least {along}, "
+        "or the network's strides leave no cell; fixes: "
+        f"{'a larger --crop-margin, ' if cropped else ''}resample finer along "
+        f"{' and '.join(AXES[a] for a in short)} with --spacing (e.g. --spacing "
+        f"{','.join(finer)}), or {shallower}"
     )

@@ -99,8 +99,27 @@ def _check_grids(fmap: torch.Tensor, weights: torch.Tensor) -> None:
 def air_outside(
     image: torch.Tensor, region_index: torch.Tensor, region: int, air: float
 ) -> torch.Tensor:
-    """The model input with every voxel outside region ``region`` set to ``air``."""
-    return torch.where(region_index == region, image, torch.full_like(image, air))
+    """The model input with every voxel outside region ``region`` set to ``air``.
+
+    ``region_index`` is (D, H, W), or (P, D, H, W) planes when regions overlap
+    (:mod:`cohort.inputs.regions`).
+    """
+    inside = region_index == region
+    if region_index.dim() == image.dim() + 1:
+        inside = inside.any(dim=0)
+    return torch.where(inside, image, torch.full_like(image, air))
+
+
+def plane_weights(planes: torch.Tensor, n_regions: int, grid: Grid) -> torch.Tensor:
+    """:func:`region_weights` of (P, D, H, W) index planes: (R, d, h, w) float32.
+
+    Each region lives in one plane, so the other planes add exact zeros to its
+    weights; one plane (disjoint regions) is :func:`region_weights` itself.
+    """
+    weights = region_weights(planes[0], n_regions, grid)
+    for plane in planes[1:]:
+        weights += region_weights(plane, n_regions, grid)
+    return weights
 
 
 @dataclass(frozen=True)
@@ -124,13 +143,16 @@ def extract(
     """Pool one subject's hooked features for every region and layer.
 
     ``image`` is the (D, H, W) normalised model input and ``region_index`` the
-    (D, H, W) region index, both already on the extractor's device. Output is
-    ordered region-major, then layers in the extractor's order.
+    (D, H, W) region index, or its (P, D, H, W) planes when regions overlap
+    (:mod:`cohort.inputs.regions`: each region is value r in one plane), both
+    already on the extractor's device. Each region is pooled on its own
+    voxels. Output is ordered region-major, then layers in the extractor's order.
     """
-    if image.shape != region_index.shape or image.dim() != 3:
+    planes = region_index.unsqueeze(0) if region_index.dim() == 3 else region_index
+    if image.dim() != 3 or planes.dim() != 4 or planes.shape[1:] != image.shape:
         raise RegionError(
             f"image {tuple(image.shape)} and region index {tuple(region_index.shape)} "
-            "must be the same (D, H, W) grid"
+            "must be the same (D, H, W) grid (the index may hold (P, D, H, W) planes)"
         )
     n = len(region_names)
     pooled: dict[str, torch.Tensor] = {}  # layer -> (R, C)
@@ -158,7 +180,7 @@ def extract(
                     )
                 weights = by_grid.get(grid)
                 if weights is None:
-                    weights = by_grid[grid] = region_weights(region_index, n, grid)
+                    weights = by_grid[grid] = plane_weights(planes, n, grid)
                 check_coverage(weights, region_names, info.layer, cfg.min_coverage)
                 if cfg.mode == "masked-gem":
                     pooled[info.layer] = masked_gem(fmap, weights, cfg.gem_p)

@@ -1,0 +1,68 @@
+"""``cohort manifest``: write a manifest from a folder layout (:mod:`cohort.inputs.layout`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from cohort.cli.common import reported
+from cohort.errors import ExitCode
+
+__all__ = ["manifest"]
+
+
+@click.command("manifest")
+@click.argument("root", type=click.Path(path_type=Path))
+@click.option(
+    "--image",
+    "image_pattern",
+    required=True,
+    help="Pattern of the images under ROOT, with {subject} (and {cohort}), * and ? "
+    "(e.g. '{subject}/ct.nii.gz', '{cohort}/{subject}/dicom').",
+)
+@click.option(
+    "--mask",
+    "mask_pattern",
+    required=True,
+    help="Pattern of the masks under ROOT (e.g. '{subject}/seg.nii.gz', '{subject}/masks').",
+)
+@click.option("--cohort", default=None, help="One cohort name for every subject.")
+@click.option(
+    "--cohort-table",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="CSV with columns subject_id,cohort.",
+)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Manifest CSV.")
+def manifest(
+    root: Path,
+    image_pattern: str,
+    mask_pattern: str,
+    cohort: str | None,
+    cohort_table: Path | None,
+    out: Path,
+) -> None:
+    """Write a manifest of the subjects under ROOT, found by path patterns.
+
+    A subject needs an image and a mask; files or folders that match one pattern
+    but not the other are listed (exit status 1, the manifest is still written).
+    """
+    from cohort.inputs.layout import find_layout, read_cohort_table
+    from cohort.inputs.manifest import write_manifest
+
+    with reported():
+        table = read_cohort_table(cohort_table) if cohort_table is not None else None
+        layout = find_layout(root, image_pattern, mask_pattern, cohort=cohort, cohort_table=table)
+        write_manifest(layout.subjects, out)
+    cohorts = sorted({s.cohort for s in layout.subjects})
+    click.echo(
+        f"{len(layout.subjects)} subjects ({', '.join(cohorts)}) -> {out}"
+        + (f"; {layout.unmatched} unmatched" if layout.unmatched else "")
+    )
+    for found in layout.images_without_mask:
+        click.echo(f"image without mask: {found.path} (subject {found.subject})", err=True)
+    for found in layout.masks_without_image:
+        click.echo(f"mask without image: {found.path} (subject {found.subject})", err=True)
+    sys.exit(ExitCode.FAILURES if layout.unmatched else ExitCode.OK)

@@ -1,0 +1,224 @@
+"""A manifest from a folder layout: subjects found by path patterns.
+
+A pattern is a path under the root folder, ``/``-separated, with named
+fields and glob wildcards:
+
+- ``{subject}`` (required) matches one path part or a piece of one (no ``/``)
+  and becomes the subject id; it may appear more than once, with one value;
+- ``{cohort}`` (optional) likewise names the subject's cohort;
+- ``*`` matches any characters within a path part, ``?`` one character, and
+  ``**/`` any number of whole folders (none included).
+
+A pattern may match files (NIfTI, NRRD, a ``.seg.nrrd``) or folders (a DICOM
+series, a folder of masks). For example ``{cohort}/{subject}/ct.nii.gz`` with
+``{cohort}/{subject}/seg.nii.gz``, or ``images/{subject}_0000.nii.gz`` with
+``labels/{subject}.nii.gz``. A subject needs an image and a mask; a file
+matched by one pattern whose subject has no match of the other is reported
+as unmatched, not guessed at.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cohort.errors import ConfigError, ManifestError
+from cohort.inputs.manifest import DEFAULT_COHORT, Subject
+
+__all__ = ["Found", "Layout", "compile_pattern", "find_layout", "read_cohort_table"]
+
+_FIELDS = ("subject", "cohort")
+_TOKEN = re.compile(r"\{([^{}]*)\}|\*\*/|\*|\?")
+
+
+@dataclass(frozen=True)
+class Found:
+    """One path a pattern matched, with the fields it gave."""
+
+    path: Path  # absolute
+    subject: str
+    cohort: str | None  # from a {cohort} field, if the pattern has one
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a folder layout gives: subjects with an image and a mask, and the rest."""
+
+    subjects: tuple[Subject, ...]  # sorted by subject id
+    images_without_mask: tuple[Found, ...]
+    masks_without_image: tuple[Found, ...]
+
+    @property
+    def unmatched(self) -> int:
+        return len(self.images_without_mask) + len(self.masks_without_image)
+
+
+def compile_pattern(pattern: str, option: str) -> re.Pattern[str]:
+    """A pattern (see the module docstring) as a regular expression over posix paths
+    relative to the root; ``option`` names it in messages."""
+    text = pattern.strip().replace("\\", "/").strip("/")
+    if not text:
+        raise ConfigError(f"{option} is empty; give a path pattern such as '{{subject}}/ct.nii.gz'")
+    parts: list[str] = []
+    seen: set[str] = set()
+    position = 0
+    for match in _TOKEN.finditer(text):
+        parts.append(re.escape(text[position : match.start()]))
+        position = match.end()
+        token = match.group(0)
+        if token == "**/":
+            parts.append(r"(?:[^/]+/)*")
+        elif token == "*":
+            parts.append(r"[^/]*")
+        elif token == "?":
+            parts.append(r"[^/]")
+        else:
+            name = match.group(1)
+            if name not in _FIELDS:
+                raise ConfigError(
+                    f"{option} {pattern!r} has the field {token}; the fields are "
+                    f"{', '.join('{' + f + '}' for f in _FIELDS)} (write other text as it is, "
+                    "and * or ? for any characters)"
+                )
+            parts.append(f"(?P={name})" if name in seen else f"(?P<{name}>[^/]+)")
+            seen.add(name)
+    parts.append(re.escape(text[position:]))
+    if "subject" not in seen:
+        raise ConfigError(
+            f"{option} {pattern!r} has no {{subject}} field; mark the part of the path that is "
+            "the subject id, e.g. '{subject}/ct.nii.gz' or 'images/{subject}.nii.gz'"
+        )
+    return re.compile("".join(parts))
+
+
+def _matches(root: Path, regex: re.Pattern[str]) -> list[Found]:
+    """Every file and folder under ``root`` whose relative path matches ``regex``
+    (hidden ones, named ``.*``, and what they hold are left out)."""
+    found: list[Found] = []
+    for folder, folders, files in os.walk(root):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))  # not searched
+        base = Path(folder).relative_to(root)
+        for name in sorted([*folders, *(name for name in files if not name.startswith("."))]):
+            relative = (base / name).as_posix()
+            match = regex.fullmatch(relative)
+            if match:
+                fields = match.groupdict()
+                found.append(Found(root / relative, fields["subject"], fields.get("cohort")))
+    return found
+
+
+def read_cohort_table(path: Path) -> dict[str, str]:
+    """``subject_id`` -> ``cohort`` from a CSV file with those two columns."""
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ManifestError(
+            f"cohort table {path} cannot be read ({exc}); give a UTF-8 CSV file with columns "
+            "subject_id and cohort"
+        ) from None
+    if not rows or not {"subject_id", "cohort"} <= set(rows[0]):
+        raise ManifestError(
+            f"cohort table {path} needs the columns subject_id and cohort and one row per subject"
+        )
+    table: dict[str, str] = {}
+    for number, row in enumerate(rows, start=1):
+        sid, cohort = (row.get("subject_id") or "").strip(), (row.get("cohort") or "").strip()
+        if not sid or not cohort:
+            raise ManifestError(f"cohort table {path}, row {number}: a blank subject_id or cohort")
+        if table.get(sid, cohort) != cohort:
+            raise ManifestError(
+                f"cohort table {path}: subject {sid!r} is in cohorts {table[sid]!r} and "
+                f"{cohort!r}; keep one row per subject"
+            )
+        table[sid] = cohort
+    return table
+
+
+def find_layout(
+    root: Path,
+    image: str,
+    mask: str,
+    *,
+    cohort: str | None = None,
+    cohort_table: Mapping[str, str] | None = None,
+) -> Layout:
+    """Subjects under ``root`` by the ``image`` and ``mask`` patterns.
+
+    The cohort comes from a ``{cohort}`` field, or ``cohort`` (one name for
+    all), or ``cohort_table`` (subject id -> cohort), at most one of them;
+    without any it is ``all``. Raises :class:`ManifestError` when nothing
+    matches, when a subject matches a pattern twice, or when the cohorts
+    disagree or are missing from the table.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ManifestError(f"root folder {root} does not exist or is not a folder")
+    image_regex = compile_pattern(image, "--image")
+    mask_regex = compile_pattern(mask, "--mask")
+    from_path = "cohort" in image_regex.groupindex or "cohort" in mask_regex.groupindex
+    sources = [from_path, cohort is not None, cohort_table is not None]
+    if sum(sources) > 1:
+        raise ConfigError(
+            "the cohort can come from a {cohort} field in the patterns, from --cohort or from "
+            "--cohort-table; give one of them"
+        )
+    images = _by_subject(_matches(root, image_regex), "--image", image, root)
+    masks = _by_subject(_matches(root, mask_regex), "--mask", mask, root)
+    if not images:
+        raise ManifestError(
+            f"no file or folder under {root} matches --image {image!r}; check the pattern "
+            "(it is relative to the root folder, e.g. '{subject}/ct.nii.gz')"
+        )
+    subjects: list[Subject] = []
+    missing: list[str] = []
+    for sid in sorted(images.keys() & masks.keys()):
+        found_image, found_mask = images[sid], masks[sid]
+        named = {f.cohort for f in (found_image, found_mask) if f.cohort is not None}
+        if len(named) > 1:
+            raise ManifestError(
+                f"subject {sid!r} is in cohort {found_image.cohort!r} by its image "
+                f"{found_image.path} and {found_mask.cohort!r} by its mask {found_mask.path}; "
+                "make the patterns agree"
+            )
+        group = named.pop() if named else cohort
+        if cohort_table is not None:
+            group = cohort_table.get(sid)
+            if group is None:
+                missing.append(sid)
+                continue
+        subjects.append(
+            Subject(sid, found_image.path, found_mask.path, group or DEFAULT_COHORT, None, 0)
+        )
+    if missing:
+        raise ManifestError(
+            f"the cohort table has no row for {len(missing)} subject(s) found under {root}: "
+            f"{', '.join(missing[:20])}{', ...' if len(missing) > 20 else ''}; add them"
+        )
+    numbered = tuple(
+        Subject(s.subject_id, s.image, s.mask, s.cohort, None, n)
+        for n, s in enumerate(subjects, start=1)
+    )
+    return Layout(
+        numbered,
+        tuple(images[sid] for sid in sorted(images.keys() - masks.keys())),
+        tuple(masks[sid] for sid in sorted(masks.keys() - images.keys())),
+    )
+
+
+def _by_subject(found: list[Found], option: str, pattern: str, root: Path) -> dict[str, Found]:
+    out: dict[str, Found] = {}
+    for item in found:
+        if item.subject in out:
+            raise ManifestError(
+                f"{option} {pattern!r} matches two paths for subject {item.subject!r}: "
+                f"{out[item.subject].path.relative_to(root)} and {item.path.relative_to(root)}; "
+                "make the pattern more specific"
+            )
+        out[item.subject] = item
+    return out

@@ -1,0 +1,150 @@
+"""`cohort manifest`: a manifest from a folder layout, unmatched files listed."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cohort.cli.main import main
+from cohort.errors import ConfigError
+from cohort.inputs.layout import compile_pattern, find_layout
+from cohort.inputs.manifest import read_manifest
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def touch(root: Path, *paths: str) -> None:
+    for relative in paths:
+        path = root / relative
+        if relative.endswith("/"):
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x")
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """Two cohorts as folders; s03 has no mask, s09's mask has no image; a DICOM folder."""
+    root = tmp_path / "study"
+    touch(
+        root,
+        "control/s01/ct.nii.gz",
+        "control/s01/seg.nii.gz",
+        "control/s02/ct.nii.gz",
+        "control/s02/seg.nii.gz",
+        "control/s03/ct.nii.gz",  # no mask
+        "osteo/s04/ct.nii.gz",
+        "osteo/s04/seg.nii.gz",
+        "osteo/s04/notes.txt",
+        "osteo/s09/seg.nii.gz",  # no image
+        ".hidden/s05/ct.nii.gz",
+    )
+    return root
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_manifest_from_cohort_folders_lists_unmatched(tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "manifest.csv"
+    result = CliRunner().invoke(
+        main,
+        [
+            "manifest",
+            str(tree),
+            "--image",
+            "{cohort}/{subject}/ct.nii.gz",
+            "--mask",
+            "{cohort}/{subject}/seg.nii.gz",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 1, result.output
+    assert read_rows(out) == [
+        {"subject_id": sid, "image": f"study/{c}/{sid}/ct.nii.gz",
+         "mask": f"study/{c}/{sid}/seg.nii.gz", "cohort": c}
+        for sid, c in (("s01", "control"), ("s02", "control"), ("s04", "osteo"))
+    ]  # fmt: skip
+    assert f"image without mask: {tree / 'control/s03/ct.nii.gz'} (subject s03)" in result.output
+    assert f"mask without image: {tree / 'osteo/s09/seg.nii.gz'} (subject s09)" in result.output
+    assert "3 subjects (control, osteo)" in result.output and "2 unmatched" in result.output
+    subjects = read_manifest(out)  # readable by the pipeline, paths resolved
+    assert subjects[2].image == tree / "osteo/s04/ct.nii.gz"
+
+
+def test_flat_layout_with_globs_folders_and_a_cohort_table(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    touch(
+        root,
+        "images/case_001_0000.nii.gz",
+        "images/case_002_0000.nii.gz",
+        "dicom/case_003/",  # a DICOM series folder as the image
+        "dicom/case_003/IM0001",
+        "labels/case_001.nii.gz",
+        "labels/case_002.nii.gz",
+        "masks/case_003/",  # a mask folder
+        "masks/case_003/liver.nii.gz",
+    )
+    table = tmp_path / "groups.csv"
+    table.write_text("subject_id,cohort\ncase_001,a\ncase_002,b\n", encoding="utf-8")
+    layout = find_layout(root, "images/{subject}_*.nii.gz", "labels/{subject}.nii.gz",
+                         cohort_table={"case_001": "a", "case_002": "b"})  # fmt: skip
+    assert [(s.subject_id, s.cohort, s.row) for s in layout.subjects] == [
+        ("case_001", "a", 1),
+        ("case_002", "b", 2),
+    ]
+    assert layout.unmatched == 0
+    out = tmp_path / "m.csv"
+    result = CliRunner().invoke(
+        main,
+        ["manifest", str(root), "--image", "dicom/{subject}", "--mask", "masks/{subject}",
+         "--cohort", "pilot", "--out", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert read_rows(out) == [
+        {"subject_id": "case_003", "image": "data/dicom/case_003", "mask": "data/masks/case_003",
+         "cohort": "pilot"}
+    ]  # fmt: skip
+    result = CliRunner().invoke(
+        main,
+        ["manifest", str(root), "--image", "images/{subject}_0000.nii.gz", "--mask",
+         "labels/{subject}.nii.gz", "--cohort-table", str(table), "--out", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert [r["cohort"] for r in read_rows(out)] == ["a", "b"]
+
+
+def test_pattern_errors_name_the_fix(tree: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"no \{subject\} field"):
+        compile_pattern("ct.nii.gz", "--image")
+    with pytest.raises(ConfigError, match=r"has the field \{patient\}"):
+        compile_pattern("{patient}/ct.nii.gz", "--image")
+    regex = compile_pattern("{subject}/{subject}_ct.nii", "--image")
+    assert regex.fullmatch("a/a_ct.nii") and not regex.fullmatch("a/b_ct.nii")
+    deep = compile_pattern("**/{subject}.nii.gz", "--image")
+    assert [m.group("subject") for m in map(deep.fullmatch, ["x.nii.gz", "a/b/y.nii.gz"]) if m] == [
+        "x",
+        "y",
+    ]
+    assert not deep.fullmatch("a/b/y.nii")
+    result = CliRunner().invoke(
+        main,
+        ["manifest", str(tree), "--image", "{cohort}/{subject}/*.nii.gz", "--mask",
+         "{cohort}/{subject}/seg.nii.gz", "--out", str(tmp_path / "m.csv")],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "matches two paths for subject 's01'" in result.output
+    result = CliRunner().invoke(
+        main,
+        ["manifest", str(tree), "--image", "{subject}/ct.nii.gz", "--mask", "{subject}/seg.nii",
+         "--out", str(tmp_path / "m.csv")],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "no file or folder under" in result.output
+    assert not (tmp_path / "m.csv").exists()
