@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
+from cohort.cli.main import main
 from cohort.config import LabelMap, PoolingConfig, PreprocessConfig
 from cohort.errors import GeometryError, InputError, ModelError, RegionError
 from cohort.inputs.geometry import LayerReach, Reach
@@ -27,6 +29,7 @@ from cohort.model.hooks import FeatureExtractor, resolve_layers
 from cohort.model.network import build_network, random_weights
 from cohort.model.pooling import extract
 from cohort.model.reach import layer_reach
+from cohort.report.figures import fig_overlays, load_slice
 from tests.nifti_helpers import save_nifti
 from tests.test_formats import segment, write_itk, write_seg_nrrd
 from tests.test_inputs import stored_as
@@ -45,8 +48,8 @@ def anatomy() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     x, y, z = np.meshgrid(np.arange(26), np.arange(30), np.arange(22), indexing="ij")
     hu = (-900 + 13 * x + 29 * y + 61 * z + (x * y) % 17).astype(np.float32)
     labels = np.zeros((26, 30, 22), dtype=np.uint8)
-    labels[6:20, 8:22, 2:10] = 1
-    labels[8:18, 9:21, 12:20] = 2
+    labels[4:20, 5:22, 2:10] = 1  # no axis symmetric: a flip along any one shows
+    labels[9:18, 11:21, 12:20] = 2
     affine = np.diag([0.8, 0.7, 1.5, 1.0])
     affine[:3, 3] = (-10.0, 20.0, -300.0)
     return hu, labels, affine
@@ -373,3 +376,62 @@ def test_a_nifti_only_loader_never_imports_simpleitk(pair: tuple[Path, Path]) ->
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=100, check=True
     )
     assert done.stdout.split() == ["ready", "False", "False"], done.stderr
+
+
+# ------------------------------------------------------ validate and the report
+
+
+def test_validate_reads_every_kind_and_takes_the_resample_option(
+    pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, labels, affine = anatomy()
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    save_nifti(folder / "tibia.nii.gz", (labels == 1).astype(np.uint8), affine)
+    save_nifti(folder / "femur.nii.gz", (labels == 2).astype(np.uint8), affine)
+    padded = np.zeros((28, 30, 22), dtype=np.uint8)
+    padded[1:27] = labels
+    big_affine = affine.copy()
+    big_affine[0, 3] -= affine[0, 0]
+    big = save_nifti(tmp_path / "big.nii.gz", padded, big_affine)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "subject_id,image,mask,labels\n"
+        f"folder,{pair[0]},{folder},\n"
+        f'map,{pair[0]},{pair[1]},"tibia=1,femur=2"\n'
+        f'big,{pair[0]},{big},"tibia=1,femur=2"\n',
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(main, ["validate", str(manifest), "--labels", "tibia,femur"])
+    assert result.exit_code == 1, result.output
+    assert "3 subjects, 1 with problems" in result.output
+    assert "big\tcheck\tmask grid 22x30x28" in result.output and "--mask-resample" in result.output
+    again = CliRunner().invoke(
+        main, ["validate", str(manifest), "--labels", "tibia,femur", "--mask-resample", "nearest"]
+    )
+    assert again.exit_code == 0, again.output
+
+
+def test_report_slice_draws_each_named_region_of_every_mask_kind(
+    pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, labels, affine = anatomy()
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    save_nifti(folder / "tibia.nii.gz", (labels == 1).astype(np.uint8), affine)
+    save_nifti(folder / "bone.nii.gz", (labels > 0).astype(np.uint8), affine)
+    las, las_affine = stored_as(labels, affine, (0, 1, 2), (False, True, False))
+    las_map = save_nifti(tmp_path / "las.nii.gz", las, las_affine)
+    from_map = load_slice("s", "c", pair[0], las_map, LABELS)
+    # the slice by hand: RAS data (x, y, z) -> (D=z, W=x) at the middle labelled y
+    ys = np.flatnonzero((labels > 0).any(axis=(0, 2)))
+    y = int((ys[0] + ys[-1]) // 2)
+    assert from_map.index == y
+    np.testing.assert_array_equal(from_map.labels, labels[:, y, :].T)
+    assert from_map.names == LABELS
+    from_folder = load_slice("s", "c", pair[0], folder, (("tibia", None), ("bone", None)))
+    expected = np.where(labels[:, y, :].T > 0, 2, 0)  # bone (drawn last) covers the tibia
+    np.testing.assert_array_equal(from_folder.labels, expected)
+    assert from_folder.names == (("tibia", 1), ("bone", 2))
+    figure = fig_overlays([from_map, from_folder])
+    assert len(figure.axes) == 2

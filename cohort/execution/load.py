@@ -19,7 +19,7 @@ from typing import Any
 
 from cohort.config import RunConfig, parse_label_map
 from cohort.errors import CohortError
-from cohort.inputs.fingerprint import fingerprint, sha256_path, subject_key
+from cohort.inputs.fingerprint import fingerprint, sha256_file, sha256_path, subject_key
 from cohort.inputs.geometry import Reach, mask_resampled
 from cohort.inputs.stages import Stages
 
@@ -87,6 +87,11 @@ def is_transient(err: BaseException) -> bool:
 # ------------------------------------------------------------- stage: loading
 
 
+def _content(path: Path) -> str:
+    """sha256 of a file, or of every file in a folder (a DICOM series, a mask folder)."""
+    return sha256_path(path) if path.is_dir() else sha256_file(path)
+
+
 def load_subject(
     row: dict[str, Any],
     cfg: RunConfig,
@@ -122,7 +127,7 @@ def load_subject(
         attempts = cfg.execution.max_retries + 1
         for attempt in range(attempts):
             try:
-                parts = [sha256_path(image), sha256_path(mask), row["labels"], identity]
+                parts = [_content(image), _content(mask), row["labels"], identity]
                 print_ = fingerprint(parts + ([f"series_uid={series_uid}"] if series_uid else []))
                 out["key"] = subject_key(row["subject_id"], print_)
                 if out["key"] in finished:

@@ -191,14 +191,14 @@ def _grid_message(pair: VolumePair, image: Grid, mask: Grid, cfg: PreprocessConf
         return (
             f"mask grid {fmt_shape(mask.shape)} ({pair.mask_path}) does not match image grid "
             f"{fmt_shape(image.shape)} ({pair.image_path}), both D x H x W after reorienting "
-            f"to RAS+ (stored {codes[1]} and {codes[0]}); {fix}"
+            f"to RAS+ (mask stored {codes[1]}, image stored {codes[0]}); {fix}"
         )
     return (
         f"mask affine of {pair.mask_path} differs from image affine of {pair.image_path} by "
-        f"up to {_difference(image, mask):.6g} mm after both are reoriented to RAS+ (stored "
-        f"{codes[1]} and {codes[0]}; tolerance {cfg.affine_tolerance_mm:g} mm); image "
-        f"affine {fmt_affine(image.affine)}, mask affine {fmt_affine(mask.affine)} (D, H, W "
-        f"columns); {fix}"
+        f"up to {_difference(image, mask):.6g} mm after both are reoriented to RAS+ (mask "
+        f"stored {codes[1]}, image stored {codes[0]}; tolerance {cfg.affine_tolerance_mm:g} mm); "
+        f"image affine {fmt_affine(image.affine)}, mask affine {fmt_affine(mask.affine)} "
+        f"(D, H, W columns); {fix}"
     )
 
 
