@@ -1,5 +1,9 @@
 """PERMANOVA on cosine distances: do cohorts differ in feature space as a whole?
 
+Linear in the number of subjects: the pseudo-F of a labelling comes from the
+group sums of the unit vectors (:func:`pseudo_f`), never from the N x N
+distance matrix (:func:`cosine_distances` builds that one, for small inputs).
+
 No CI is given (NaN): resampling subjects with replacement puts zero
 distances between copies, which inflates R².
 """
@@ -13,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cohort.errors import StatsInputError
+from cohort.stats.bootstrap import BLOCK_VALUES
 from cohort.stats.common import (
     FloatArray,
     IntArray,
@@ -32,6 +37,10 @@ __all__ = ["cosine_distances", "permanova", "pseudo_f"]
 _PERM_TOL: Final = 1e-10
 # Cosine distances at or below this are rounding: all vectors point one way.
 _SAME_DIRECTION: Final = 1e-12
+# SS_W at or below this share of SS_T is rounding of SS_T - SS_A: taken as 0.
+_WITHIN_ROUNDING: Final = 1e-10
+# Fewest label rows per matrix product (see _block_rows).
+_MIN_ROWS: Final = 64
 
 
 def cosine_distances(vectors: npt.ArrayLike) -> FloatArray:
@@ -50,35 +59,93 @@ def cosine_distances(vectors: npt.ArrayLike) -> FloatArray:
 
 
 def pseudo_f(
-    dist_sq: FloatArray, labels: IntArray, sizes: IntArray, chunk: int = 256
+    centred: FloatArray, labels: npt.NDArray[np.integer], sizes: IntArray
 ) -> tuple[FloatArray, FloatArray]:
-    """PERMANOVA pseudo-F and R² for each row of ``labels`` (label arrays, P x N).
+    """PERMANOVA pseudo-F and R² for each row of ``labels`` (group codes, P x N).
 
-    Anderson (2001): SS_T = (1/N) sum_{i<j} d_ij^2, SS_W = sum_g (1/n_g)
-    sum_{i<j in g} d_ij^2, SS_A = SS_T - SS_W, F = (SS_A/(g-1)) / (SS_W/(N-g)),
-    R² = SS_A / SS_T. Within sums come from one matrix product per chunk:
-    sum_{i,j in g} d_ij^2 = o_g' D o_g with o_g the indicator of group g.
+    ``centred`` holds the subjects' unit vectors minus their mean (N x C), and
+    ``sizes`` the group sizes. With cosine distances no N x N matrix is
+    needed. For unit vectors u_i, 1 - cos(u_i, u_j) = |u_i - u_j|^2 / 2, so
+    1 - cos is a squared Euclidean distance and Anderson's (2001) sums of
+    squares are sums of squared deviations from centroids. Write
+    v_i = u_i - mean(u) (distances do not change under a shift), V_g = the sum
+    of v_i over group g (n_g members) and use
+    sum_{i<j} |x_i - x_j|^2 = m sum_i |x_i - mean(x)|^2 for any m points:
+
+    - SS_T = (1/N) sum_{i<j} d_ij = (1/2N) sum_{i<j} |u_i - u_j|^2
+      = (1/2) sum_i |v_i|^2 (= (N - |sum_i u_i|^2 / N) / 2, since |u_i| = 1);
+    - SS_W = sum_g (1/n_g) sum_{i<j in g} d_ij
+      = (1/2) sum_g sum_{i in g} |v_i - V_g / n_g|^2
+      = (1/2) (sum_i |v_i|^2 - sum_g |V_g|^2 / n_g);
+    - SS_A = SS_T - SS_W = (1/2) sum_g |V_g|^2 / n_g;
+    - F = (SS_A / (g - 1)) / (SS_W / (N - g)), R² = SS_A / SS_T.
+
+    SS_A is a sum of squares, so F >= 0 and R² in [0, 1] hold by
+    construction; SS_W = SS_T - SS_A is set to 0 when it is below
+    1e-10 SS_T (rounding: the groups are internally identical, where the
+    distance form gives 0 and F = inf). The group sums of a block of label
+    rows are one matrix product per group (indicator rows x N times N x C),
+    and the last group's sum is the total minus the others: O(P N C) time,
+    and memory for one block of rows (about
+    :data:`~cohort.stats.bootstrap.BLOCK_VALUES` labels), not O(N^2).
     """
-    n = dist_sq.shape[0]
-    g = sizes.size
-    ss_total = dist_sq.sum() / (2.0 * n)
-    f_values = np.empty(labels.shape[0])
-    r2 = np.empty(labels.shape[0])
-    eye = np.eye(g)
-    for start in range(0, labels.shape[0], chunk):
-        block = labels[start : start + chunk]
-        onehot = eye[block]  # P x N x g
-        within_pairs = np.einsum("png,png->pg", onehot, np.matmul(dist_sq, onehot)) / 2.0
-        ss_within = (within_pairs / sizes).sum(axis=1)
-        ss_among = ss_total - ss_within
-        among_ms = ss_among / (g - 1)
-        within_ms = ss_within / (n - g)
-        f = np.full(block.shape[0], np.inf)
-        np.divide(among_ms, within_ms, out=f, where=within_ms > 0)
-        f[(within_ms <= 0) & (among_ms <= 0)] = 0.0
-        f_values[start : start + block.shape[0]] = f
-        r2[start : start + block.shape[0]] = ss_among / ss_total
-    return f_values, r2
+    n, channels = centred.shape
+    g = int(sizes.size)
+    rows = labels.shape[0]
+    ss_total = 0.5 * float(np.einsum("ij,ij->", centred, centred))
+    sums = np.empty((rows, g, channels))
+    for k in range(g - 1):
+        sums[:, k] = (labels == k).astype(np.float64) @ centred
+    sums[:, g - 1] = centred.sum(axis=0) - sums[:, : g - 1].sum(axis=1)
+    ss_among = 0.5 * (np.einsum("pgc,pgc->pg", sums, sums) / sizes).sum(axis=1)
+    ss_within = ss_total - ss_among
+    ss_within[ss_within <= _WITHIN_ROUNDING * ss_total] = 0.0
+    among_ms = ss_among / (g - 1)
+    within_ms = ss_within / (n - g)
+    f = np.full(rows, np.inf)
+    np.divide(among_ms, within_ms, out=f, where=within_ms > 0)
+    f[(within_ms <= 0) & (among_ms <= 0)] = 0.0
+    return f, ss_among / ss_total
+
+
+def _block_rows(n: int) -> int:
+    """Label rows per matrix product: about BLOCK_VALUES labels, and at least
+    :data:`_MIN_ROWS` (skinny products are slow in threaded BLAS)."""
+    return max(_MIN_ROWS, BLOCK_VALUES // max(n, 1))
+
+
+def _spread(unit: FloatArray, matrix: FloatArray) -> bool:
+    """Whether two rows are farther apart than :data:`_SAME_DIRECTION` (cosine distance).
+
+    The same decision as asking :func:`cosine_distances` of the rows for any
+    entry above it, in O(N C) unless the rows sit in a narrow band where
+    bounds cannot decide. For any reference row r, d_ir is itself an entry,
+    and every d_ij <= 4 max_k d_kr (triangle inequality on
+    |u_i - u_j| = sqrt(2 d_ij)); the references are the first row and the
+    row farthest from it. In the band (all rows within 1e-12 of each other's
+    direction up to that factor 4: degenerate input) the pairs are checked a
+    block of rows at a time: O(N^2 C) time, O(N) memory.
+    """
+    reference = 0
+    for _ in range(2):
+        dist = 1.0 - np.clip(unit @ unit[reference], -1.0, 1.0)
+        dist[(matrix == matrix[reference]).all(axis=1)] = 0.0
+        widest = float(dist.max())
+        if widest > _SAME_DIRECTION:
+            return True
+        if 4.0 * widest <= _SAME_DIRECTION:
+            return False
+        reference = int(dist.argmax())
+    _, twin = np.unique(matrix, axis=0, return_inverse=True)
+    twin = twin.ravel()
+    step = _block_rows(unit.shape[0])
+    for start in range(0, unit.shape[0], step):
+        stop = start + step
+        dist = 1.0 - np.clip(unit[start:stop] @ unit.T, -1.0, 1.0)
+        far = (dist > _SAME_DIRECTION) & (twin[start:stop, None] != twin[None, :])
+        if far.any():
+            return True
+    return False
 
 
 def permanova(
@@ -96,9 +163,11 @@ def permanova(
     (direction in feature space), not only through one summary number.
     The squared distance between two subjects is the cosine distance 1 - cos
     of their vectors (half the squared Euclidean distance between the unit
-    vectors); the statistic is Anderson's (2001) pseudo-F (see :func:`pseudo_f`). The
+    vectors); the statistic is Anderson's (2001) pseudo-F, computed from group
+    centroids in O(N C) per permutation (see :func:`pseudo_f`). The
     permuted label arrays are drawn as
-    ``rng.permuted(np.tile(labels, (permutations, 1)), axis=1)``; the p-value
+    ``rng.permuted(np.tile(labels, (permutations, 1)), axis=1)`` (in blocks of
+    rows that hold the same values); the p-value
     is (1 + #{F_perm >= F_obs}) / (1 + permutations), counting F_perm within
     a relative 1e-10 of F_obs as equal. Rows that are non-finite or of zero
     norm are dropped (count in ``reason``). Skipped when a group has fewer than
@@ -121,9 +190,10 @@ def permanova(
     group_names = list(names) if names is not None else [f"group {i + 1}" for i in range(g)]
     if len(group_names) != g:
         raise StatsInputError(f"permanova got {len(group_names)} names for {g} group codes")
-    _, valid = unit_rows(matrix)
+    unit, valid = unit_rows(matrix)
     dropped = dropped_note(int((~valid).sum()), "a zero-norm or non-finite vector")
-    matrix, codes = matrix[valid], codes[valid]
+    if not valid.all():
+        matrix, codes, unit = matrix[valid], codes[valid], unit[valid]
     sizes = np.bincount(codes, minlength=g).astype(np.int64)
     n = int(codes.size)
     small = small_groups_note([int(s) for s in sizes], group_names, min_n)
@@ -140,15 +210,25 @@ def permanova(
     # vectors, so it *is* a squared Euclidean distance: the sums of squares
     # partition (SS_T = SS_W + SS_A, with SS_A >= 0 and F >= 0). Squaring it
     # again would give a non-Euclidean measure whose SS_A can turn negative.
-    dist_sq = cosine_distances(matrix)
-    if not (dist_sq > _SAME_DIRECTION).any():
+    if not _spread(unit, matrix):
         return skipped(n, join_notes(dropped, "all vectors point the same way (zero distances)"))
-    f_obs_arr, r2_obs = pseudo_f(dist_sq, codes[None, :], sizes)
-    f_obs = float(f_obs_arr[0])
-    shuffled = rng.permuted(np.tile(codes, (permutations, 1)), axis=1)
-    f_perm, _ = pseudo_f(dist_sq, shuffled, sizes)
+    centred = unit
+    centred -= unit.mean(axis=0)  # in place: the unit vectors are not needed any more
+    # rng.permuted shuffles row after row, so blocks of tiled rows drawn one after
+    # the other hold exactly the rows of the one P x N call. The observed labels
+    # ride in the first block, so F_obs and F_perm come from the same products.
+    tiled = codes.astype(np.int8) if g <= np.iinfo(np.int8).max else codes
+    step = _block_rows(n)
+    first = min(permutations, step - 1)
+    block = np.vstack([tiled, rng.permuted(np.tile(tiled, (first, 1)), axis=1)])
+    f_values, r2_values = pseudo_f(centred, block, sizes)
+    f_obs, r2_obs = float(f_values[0]), float(r2_values[0])
     threshold = f_obs - _PERM_TOL * max(1.0, abs(f_obs)) if np.isfinite(f_obs) else f_obs
-    exceed = int((f_perm >= threshold).sum())
+    exceed = int((f_values[1:] >= threshold).sum())
+    for start in range(first, permutations, step):
+        rows = min(step, permutations - start)
+        f_perm, _ = pseudo_f(centred, rng.permuted(np.tile(tiled, (rows, 1)), axis=1), sizes)
+        exceed += int((f_perm >= threshold).sum())
     p_value = (1.0 + exceed) / (1.0 + permutations)
     nan = float("nan")
-    return Result(n, f_obs, p_value, float(r2_obs[0]), nan, nan, "ok", dropped)
+    return Result(n, f_obs, p_value, r2_obs, nan, nan, "ok", dropped)

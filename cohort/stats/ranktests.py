@@ -1,8 +1,17 @@
 """The rank tests on cosines, each with its effect size and a bootstrap CI of it.
 
 Each takes plain arrays and returns a :class:`~cohort.stats.common.Result`;
-p-values come from scipy, and the bootstrap CIs are vectorised over resamples
-(:mod:`cohort.stats.bootstrap`).
+p-values come from scipy, and the bootstrap CIs are vectorised over blocks of
+resamples (:mod:`cohort.stats.bootstrap`).
+
+A resample is a multiset of the subjects, so the ranks in it follow from how
+often each value is drawn: sort the values once; with ``cum`` the running
+count of drawn values in sorted order, a value whose run of ties occupies
+sorted positions [lo, hi) has the average rank ``cum[lo] + (cum[hi] - cum[lo]
++ 1) / 2`` in the resample. The bootstrap statistics below are computed that
+way, in O(n) per resample and with no pairwise matrix; ranks are kept doubled
+in integers, so rank sums are exact and every CI equals the one of ranking
+each resample with scipy (tests/test_stats_bootstrap.py replays them).
 """
 
 from __future__ import annotations
@@ -15,8 +24,10 @@ import numpy.typing as npt
 from scipy import stats as sps
 
 from cohort.errors import StatsInputError
-from cohort.stats.bootstrap import percentile_ci, resample_counts
+from cohort.stats.bootstrap import blocks, counts_in_rows, group_streams, percentile_ci
 from cohort.stats.common import (
+    FloatArray,
+    IntArray,
     Result,
     call_scipy,
     dropped_note,
@@ -29,11 +40,139 @@ from cohort.stats.effects import (
     epsilon_squared,
     kendalls_w,
     rank_biserial_paired,
-    rank_biserial_rows,
     rank_biserial_unpaired,
 )
 
 __all__ = ["friedman_depth", "kruskal_wallis", "mann_whitney", "wilcoxon_pairs"]
+
+
+def _sorted_positions(values: FloatArray) -> tuple[FloatArray, IntArray]:
+    """``values`` sorted ascending, and the sorted position of each original value."""
+    order = np.argsort(values, kind="stable")
+    position = np.empty(values.size, dtype=np.int64)
+    position[order] = np.arange(values.size, dtype=np.int64)
+    return values[order], position
+
+
+def _running(counts: IntArray) -> IntArray:
+    """Running sums of each row with a leading 0: ``cum[:, p]`` = count before position p."""
+    cum = np.zeros((counts.shape[0], counts.shape[1] + 1), dtype=np.int64)
+    np.cumsum(counts, axis=1, out=cum[:, 1:])
+    return cum
+
+
+def _wilcoxon_bootstrap(d: FloatArray, rng: np.random.Generator, bootstrap: int) -> FloatArray:
+    """Matched-pairs rank-biserial r of each resample of the differences ``d``.
+
+    The resamples are ``rng.integers(0, n, size=(bootstrap, n))`` (drawn in
+    blocks); r equals :func:`~cohort.stats.effects.rank_biserial_rows` of
+    ``d[index]``: zeros are left out and the rest re-ranked by |d|.
+    """
+    n = d.size
+    magnitude, position = _sorted_positions(np.abs(d))
+    lo = np.searchsorted(magnitude, magnitude, "left")
+    hi = np.searchsorted(magnitude, magnitude, "right")
+    zero_end = int(np.searchsorted(magnitude, 0.0, "right"))  # zeros sort first
+    sign = np.zeros(n, dtype=np.int64)
+    sign[position] = np.sign(d).astype(np.int64)
+    tied = bool((magnitude[1:] == magnitude[:-1]).any())
+    out = np.full(bootstrap, np.nan)
+    for start, stop in blocks(bootstrap, n):
+        counts = counts_in_rows(position[rng.integers(0, n, size=(stop - start, n))], n)
+        cum = _running(counts)
+        zeros = cum[:, zero_end]
+        # doubled rank among the non-zero |d| = cum[lo] + cum[hi] + 1 - 2 zeros; without
+        # ties, lo = p and hi = p + 1, so cum[lo] + cum[hi] = 2 cum[p] + counts[p]
+        ends = cum[:, lo] + cum[:, hi] if tied else 2 * cum[:, :-1] + counts
+        weights = counts * sign
+        signed = np.einsum("ij,ij->i", weights, ends) + (1 - 2 * zeros) * weights.sum(axis=1)
+        m = n - zeros
+        total = m * (m + 1) / 2.0
+        np.divide(signed / 2.0, total, out=out[start:stop], where=total > 0)
+    return out
+
+
+def _mann_whitney_bootstrap(
+    a: FloatArray, b: FloatArray, rng: np.random.Generator, bootstrap: int
+) -> FloatArray:
+    """Rank-biserial r = 2 U / (n1 n2) - 1 of each stratified resample.
+
+    Resamples: ``rng.integers(0, n1, size=(bootstrap, n1))`` for the first
+    group, then the same for the second (:func:`group_streams`). U of a
+    resample is the sum over its x values of the number of its y values below
+    x plus half those equal, read off the running counts of the drawn y
+    values in sorted order.
+    """
+    n1, n2 = a.size, b.size
+    sorted_b, position = _sorted_positions(b)
+    below = np.searchsorted(sorted_b, a, "left")
+    up_to = np.searchsorted(sorted_b, a, "right")
+    tied = bool((below != up_to).any())  # some x equals some y
+    first, second = group_streams(rng, (n1, n2), bootstrap)
+    out = np.empty(bootstrap)
+    for start, stop in blocks(bootstrap, n1 + n2):
+        rows = stop - start
+        cx = counts_in_rows(first.integers(0, n1, size=(rows, n1)), n1)
+        cum = _running(counts_in_rows(position[second.integers(0, n2, size=(rows, n2))], n2))
+        # 2 U = sum over drawn x of (#y below x) + (#y up to x): exact integers
+        low = np.einsum("ij,ij->i", cx, cum[:, below])
+        twice_u = low + (np.einsum("ij,ij->i", cx, cum[:, up_to]) if tied else low)
+        u = twice_u / 2.0
+        out[start:stop] = 2.0 * u / (n1 * n2) - 1.0
+    return out
+
+
+def _kruskal_bootstrap(
+    arrays: Sequence[FloatArray], rng: np.random.Generator, bootstrap: int
+) -> FloatArray:
+    """Epsilon-squared H / (N - 1) of each stratified resample (NaN when H is undefined).
+
+    Resamples: ``rng.integers(0, n_g, size=(bootstrap, n_g))`` group after
+    group (:func:`group_streams`). Rank sums and the tie term sum over tie
+    runs t^3 - t come from the running counts of the pooled resample in
+    sorted order; the arithmetic after them is scipy's (and the old
+    whole-matrix code's), expression by expression.
+    """
+    sizes = [int(g.size) for g in arrays]
+    total = sum(sizes)
+    values, position = _sorted_positions(np.concatenate(arrays))
+    lo = np.searchsorted(values, values, "left")
+    hi = np.searchsorted(values, values, "right")
+    tied = bool((values[1:] == values[:-1]).any())
+    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+    ends = np.r_[starts[1:], total]
+    edges = np.cumsum([0, *sizes])
+    positions = [position[start:stop] for start, stop in pairwise(edges)]
+    # a sorted position holds one subject of one group: a group's rank sum is the sum
+    # over its positions of (times drawn) x (rank)
+    members = [np.sort(where) for where in positions]
+    streams = group_streams(rng, sizes, bootstrap)
+    out = np.full(bootstrap, np.nan)
+    for start, stop in blocks(bootstrap, total):
+        rows = stop - start
+        drawn = [
+            where[stream.integers(0, size, size=(rows, size))]
+            for where, stream, size in zip(positions, streams, sizes, strict=True)
+        ]
+        counts = counts_in_rows(np.concatenate(drawn, axis=1), total)
+        del drawn
+        cum = _running(counts)
+        if tied:
+            twice_rank = cum[:, lo] + cum[:, hi] + 1
+            runs = cum[:, ends] - cum[:, starts]
+        else:  # lo = p, hi = p + 1, and every run is one position
+            twice_rank = 2 * cum[:, :-1] + counts + 1
+            runs = counts
+        ties = (runs**3 - runs).sum(axis=1).astype(np.float64)
+        correction = 1.0 - ties / (total**3 - total)
+        weighted = counts * twice_rank
+        rank_sums = [weighted[:, group].sum(axis=1) / 2.0 for group in members]
+        between = sum(
+            r**2 / (hi_ - lo_) for r, (lo_, hi_) in zip(rank_sums, pairwise(edges), strict=True)
+        )
+        h_raw = 12.0 / (total * (total + 1)) * between - 3.0 * (total + 1)
+        np.divide(h_raw, correction, out=out[start:stop], where=correction > 0)
+    return out / (total - 1)
 
 
 def wilcoxon_pairs(
@@ -73,8 +212,7 @@ def wilcoxon_pairs(
     effect = rank_biserial_paired(d)
     ci = (float("nan"), float("nan"))
     if bootstrap > 0:
-        idx = rng.integers(0, n, size=(bootstrap, n))
-        ci = percentile_ci(rank_biserial_rows(d[idx]), level)
+        ci = percentile_ci(_wilcoxon_bootstrap(d, rng, bootstrap), level)
     result, note = call_scipy(
         lambda: sps.wilcoxon(d, zero_method="wilcox", alternative="two-sided")
     )
@@ -123,12 +261,15 @@ def friedman_depth(
         effect = kendalls_w(float(getattr(result, "statistic")), n, k)  # noqa: B009
     ci = (float("nan"), float("nan"))
     if bootstrap > 0:
-        counts = resample_counts(rng, n, bootstrap).astype(np.float64)
-        rank_sums = counts @ ranks
-        correction = 1.0 - (counts @ ties) / (k * (k * k - 1) * n)
-        chi2 = 12.0 / (k * n * (k + 1)) * (rank_sums**2).sum(axis=1) - 3.0 * n * (k + 1)
         w = np.full(bootstrap, np.nan)
-        np.divide(chi2, correction * n * (k - 1), out=w, where=correction > 0)
+        by_layer = np.ascontiguousarray(ranks.T)
+        for start, stop in blocks(bootstrap, n):
+            draws = rng.integers(0, n, size=(stop - start, n))
+            # sums of halves and integers: exact in any order, as the old counts @ ranks
+            rank_sums = np.stack([layer[draws].sum(axis=1) for layer in by_layer], axis=1)
+            correction = 1.0 - ties[draws].sum(axis=1) / (k * (k * k - 1) * n)
+            chi2 = 12.0 / (k * n * (k + 1)) * (rank_sums**2).sum(axis=1) - 3.0 * n * (k + 1)
+            np.divide(chi2, correction * n * (k - 1), out=w[start:stop], where=correction > 0)
         ci = percentile_ci(w, level)
     return finish(result, note, n, effect, ci, dropped)
 
@@ -168,11 +309,7 @@ def mann_whitney(
         effect = rank_biserial_unpaired(float(getattr(result, "statistic")), n1, n2)  # noqa: B009
     ci = (float("nan"), float("nan"))
     if bootstrap > 0:
-        wins = (a[:, None] > b[None, :]) + 0.5 * (a[:, None] == b[None, :])
-        c1 = resample_counts(rng, n1, bootstrap).astype(np.float64)
-        c2 = resample_counts(rng, n2, bootstrap).astype(np.float64)
-        u = ((c1 @ wins) * c2).sum(axis=1)
-        ci = percentile_ci(2.0 * u / (n1 * n2) - 1.0, level)
+        ci = percentile_ci(_mann_whitney_bootstrap(a, b, rng, bootstrap), level)
     return finish(result, note, n1 + n2, effect, ci, dropped)
 
 
@@ -212,17 +349,5 @@ def kruskal_wallis(
         effect = epsilon_squared(float(getattr(result, "statistic")), total)  # noqa: B009
     ci = (float("nan"), float("nan"))
     if bootstrap > 0:
-        parts = [g[rng.integers(0, g.size, size=(bootstrap, g.size))] for g in arrays]
-        values = np.concatenate(parts, axis=1)
-        ranks = sps.rankdata(values, axis=1)
-        spans = sps.rankdata(values, axis=1, method="max") - sps.rankdata(
-            values, axis=1, method="min"
-        )
-        correction = 1.0 - ((spans + 1.0) ** 2 - 1.0).sum(axis=1) / (total**3 - total)
-        edges = np.cumsum([0, *sizes])
-        between = sum(ranks[:, lo:hi].sum(axis=1) ** 2 / (hi - lo) for lo, hi in pairwise(edges))
-        h_raw = 12.0 / (total * (total + 1)) * between - 3.0 * (total + 1)
-        h = np.full(bootstrap, np.nan)
-        np.divide(h_raw, correction, out=h, where=correction > 0)
-        ci = percentile_ci(h / (total - 1), level)
+        ci = percentile_ci(_kruskal_bootstrap(arrays, rng, bootstrap), level)
     return finish(result, note, total, effect, ci, dropped)

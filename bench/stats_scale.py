@@ -1,0 +1,150 @@
+"""Scale simulation: ``cohort stats`` on synthetic result folders of many subjects.
+
+For each size, writes a synthetic result folder (two cohorts of equal size,
+three regions, three layers of 32 channels, no phantom images; made with no
+resampling, so the folder is quick to write), then runs
+``cohort stats DIR --bootstrap 2000 --permutations 999 --stats-seed 0`` (the
+default statistics settings, stated explicitly because the folder was written
+without resampling) in a child process, and prints its wall time and peak
+memory (the child's maximum resident set size, from
+``resource.getrusage(RUSAGE_CHILDREN)`` read right after it ends).
+
+Run: ``.venv/bin/python -m bench.stats_scale --subjects 2000,20000,100000``.
+``--keep DIR`` writes the folders under DIR and keeps them (reused when
+present); ``--python`` picks the interpreter of the child (with
+``PYTHONPATH`` set, an older checkout can be measured on the same folders).
+Exit status 1 when a child fails, or when a size up to 20,000 subjects misses
+the goal of issue 16 (60 s and 3 GB on the 2-core bench machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+GOAL_SUBJECTS = 20_000
+GOAL_SECONDS = 60.0
+GOAL_BYTES = 3 * 1024**3
+
+
+@dataclass(frozen=True)
+class Measured:
+    subjects: int
+    seconds: float
+    peak_bytes: int
+    setup_seconds: float
+    returncode: int
+
+
+def make_folder(folder: Path, subjects: int) -> float:
+    """Write the synthetic folder of ``subjects`` (kept when it is there); seconds taken."""
+    from cohort.config import StatsConfig
+    from cohort.synthetic import synthetic_results
+
+    if (folder / "run.json").is_file():
+        return 0.0
+    started = time.perf_counter()
+    synthetic_results(
+        folder,
+        n_per_cohort=subjects // 2,
+        images=False,
+        cfg=StatsConfig(bootstrap=0, permutations=0),
+    )
+    return time.perf_counter() - started
+
+
+def run_stats(folder: Path, python: str) -> tuple[float, int, int]:
+    """Run ``cohort stats`` on ``folder`` in a child; (seconds, peak RSS bytes, exit status).
+
+    The peak is the child's own: this process runs one child at a time, and
+    RUSAGE_CHILDREN's ru_maxrss is the largest of the children waited for so
+    far, so each measurement runs in a fresh intermediate process.
+    """
+    code = (
+        "import resource, subprocess, sys, time\n"
+        "started = time.perf_counter()\n"
+        "done = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+        "seconds = time.perf_counter() - started\n"
+        "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024\n"
+        "print(seconds, peak, done.returncode)\n"
+    )
+    command = [
+        python,
+        "-c",
+        "from cohort.cli.main import main; main()",
+        "stats",
+        str(folder),
+        "--bootstrap",
+        "2000",
+        "--permutations",
+        "999",
+        "--stats-seed",
+        "0",
+    ]
+    out = subprocess.run(
+        [sys.executable, "-c", code, *command], capture_output=True, text=True, check=True
+    )
+    seconds, peak, status = out.stdout.split()
+    return float(seconds), int(peak), int(status)
+
+
+def measure(sizes: list[int], root: Path, python: str) -> list[Measured]:
+    rows: list[Measured] = []
+    for subjects in sizes:
+        folder = root / f"stats-{subjects}"
+        setup = make_folder(folder, subjects)
+        seconds, peak, status = run_stats(folder, python)
+        rows.append(Measured(subjects, seconds, peak, setup, status))
+        print(format_row(rows[-1]), flush=True)
+    return rows
+
+
+def format_row(row: Measured) -> str:
+    goal = ""
+    if row.subjects <= GOAL_SUBJECTS:
+        met = row.seconds <= GOAL_SECONDS and row.peak_bytes <= GOAL_BYTES
+        goal = "ok" if met else "MISSED"
+    status = "" if row.returncode == 0 else f" exit {row.returncode}"
+    return (
+        f"| {row.subjects:>9,} | {row.seconds:>8.1f} | {row.peak_bytes / 1e9:>6.2f} | "
+        f"{row.setup_seconds:>7.1f} | {goal:<6} |{status}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument(
+        "--subjects", default="2000,20000", help="Comma-separated subject counts (all cohorts)."
+    )
+    parser.add_argument("--keep", type=Path, help="Write and keep the folders here.")
+    parser.add_argument("--python", default=sys.executable, help="Interpreter of the child.")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.subjects.split(",") if s.strip()]
+    print(
+        f"cohort stats, default statistics (2000 bootstrap, 999 permutations); "
+        f"{os.cpu_count()} CPUs; goal: <= 20,000 subjects within 60 s and 3 GB"
+    )
+    print("|  subjects |   time s | peak GB | setup s | goal   |")
+    print("|----------:|---------:|--------:|--------:|:-------|")
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        rows = measure(sizes, args.keep, args.python)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-stats-") as tmp:
+            rows = measure(sizes, Path(tmp), args.python)
+    failed = any(r.returncode != 0 for r in rows)
+    missed = any(
+        r.subjects <= GOAL_SUBJECTS and (r.seconds > GOAL_SECONDS or r.peak_bytes > GOAL_BYTES)
+        for r in rows
+    )
+    return 1 if failed or missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
