@@ -41,3 +41,23 @@ def small_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two cohorts of three 64^3 phantom knees; returns the manifest path."""
     folder = tmp_path_factory.mktemp("small-cohort")
     return make_phantom_cohort(folder, n_per_cohort=3, shape=SMALL_SHAPE, seed=11)
+
+
+SMALL_RUN_OPTIONS = ("--weights", "random", "--device", "cpu")  # the ones that set the numbers
+
+
+@pytest.fixture(scope="session")
+def small_run(
+    ray_session: None, small_cohort: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A local ``cohort run`` of the small cohort (default masked-pool, random weights)."""
+    from click.testing import CliRunner
+
+    from cohort.cli.main import main
+
+    out = tmp_path_factory.mktemp("small-run") / "out"
+    args = ["run", str(small_cohort), "--out", str(out), *SMALL_RUN_OPTIONS, "--actors", "2"]
+    args += ["--quiet", "--stall-timeout", "240", "--bootstrap", "200", "--no-report"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    return out

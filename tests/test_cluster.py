@@ -33,6 +33,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -231,7 +232,7 @@ def _submit_run(head: Head, manifest: Path, out: Path, *extra: str) -> list[str]
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_submit_runs_the_analysis_on_the_cluster(
-    ray_head: Head, small_cohort: Path, tmp_path: Path
+    ray_head: Head, small_cohort: Path, small_run: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "results"
     started = time.perf_counter()
@@ -250,6 +251,21 @@ def test_submit_runs_the_analysis_on_the_cluster(
     assert len(features) == 6 * 3 * 3  # subjects x regions x layers
     provenance = json.loads((out / "run.json").read_text())
     assert provenance["counts"] == {"subjects": 6, "done": 6, "cached": 0, "failed": 0}
+    # the numbers: the cluster's run equals a local run with the same options
+    key = ["subject_id", "region", "layer"]
+    local = pq.read_table(small_run / "features.parquet").to_pandas().sort_values(key)
+    remote = features.sort_values(key)
+    assert remote[key].to_numpy().tolist() == local[key].to_numpy().tolist()
+    np.testing.assert_allclose(
+        np.stack(remote["vector"]), np.stack(local["vector"]), rtol=1e-5, atol=1e-7
+    )
+    pair = ["subject_id", "layer", "region_a", "region_b"]
+    sims = [
+        pq.read_table(folder / "similarity.parquet").to_pandas().sort_values(pair)
+        for folder in (out, small_run)
+    ]
+    for column in ("cosine", "cosine_centred"):
+        np.testing.assert_allclose(sims[0][column], sims[1][column], rtol=0, atol=1e-6)
 
     job_id = re.search(r"submitted (\S+) \(run (\S+), attempt (\d+)\)", output)
     assert job_id is not None, output

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from scipy import stats as sps
 
 from cohort.cli.main import main
 from cohort.config import ModelConfig, PoolingConfig, PreprocessConfig
@@ -25,6 +26,7 @@ from cohort.model.hooks import FeatureExtractor, resolve_layers
 from cohort.model.network import build_network, random_weights
 from cohort.model.pooling import extract
 from cohort.outputs.store import PROVENANCE_KEY
+from cohort.report import write_report
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
 
@@ -45,13 +47,8 @@ def cohort_run(manifest: Path, out: Path, *extra: str) -> Result:
 
 
 @pytest.fixture(scope="module")
-def finished(
-    ray_session: None, small_cohort: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    out = tmp_path_factory.mktemp("run") / "out"
-    result = cohort_run(small_cohort, out, "--device", "cpu", "--actors", "2")
-    assert result.exit_code == 0, result.output
-    return out
+def finished(small_run: Path) -> Path:
+    return small_run
 
 
 def test_outputs_have_the_contract_columns_and_types(finished: Path, small_cohort: Path) -> None:
@@ -149,6 +146,51 @@ def test_masked_input_through_ray_equals_direct_core_call(
     for vector in direct:
         row = mine[(mine.region == vector.region) & (mine.layer == vector.layer)]
         np.testing.assert_allclose(np.asarray(row.vector.item()), vector.vector, rtol=0, atol=1e-5)
+
+
+def test_masked_pool_through_ray_equals_pooling_done_here(
+    finished: Path, small_cohort: Path
+) -> None:
+    """The default path's vectors against masked pooling computed in this test: the model
+    input from the NIfTI files by hand, the feature maps from plain forward hooks, each
+    region's cell weights by block-averaging its mask (64^3 volume, 2^3 grid: 32^3 blocks)."""
+    got = pq.read_table(finished / "features.parquet").to_pandas()
+    network, _ = build_network("densenet121", random_weights("densenet121", 0).state_dict)
+    paths = {info.layer: info.module_path for info in resolve_layers(network, ModelConfig().layers)}
+    for subject in read_manifest(small_cohort):
+        image, mask = nib.load(subject.image), nib.load(subject.mask)
+        assert np.allclose(image.affine[:3, :3], np.diag(np.diag(image.affine[:3, :3])))
+        assert (np.diag(image.affine)[:3] > 0).all()  # stored RAS: (x, y, z) -> (D, H, W) below
+        hu = np.asarray(image.get_fdata(), dtype=np.float64).transpose(2, 1, 0)
+        labels = np.asarray(mask.dataobj).transpose(2, 1, 0)
+        x = ((np.clip(hu, -1000, 2000) + 1000) / 3000 - 0.449) / 0.226
+        maps: dict[str, torch.Tensor] = {}
+        handles = [
+            network.get_submodule(path).register_forward_hook(
+                lambda _m, _i, out, layer=layer, maps=maps: maps.__setitem__(layer, out)
+            )
+            for layer, path in paths.items()
+        ]
+        with torch.no_grad():
+            network(torch.tensor(x, dtype=torch.float32)[None, None])
+        for handle in handles:
+            handle.remove()
+        regions = {
+            "tibia": labels == 1,
+            "femur": labels == 2,
+            "background": ~np.isin(labels, [1, 2]),
+        }
+        mine = got[got.subject_id == subject.subject_id]
+        for layer, fmap in maps.items():
+            f = fmap[0].double().numpy()  # (C, 2, 2, 2)
+            assert f.shape[1:] == (2, 2, 2)
+            for name, region in regions.items():
+                w = region.reshape(2, 32, 2, 32, 2, 32).mean(axis=(1, 3, 5))
+                expected = (f * w).sum(axis=(1, 2, 3)) / w.sum()
+                row = mine[(mine.region == name) & (mine.layer == layer)]
+                vector = np.asarray(row.vector.item(), dtype=np.float64)
+                scale = np.abs(expected).max()
+                np.testing.assert_allclose(vector, expected, rtol=0, atol=1e-5 * scale)
 
 
 def test_actors_ask_for_the_gpu_when_the_cluster_has_one(
@@ -279,6 +321,55 @@ def test_stats_command_reproduces_stats_exactly(finished: Path, tmp_path: Path) 
     assert not changed.equals(original)
     provenance = json.loads(changed.schema.metadata[PROVENANCE_KEY])
     assert provenance["config"]["stats"]["seed"] == 3
+
+
+def assert_one_meaning(folder: Path, centred: bool) -> None:
+    """similarity.csv, stats, run.json, the Parquet metadata and the report all use the
+    same cosines: similarity.parquet's ``cosine_centred`` when centred, else ``cosine``."""
+    column = "cosine_centred" if centred else "cosine"
+    sim = pq.read_table(folder / "similarity.parquet").to_pandas()
+    table = pd.read_csv(folder / "similarity.csv")
+    assert set(table["cosine"]) == {"centred" if centred else "raw"}
+    for row in table.itertuples():
+        a, b = row.pair.split("-")
+        for layer in ("conv-1", "conv-3", "conv-5"):
+            values = sim[
+                (sim.cohort == row.cohort)
+                & (sim.layer == layer)
+                & (sim.region_a == a)
+                & (sim.region_b == b)
+            ][column]
+            assert table.loc[row.Index, layer] == pytest.approx(values.mean(), abs=1e-6)
+    run = json.loads((folder / "run.json").read_text())
+    meta = json.loads(pq.read_schema(folder / "stats.parquet").metadata[PROVENANCE_KEY])
+    assert run["config"]["stats"]["centre"] is centred
+    assert meta["config"]["stats"]["centre"] is centred
+    tests = pq.read_table(folder / "stats.parquet").to_pandas()
+    mw = tests[(tests.test == "mannwhitneyu") & (tests.layer == "conv-1")]
+    for row in mw.itertuples():
+        a, b = row.pair.split("-")
+        pick = sim[(sim.layer == "conv-1") & (sim.region_a == a) & (sim.region_b == b)]
+        x = pick[pick.cohort == "control"][column]
+        y = pick[pick.cohort == "osteo"][column]
+        assert row.p_value == pytest.approx(sps.mannwhitneyu(x, y).pvalue, rel=1e-12)
+    page = write_report(folder).read_text()
+    assert ("Cosines are <b>centred</b>" in page) is centred
+    first = table.iloc[0]
+    assert f">{first['conv-1']:.4f}<" in page  # the report's table shows these numbers
+
+
+def test_centred_run_means_one_thing_everywhere(
+    ray_session: None, small_cohort: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "centred"
+    result = cohort_run(small_cohort, out, "--device", "cpu", "--centre", "--permutations", "9")
+    assert result.exit_code == 0, result.output
+    assert "(centred cosines)" in result.output
+    assert_one_meaning(out, centred=True)
+    for option, centred in (("--raw", False), ("--centre", True)):
+        result = CliRunner().invoke(main, ["stats", str(out), option])
+        assert result.exit_code == 0, result.output
+        assert_one_meaning(out, centred=centred)
 
 
 @pytest.mark.slow

@@ -33,16 +33,12 @@ from cohort.cli.main import main
 from cohort.config import (
     ExecutionConfig,
     ModelConfig,
-    PoolingConfig,
-    PreprocessConfig,
     RunConfig,
-    StatsConfig,
     format_label_map,
 )
 from cohort.errors import CohortError, WeightsError
 from cohort.execution import extract as extraction
 from cohort.execution import load as loading
-from cohort.inputs.fingerprint import options_identity
 from cohort.inputs.manifest import Subject, read_manifest, write_manifest
 from cohort.model.network import load_weights
 from cohort.outputs import store
@@ -305,7 +301,7 @@ def test_worker_death_beyond_the_retries_loses_nothing(
     every other one is a Lost row naming the cause -- none silently dropped."""
     subset = list(read_manifest(good))[:3]
     manifest = write_manifest(subset, tmp_path / "three.csv")
-    victim = subset[1].subject_id
+    victim = subset[-1].subject_id  # last: the subjects before it get the chance to finish
     monkeypatch.setenv(extraction.FAULT_SUBJECT_ENV, victim)
     monkeypatch.setenv(extraction.FAULT_MARKER_ENV, str(tmp_path / "killed"))
     out = tmp_path / "out"
@@ -319,6 +315,7 @@ def test_worker_death_beyond_the_retries_loses_nothing(
     assert errors.message.str.contains("ActorDiedError").all()
     assert errors.message.str.contains("rerun the same command").all()
     done = set(features(out).subject_id)
+    assert done, "no subject finished: the comparison below would check nothing"
     assert done.isdisjoint(errors.index)
     assert done | set(errors.index) == {s.subject_id for s in subset}
     assert_same_results(out, reference, done)
@@ -388,25 +385,98 @@ def test_corrupt_file_is_not_retried(
     assert (out["status"], out["stage"], len(calls)) == ("failed", "load", 1)
 
 
+def test_transient_retries_back_off_doubling(good: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's doubling backoff, on a fake clock: 0.5 s, then 1 s, then 2 s."""
+    subject = read_manifest(good)[0]
+    slept: list[float] = []
+    monkeypatch.setattr(loading.time, "sleep", slept.append)
+
+    def always_eio(path: Path, **kwargs: object) -> object:
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(nib, "load", always_eio)
+    cfg = RunConfig(execution=ExecutionConfig(max_retries=3))
+    out = loading.load_subject(_row(subject), cfg, "identity", frozenset())
+    assert out["status"] == "failed" and "after 4 attempts" in out["message"]
+    assert slept == [0.5, 1.0, 2.0]
+    assert loading.IO_RETRY_DELAY_S == 0.5
+
+
+def test_transient_error_while_hashing_is_retried(
+    good: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EIO while computing the resume key's file hashes: retried like a read."""
+    subject = read_manifest(good)[0]
+    real_hash = loading.sha256_file
+    calls: list[Path] = []
+
+    def flaky(path: Path) -> str:
+        calls.append(Path(path))
+        if len(calls) <= 2:
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_hash(path)
+
+    monkeypatch.setattr(loading, "sha256_file", flaky)
+    monkeypatch.setattr(loading.time, "sleep", lambda _: None)
+    out = loading.load_subject(_row(subject), RunConfig(), "identity", frozenset())
+    assert out["status"] == "ready", out["message"]
+    assert calls[:3] == [subject.image] * 3  # the image's hash failed twice, then worked
+
+
+def test_permission_error_is_not_retried(good: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    subject = read_manifest(good)[0]
+    calls: list[Path] = []
+
+    def denied(path: Path, **kwargs: object) -> object:
+        calls.append(Path(path))
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(nib, "load", denied)
+    monkeypatch.setattr(loading.time, "sleep", lambda _: pytest.fail("slept before a retry"))
+    out = loading.load_subject(_row(subject), RunConfig(), "identity", frozenset())
+    assert (out["status"], out["stage"], len(calls)) == ("failed", "load", 1)
+    assert "Permission denied" in out["message"] and "attempts" not in out["message"]
+
+
+@pytest.mark.timeout(600)
+def test_a_stalled_run_keeps_what_finished_and_names_the_stall(
+    ray_session: None,
+    good: Path,
+    reference: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--stall-timeout: a hung worker stops the run; the finished subjects are written,
+    the others are error rows of type Stalled, and the exit status is 1."""
+    subset = list(read_manifest(good))[:4]
+    manifest = write_manifest(subset, tmp_path / "four.csv")
+    victim = subset[-1].subject_id
+    monkeypatch.setenv(extraction.FAULT_SUBJECT_ENV, victim)
+    monkeypatch.setenv(extraction.FAULT_MARKER_ENV, str(tmp_path / "hung"))
+    monkeypatch.setenv(extraction.FAULT_MODE_ENV, "hang:150")
+    out = tmp_path / "out"
+
+    started = time.monotonic()
+    result = cohort_run(manifest, out, "--stall-timeout", "40")
+    took = time.monotonic() - started
+
+    assert result.exit_code == 1, result.output
+    assert (tmp_path / "hung").exists()  # the hook fired: the worker hung
+    assert took < 140, f"took {took:.0f} s: the watchdog did not stop the run"
+    for name in store.FINAL_FILES:
+        assert (out / name).is_file(), name
+    errors = pd.read_csv(out / "errors.csv").set_index("subject_id")
+    assert victim in errors.index
+    assert set(errors.error_type) == {"Stalled"} and set(errors.stage) == {"pipeline"}
+    assert errors.message.str.contains("--stall-timeout").all()
+    done = set(features(out).subject_id)
+    assert done, "nothing finished before the stall"
+    assert done | set(errors.index) == {s.subject_id for s in subset}
+    assert_same_results(out, reference, done)
+    assert run_json(out)["counts"]["failed"] == len(errors)
+
+
 # ---------------------------------------------------------------------- resume
-
-
-def test_result_identity_follows_result_affecting_options_only() -> None:
-    base = options_identity(RunConfig(), "w" * 64)
-    same = [
-        RunConfig(execution=ExecutionConfig(num_actors=3, max_retries=0, progress=False)),
-        RunConfig(stats=StatsConfig(bootstrap=10, seed=4)),
-    ]
-    for cfg in same:
-        assert options_identity(cfg, "w" * 64) == base
-    changed = [
-        RunConfig(preprocess=PreprocessConfig(hu_min=-500.0)),
-        RunConfig(model=ModelConfig(layers=("conv-1",))),
-        RunConfig(pooling=PoolingConfig(mode="masked-input")),
-    ]
-    for cfg in changed:
-        assert options_identity(cfg, "w" * 64) != base
-    assert options_identity(RunConfig(), "v" * 64) != base
 
 
 @pytest.mark.timeout(600)
@@ -425,9 +495,24 @@ def test_rerun_redoes_only_changed_subjects_and_rewrites_summaries(
         for s in subjects
     ]
     manifest = write_manifest(relabelled, data / "manifest.csv")
+    # temporary files as a crashed run and a run still writing would leave them
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid is no longer a process
+    live = subprocess.Popen(["sleep", "120"])
+    parts = store.Parts(out)
+    dead_tmp = parts.root / f".{'a' * 8}.parquet.tmp-{dead.pid}"
+    live_tmp = parts.root / f".{'b' * 8}.parquet.tmp-{live.pid}"
+    for path in (dead_tmp, live_tmp):
+        path.write_bytes(b"half a parquet file")
 
-    result = cohort_run(manifest, out)
+    try:
+        result = cohort_run(manifest, out)
+    finally:
+        live.kill()
+        live.wait()
 
+    assert not dead_tmp.exists(), "a dead run's temporary file was left"
+    assert live_tmp.read_bytes() == b"half a parquet file", "a live run's file was touched"
     assert result.exit_code == 0, result.output
     assert run_json(out)["counts"] == {"subjects": 10, "done": 1, "cached": 9, "failed": 0}
     others = frozenset({changed.subject_id})
@@ -456,6 +541,11 @@ def test_sigint_keeps_finished_subjects_and_rerun_does_only_the_rest(
     ray_session: None, good: Path, good_ids: set[str], reference: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
+    out.mkdir()
+    earlier = {}  # the final files of an earlier run in the same folder (no parts)
+    for name in store.FINAL_FILES:
+        shutil.copy2(reference / name, out / name)
+        earlier[name] = (out / name).read_bytes()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "COHORT_"))}
     env["RAY_AUTH_MODE"] = "token"
     command = [str(Path(sys.executable).with_name("cohort")), "run", str(good), "--out", str(out)]
@@ -492,8 +582,8 @@ def test_sigint_keeps_finished_subjects_and_rerun_does_only_the_rest(
     assert proc.returncode == 130, stderr
     assert "interrupted after" in stderr and "rerun the same command to continue" in stderr
     assert stopped_in < 60, f"took {stopped_in:.0f} s to stop"
-    for name in store.FINAL_FILES:  # nothing half-done was published
-        assert not (out / name).exists(), name
+    for name in store.FINAL_FILES:  # nothing half-done was published over the earlier run
+        assert (out / name).read_bytes() == earlier[name], name
     parts = store.Parts(out)
     kept = parts.keys()
     assert 3 <= len(kept) < 10, stderr

@@ -359,4 +359,20 @@ def test_readme_query_examples_run(
     if index == 0:
         assert "tibia-femur" in printed and "FileNotFoundError" in printed
     else:
-        assert "True" in printed  # run.json and the Parquet metadata agree
+        sha = json.loads((two_cohorts / "run.json").read_text())["weights"]["sha256"]
+        assert re.fullmatch(r"[0-9a-f]{64}", sha)  # a real hash, not two empty strings
+        assert f"weights sha256 {sha[:12]}... True" in printed  # run.json = Parquet metadata
+
+
+def test_overlay_names_take_bare_region_names() -> None:
+    """Runs on mask folders or Slicer segmentations name regions without values."""
+    from cohort.report.sections import _region_names
+
+    run = {"config": {"regions": {"labels": [["liver", None], ["spleen", None]]}}}
+
+    class Row:
+        labels = None
+
+    assert _region_names(run, Row()) == (("liver", None), ("spleen", None))
+    Row.labels = (("tibia", 2), ("femur", 1))  # type: ignore[assignment]
+    assert _region_names(run, Row()) == (("tibia", 2), ("femur", 1))

@@ -16,22 +16,20 @@ from cohort.errors import CohortError, ExitCode
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["demo", "execute", "format_origin", "run"]
+__all__ = ["demo", "demo_findings", "execute", "format_origin", "run"]
 
 
 def format_origin(origin: pd.DataFrame) -> str:
     """The origin study's table (region pairs x layers, cohort means), one block per cohort."""
     if origin.empty:
         return "(no similarities: no subject finished)"
-    layers = [c for c in origin.columns if c not in ("cohort", "pair", "n")]
+    layers = [c for c in origin.columns if c not in ("cosine", "cohort", "pair")]
+    kind = f" ({origin['cosine'].iloc[0]} cosines)" if "cosine" in origin else ""
     blocks = []
     for cohort, rows in origin.groupby("cohort", sort=False):
         width = max(len("pair"), *(len(str(p)) for p in rows["pair"]))
         header = f"{'pair':<{width}}  " + "  ".join(f"{layer:>8}" for layer in layers)
-        lines = [
-            f"cohort {cohort}" + (f" (n = {rows['n'].iloc[0]})" if "n" in rows else ""),
-            header,
-        ]
+        lines = [f"cohort {cohort}{kind}", header]
         for _, row in rows.iterrows():
             values = "  ".join(f"{row[layer]:>8.4f}" for layer in layers)
             lines.append(f"{row['pair']:<{width}}  {values}")
@@ -124,4 +122,31 @@ def demo(out: Path, per_cohort: int, shape: str, seed: int, no_report: bool) -> 
     values = options.defaults(options.RUN_OPTIONS)
     values["weights"] = "imagenet" if pretrained else "random"
     cfg = options.run_config(values)
-    sys.exit(execute(manifest, out / "results", cfg, download=False, report=not no_report))
+    code = execute(manifest, out / "results", cfg, download=False, report=not no_report)
+    if (out / "results" / "stats.parquet").is_file():
+        click.echo(demo_findings(out / "results", cfg.stats.alpha))
+    sys.exit(code)
+
+
+def demo_findings(folder: Path, alpha: float, most: int = 4) -> str:
+    """What the demo's between-cohort tests found, strongest first, and where to look."""
+    import pandas as pd
+
+    tests = pd.read_parquet(folder / "stats.parquet")
+    between = tests[tests["family"].str.startswith("between") & (tests["status"] == "ok")]
+    found = between[between["q_value"] < alpha].sort_values(["q_value", "p_value"])
+    report = folder / "report" / "report.html"
+    if found.empty:
+        return f"no between-cohort test reached q < {alpha:g}; the tests are in {report}#stats"
+    lines = [f"between the cohorts, {len(found)} test(s) with q < {alpha:g}, strongest first:"]
+    for row in found.head(most).itertuples():
+        lines.append(
+            f"  {row.layer} {row.pair}: {row.test} q = {row.q_value:.2g}, "
+            f"{row.effect_name} {row.effect_size:+.2f}"
+        )
+    layer = str(found.iloc[0]["layer"])
+    lines.append(
+        f"see {report}#distributions (figure cosines_{layer}: each subject's cosines per "
+        "cohort) and #stats (every test, sortable)"
+    )
+    return "\n".join(lines)

@@ -97,6 +97,11 @@ def stream(
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    # --stall-timeout: Ray Data's own guard stops an execution in which no block has
+    # moved for that long (ExecutionTimeoutError, a stalled run for the driver); off
+    # without the option
+    stall = cfg.execution.stall_timeout_s
+    context.execution_no_progress_timeout_s = -1 if stall is None else stall
     actors, gpus, threads = plan_pool(cfg)
     weights_ref = ray.put(dict(weights))  # kept alive by this frame for the run
     retries = cfg.execution.max_retries

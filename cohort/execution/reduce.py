@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cohort import stats
@@ -20,10 +21,25 @@ from cohort.config import RunConfig, StatsConfig
 from cohort.outputs import schemas, store
 from cohort.outputs.provenance import read_run
 
-__all__ = ["SUMMARY_FILES", "finish", "restate", "write_summaries"]
+__all__ = ["SUMMARY_FILES", "finish", "read_features", "restate", "write_summaries"]
 
 # What the statistics write; ``cohort stats`` replaces these and run.json.
 SUMMARY_FILES = ("similarity.csv", "stats.parquet", "stats.csv")
+
+
+def read_features(path: Path) -> pd.DataFrame:
+    """``features.parquet`` as a frame whose ``vector`` column stays in Arrow.
+
+    The column is a ``pd.ArrowDtype`` list: the vectors stay one flat buffer
+    that :func:`cohort.stats.tables.vector_matrix` reshapes per layer,
+    instead of one numpy array object per row (900,000 of them at 100,000
+    subjects with 3 regions and 3 layers).
+    """
+    return pq.read_table(path).to_pandas(types_mapper=_arrow_lists)
+
+
+def _arrow_lists(kind: pa.DataType) -> pd.ArrowDtype | None:
+    return pd.ArrowDtype(kind) if pa.types.is_list(kind) else None
 
 
 def finish(
@@ -44,30 +60,36 @@ def finish(
     """
     staging = store.staging_dir(out_dir)
     features_schema = store.with_provenance(schemas.FEATURES_SCHEMA, provenance)
-    similarity_schema = store.with_provenance(schemas.SIMILARITY_SCHEMA, provenance)
-    parts.combine(keys, 0, features_schema, staging / "features.parquet", cohorts=cohorts)
-    parts.combine(keys, 1, similarity_schema, staging / "similarity.parquet", cohorts=cohorts)
+    parts.combine(keys, features_schema, staging / "features.parquet", cohorts=cohorts)
+    features = read_features(staging / "features.parquet")
+    similarity = stats.cosine_table(features)
+    store.write_parquet(
+        store.stamped(store.table(similarity, schemas.SIMILARITY_SCHEMA), provenance),
+        staging / "similarity.parquet",
+    )
     error_table = store.stamped(store.table(list(errors), schemas.ERRORS_SCHEMA), provenance)
     store.write_parquet(error_table, staging / "errors.parquet")
     store.write_csv(error_table.to_pandas(), staging / "errors.csv")
-    origin = write_summaries(staging, staging, cfg.stats, provenance)
+    origin = write_summaries(features, similarity, staging, cfg.stats, provenance)
     store.write_json(provenance, staging / "run.json")
     store.publish(staging, out_dir)
     return origin
 
 
 def write_summaries(
-    source: Path, target: Path, cfg: StatsConfig, provenance: Mapping[str, Any]
+    features: pd.DataFrame,
+    similarity: pd.DataFrame,
+    target: Path,
+    cfg: StatsConfig,
+    provenance: Mapping[str, Any],
 ) -> pd.DataFrame:
-    """Stats and the origin-study table from the features and similarity in ``source``.
+    """Stats and the origin-study table (raw or centred cosines, as ``cfg`` says).
 
-    Writes :data:`SUMMARY_FILES` into ``target``; returns the origin table.
+    Writes :data:`SUMMARY_FILES` into ``target``; returns the origin table,
+    whose first column ``cosine`` says which cosines it holds.
     """
-    features = pq.read_table(source / "features.parquet").to_pandas()
-    similarity = pq.read_table(source / "similarity.parquet").to_pandas()
-    if cfg.centre and len(features):
-        similarity = stats.cosine_table(features, centre=True)
-    origin = stats.origin_table(similarity)
+    origin = stats.origin_table(stats.chosen_cosines(similarity, cfg.centre))
+    origin.insert(0, "cosine", "centred" if cfg.centre else "raw")
     store.write_csv(origin, target / "similarity.csv")
     tests = stats.run_tests(features, similarity, cfg)
     store.write_parquet(
@@ -90,7 +112,9 @@ def restate(folder: Path, cfg: StatsConfig) -> pd.DataFrame:
     provenance = read_run(folder)
     provenance["config"] = {**provenance.get("config", {}), "stats": dataclasses.asdict(cfg)}
     staging = store.staging_dir(folder)
-    origin = write_summaries(folder, staging, cfg, provenance)
+    features = read_features(folder / "features.parquet")
+    similarity = pq.read_table(folder / "similarity.parquet").to_pandas()
+    origin = write_summaries(features, similarity, staging, cfg, provenance)
     store.write_json(provenance, staging / "run.json")
     store.publish(staging, folder, names=(*SUMMARY_FILES, "run.json"))
     return origin

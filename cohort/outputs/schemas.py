@@ -32,6 +32,7 @@ __all__ = [
     "FLAGS_COLUMNS",
     "FLAGS_SCHEMA",
     "SIMILARITY_COLUMNS",
+    "SIMILARITY_REQUIRED",
     "SIMILARITY_SCHEMA",
     "SUMMARY_COLUMNS",
     "SUMMARY_SCHEMA",
@@ -61,7 +62,8 @@ SIMILARITY_SCHEMA: Final = pa.schema(
         ("layer", pa.string()),
         ("region_a", pa.string()),
         ("region_b", pa.string()),
-        ("cosine", pa.float64()),
+        ("cosine", pa.float64()),  # of the pooled vectors as they are (the origin study's)
+        ("cosine_centred", pa.float64()),  # after subtracting the run's mean vector per layer
     ]
 )
 ERRORS_SCHEMA: Final = pa.schema(
@@ -125,6 +127,8 @@ FLAGS_SCHEMA: Final = pa.schema(
 
 FEATURES_COLUMNS: Final = tuple(FEATURES_SCHEMA.names)
 SIMILARITY_COLUMNS: Final = tuple(SIMILARITY_SCHEMA.names)
+# what the statistics need of a similarity table (cosine_centred only for centred statistics)
+SIMILARITY_REQUIRED: Final = tuple(n for n in SIMILARITY_COLUMNS if n != "cosine_centred")
 ERRORS_COLUMNS: Final = tuple(ERRORS_SCHEMA.names)
 TESTS_COLUMNS: Final = tuple(TESTS_SCHEMA.names)
 SUMMARY_COLUMNS: Final = tuple(SUMMARY_SCHEMA.names)

@@ -1,19 +1,19 @@
-"""Parquet and CSV outputs: schemas, provenance, per-subject parts and atomic writes.
+"""Parquet and CSV outputs: provenance metadata, per-subject parts and atomic writes.
 
 Layout of an output folder::
 
     features.parquet  similarity.parquet  similarity.csv
     stats.parquet  stats.csv  errors.parquet  errors.csv  run.json
-    .cohort/parts/<subject key>.features.parquet     one per finished subject
-    .cohort/parts/<subject key>.similarity.parquet
-    .cohort/staging/                                  final files before the move
+    .cohort/parts/<subject key>.parquet     one per finished subject (its features)
+    .cohort/staging/                         final files before the move
 
 A subject's key is its id plus a fingerprint of its input files' contents, its
-label map and every option that changes its numbers, so a rerun can tell a
+label map and every option that changes its numbers
+(:func:`cohort.inputs.fingerprint.options_identity`), so a rerun can tell a
 finished subject from one whose inputs or options changed. Every file is
-written to a temporary name and renamed, so a reader (or a rerun) never sees
-half a file: a part counts as finished only when both of its files exist, and
-temporary files an interrupted run left behind are removed by the next run.
+written to a temporary name (``.<name>.tmp-<pid>``) and renamed, so a reader (or
+a rerun) never sees half a file; temporary files that a run which is no longer
+alive left behind are removed by the next run, those of a live run are kept.
 """
 
 from __future__ import annotations
@@ -124,35 +124,28 @@ def table(frame: pd.DataFrame | Sequence[Mapping[str, Any]], schema: pa.Schema) 
 
 
 class Parts:
-    """Per-subject result files under ``<out>/.cohort/parts``."""
+    """Per-subject result files under ``<out>/.cohort/parts``: one Parquet file of
+    features per finished subject, named by its key."""
 
     def __init__(self, out_dir: Path) -> None:
         self.root = Path(out_dir) / STATE_DIR / "parts"
 
-    def paths(self, key: str) -> tuple[Path, Path]:
-        return (
-            self.root / f"{key}.features.parquet",
-            self.root / f"{key}.similarity.parquet",
-        )
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.parquet"
 
     def has(self, key: str) -> bool:
-        return all(path.is_file() for path in self.paths(key))
+        return self.path(key).is_file()
 
-    def write(self, key: str, features: pa.Table, similarity: pa.Table) -> None:
+    def write(self, key: str, features: pa.Table) -> None:
+        """Write one subject's features (under a temporary name, then renamed)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        feature_path, similarity_path = self.paths(key)
-        # similarity first: `has` needs both, so a crash in between leaves no half part
-        write_parquet(similarity, similarity_path)
-        write_parquet(features, feature_path)
+        write_parquet(features, self.path(key))
 
     def keys(self) -> set[str]:
-        """Keys of finished parts (both files present)."""
+        """Keys of finished parts (temporary files of unfinished writes do not count)."""
         if not self.root.is_dir():
             return set()
-        found = {
-            p.name.removesuffix(".features.parquet") for p in self.root.glob("*.features.parquet")
-        }
-        return {key for key in found if self.has(key)}
+        return {p.name.removesuffix(".parquet") for p in self.root.glob("[!.]*.parquet")}
 
     def clean(self) -> list[Path]:
         """Remove temporary files left by runs that are no longer alive; returns them."""
@@ -169,13 +162,12 @@ class Parts:
     def combine(
         self,
         keys: Sequence[str],
-        which: int,
         schema: pa.Schema,
         out: Path,
         *,
         cohorts: Sequence[str] | None = None,
     ) -> int:
-        """Concatenate one kind of part (0 features, 1 similarity) for ``keys`` into ``out``.
+        """Concatenate the parts of ``keys`` into ``out``, with ``schema``.
 
         ``cohorts``, one per key, replaces the parts' ``cohort`` column (a
         reused part keeps the numbers, the manifest decides the group).
@@ -190,9 +182,7 @@ class Parts:
         rows = 0
         with pq.ParquetWriter(tmp, schema) as writer:
             for index, key in enumerate(keys):
-                part = pq.read_table(self.paths(key)[which]).cast(
-                    pa.schema(list(schema), metadata=None)
-                )
+                part = pq.read_table(self.path(key)).cast(pa.schema(list(schema), metadata=None))
                 if cohorts is not None and "cohort" in part.column_names:
                     column = pa.array([cohorts[index]] * part.num_rows, pa.string())
                     part = part.set_column(part.column_names.index("cohort"), "cohort", column)

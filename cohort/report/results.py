@@ -30,7 +30,7 @@ class Results:
     folder: Path
     run: dict[str, Any]  # run.json
     features: pd.DataFrame  # features.parquet (may be empty)
-    similarity: pd.DataFrame  # the cosines the tests used (centred when the run centred)
+    similarity: pd.DataFrame  # ``cosine`` holds the cosines the tests used (raw or centred)
     tests: pd.DataFrame  # stats.parquet
     errors: pd.DataFrame  # errors.parquet
     stats_cfg: StatsConfig
@@ -86,7 +86,6 @@ def read_results(folder: Path) -> Results:
     tests = _read_table(folder / "stats.parquet", schemas.TESTS_COLUMNS, notes)
     errors = _read_table(folder / "errors.parquet", schemas.ERRORS_SCHEMA.names, notes)
     cfg = saved_stats_config(run)
-    if cfg.centre and len(features):
-        similarity = stats.cosine_table(features, centre=True)
+    similarity = stats.chosen_cosines(similarity, cfg.centre)
     similarity = similarity.assign(cosine=similarity["cosine"].astype(np.float64))
     return Results(folder, run, features, similarity, tests, errors, cfg, cfg.centre, tuple(notes))

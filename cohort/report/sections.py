@@ -40,11 +40,13 @@ def manifest_subjects(run: Mapping[str, Any]) -> tuple[list[Any], str]:
         return [], f"the manifest {escape(path)} cannot be read now ({escape(err)})"
 
 
-def _region_names(run: Mapping[str, Any], subject: Any) -> tuple[tuple[str, int], ...]:
-    if getattr(subject, "labels", None):
-        return tuple((str(n), int(v)) for n, v in subject.labels)
-    labels = run.get("config", {}).get("regions", {}).get("labels") or [["tibia", 1], ["femur", 2]]
-    return tuple((str(n), int(v)) for n, v in labels)
+def _region_names(run: Mapping[str, Any], subject: Any) -> tuple[tuple[str, int | None], ...]:
+    """The subject's regions: its own label map, else the run's (values None for names
+    that a mask folder or a Slicer segmentation gives)."""
+    labels = getattr(subject, "labels", None) or run.get("config", {}).get("regions", {}).get(
+        "labels"
+    )
+    return tuple((str(n), None if v is None else int(v)) for n, v in labels or ())
 
 
 def overlay_section(page: Page, results: Results) -> str:
@@ -68,6 +70,7 @@ def overlay_section(page: Page, results: Results) -> str:
                         subject.image,
                         subject.mask,
                         _region_names(results.run, subject),
+                        subject.series_uid,
                     )
                 )
                 break

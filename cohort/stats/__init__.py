@@ -3,7 +3,7 @@
 One statistical concern per module:
 
 ======================  ==========================================================
-:mod:`.tables`          features -> cosine table (optionally centred); table checks
+:mod:`.tables`          features -> cosine table (raw and centred); table checks
 :mod:`.summaries`       n, mean, sd, median, bootstrap CI per cohort x layer x pair;
                         the origin study's table (what ``similarity.csv`` holds)
 :mod:`.flags`           sanity flags: suspicious values, one row each
@@ -32,13 +32,14 @@ from cohort.stats.flags import sanity_flags
 from cohort.stats.permanova import cosine_distances, permanova
 from cohort.stats.ranktests import friedman_depth, kruskal_wallis, mann_whitney, wilcoxon_pairs
 from cohort.stats.summaries import origin_table, summarise
-from cohort.stats.tables import cosine_table
+from cohort.stats.tables import chosen_cosines, cosine_table
 
 __all__ = [
     "FAMILIES",
     "Result",
     "StatsInputError",
     "bh_qvalues",
+    "chosen_cosines",
     "cosine_distances",
     "cosine_table",
     "epsilon_squared",

@@ -19,7 +19,7 @@ import pandas as pd
 from cohort.config import StatsConfig
 from cohort.outputs.schemas import (
     FEATURES_COLUMNS,
-    SIMILARITY_COLUMNS,
+    SIMILARITY_REQUIRED,
     TESTS_SCHEMA,
     pair_label,
     typed_frame,
@@ -30,13 +30,14 @@ from cohort.stats.flags import FLAG_BELOW_MIN_N, Flag, collect_flags
 from cohort.stats.permanova import permanova
 from cohort.stats.ranktests import friedman_depth, kruskal_wallis, mann_whitney, wilcoxon_pairs
 from cohort.stats.tables import (
+    FeatureKeys,
     centre_rows,
     check_unique,
-    layer_matrix,
+    chosen_cosines,
     pair_series,
     require_columns,
     subject_cohorts,
-    unique_in_order,
+    vector_matrix,
 )
 
 __all__ = ["FAMILIES", "run_tests"]
@@ -85,7 +86,7 @@ def _key(test: str, cohort: str, layer: str, pair: str) -> str:
     return f"{_TESTS[test][0]}|{cohort}|{layer}|{pair}|{test}"
 
 
-def _flag_text(flags: list[Flag], scope: _Scope, below_min_n: bool) -> str:
+def _flag_text(flags: Sequence[Flag], scope: _Scope, below_min_n: bool) -> str:
     names: set[str] = {FLAG_BELOW_MIN_N} if below_min_n else set()
     for flag in flags:
         if flag.cohort not in scope.cohorts or not scope.layers.intersection(flag.layers):
@@ -215,17 +216,18 @@ def _between_features(features: pd.DataFrame, cfg: StatsConfig) -> list[_Row]:
         return rows
     check_unique(features, ["subject_id", "region", "layer"], "features")
     subject_cohorts(features)
-    regions = unique_in_order(features["region"])
-    for layer in unique_in_order(features["layer"]):
-        frame = features[features["layer"].astype(str) == layer].reset_index(drop=True)
-        matrix = layer_matrix(frame, layer)
+    keys = FeatureKeys(features)
+    for layer in keys.layers:
+        layer_rows = keys.layer_rows(layer)
+        matrix = vector_matrix(features["vector"].iloc[layer_rows], layer)
         if cfg.centre:
             matrix = centre_rows(matrix)
-        for region in regions:
-            mask = (frame["region"].astype(str) == region).to_numpy()
-            ids = frame.loc[mask, "subject_id"].astype(str).to_numpy()
+        for code, region in enumerate(keys.regions):
+            mask = keys.region[layer_rows] == code
+            subject = keys.subject[layer_rows[mask]]
+            ids = keys.subjects[subject]
             order = np.argsort(ids, kind="stable")
-            cohorts = frame.loc[mask, "cohort"].astype(str).to_numpy()[order]
+            cohorts = keys.cohorts[subject][order]
             vectors = matrix[mask][order]
             present = sorted(set(cohorts.tolist()))
 
@@ -247,7 +249,7 @@ def _between_features(features: pd.DataFrame, cfg: StatsConfig) -> list[_Row]:
             for group in groups:
                 joined = "|".join(group)
                 keep = np.isin(cohorts, group)
-                codes = np.array([group.index(c) for c in cohorts[keep]], dtype=np.int64)
+                codes = pd.Index(group).get_indexer(pd.Index(cohorts[keep])).astype(np.int64)
                 result = permanova(
                     vectors[keep],
                     codes,
@@ -262,6 +264,9 @@ def _between_features(features: pd.DataFrame, cfg: StatsConfig) -> list[_Row]:
 
 def run_tests(features: pd.DataFrame, similarity: pd.DataFrame, cfg: StatsConfig) -> pd.DataFrame:
     """Every within- and between-cohort test, one row each, with BH q-values.
+
+    The cosine tests use ``similarity``'s ``cosine`` column, or its
+    ``cosine_centred`` column when ``cfg.centre``.
 
     Families (``family`` column), tests (``test``) and effect sizes (``effect_name``):
 
@@ -296,9 +301,9 @@ def run_tests(features: pd.DataFrame, similarity: pd.DataFrame, cfg: StatsConfig
     cfg.
     """
     require_columns(features, FEATURES_COLUMNS, "features")
-    require_columns(similarity, SIMILARITY_COLUMNS, "similarity")
+    require_columns(similarity, SIMILARITY_REQUIRED, "similarity")
     flags = collect_flags(features, similarity)
-    cos = _Cosines(similarity)
+    cos = _Cosines(chosen_cosines(similarity, cfg.centre))
     rows = [
         *_within_pairs(cos, cfg),
         *_within_depth(cos, cfg),
@@ -310,6 +315,9 @@ def run_tests(features: pd.DataFrame, similarity: pd.DataFrame, cfg: StatsConfig
 
 def _assemble(rows: list[_Row], flags: list[Flag]) -> pd.DataFrame:
     """Rows to the fixed-column frame, with q-values per family and over the run."""
+    # a test's flag text depends on a flag's name, cohort, layers, pair and region
+    # only: one of each is enough (there may be one per subject)
+    flags = list({(f.name, f.cohort, f.layers, f.pair, f.region): f for f in flags}.values())
     table = pd.DataFrame(
         {
             "family": [r.family for r in rows],

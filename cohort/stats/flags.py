@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from cohort.outputs.schemas import FEATURES_COLUMNS, FLAGS_COLUMNS, SIMILARITY_COLUMNS
-from cohort.stats.tables import layer_matrix, require_columns, unique_in_order
+from cohort.outputs.schemas import FEATURES_COLUMNS, FLAGS_COLUMNS, SIMILARITY_REQUIRED
+from cohort.stats.common import IntArray
+from cohort.stats.tables import FeatureKeys, check_unique, require_columns, stored_matrix
+
+BoolArray = npt.NDArray[np.bool_]
 
 __all__ = [
     "FLAG_BELOW_MIN_N",
@@ -45,81 +48,104 @@ class Flag:
 
 
 def collect_flags(features: pd.DataFrame, similarity: pd.DataFrame) -> list[Flag]:
+    """Every sanity flag of the two tables (see :func:`sanity_flags`), in no fixed order.
+
+    Vectorised per layer: the work is a few passes over each layer's matrix,
+    and Python only touches the flagged rows.
+    """
     out: list[Flag] = []
     if not features.empty:
         require_columns(features, FEATURES_COLUMNS, "features")
-        for layer in unique_in_order(features["layer"]):
-            rows = features[features["layer"].astype(str) == layer].reset_index(drop=True)
-            matrix = layer_matrix(rows, layer)
-            finite: npt.NDArray[np.bool_] = np.asarray(np.isfinite(matrix).all(axis=1))
+        check_unique(features, ["subject_id", "region", "layer"], "features")
+        keys = FeatureKeys(features)
+        blocks: list[
+            tuple[str, IntArray, IntArray, npt.NDArray[np.unsignedinteger[Any]], BoolArray]
+        ] = []
+        for layer in keys.layers:
+            rows = keys.layer_rows(layer)
+            matrix = stored_matrix(features["vector"].iloc[rows], layer)
+            finite: BoolArray = np.asarray(np.isfinite(matrix).all(axis=1))
             safe = np.where(finite[:, None], matrix, 0.0)
             zero = finite & ~(safe != 0).any(axis=1)
             for i in np.flatnonzero(~finite | zero):
                 name = FLAG_ZERO_NORM if zero[i] else FLAG_NON_FINITE
                 detail = "vector norm is 0" if zero[i] else "vector holds NaN or inf"
+                subject, region = keys.subject[rows[i]], keys.region[rows[i]]
                 out.append(
                     Flag(
                         name,
-                        str(rows.at[i, "subject_id"]),
-                        str(rows.at[i, "cohort"]),
+                        str(keys.subjects[subject]),
+                        str(keys.cohorts[subject]),
                         (layer,),
-                        str(rows.at[i, "region"]),
+                        keys.regions[region],
                         None,
                         detail,
                     )
                 )
-        layers = unique_in_order(features["layer"])
-        rank = {layer: i for i, layer in enumerate(layers)}
-        keyed = features.assign(_k=features["layer"].astype(str).map(rank)).sort_values(
-            ["_k"], kind="stable"
-        )
-        for (subject, region), group in keyed.groupby(
-            [keyed["subject_id"].astype(str), keyed["region"].astype(str)], sort=True
-        ):
-            seen: dict[bytes, str] = {}
-            for layer, vector, cohort in zip(
-                group["layer"].astype(str),
-                group["vector"],
-                group["cohort"].astype(str),
-                strict=True,
-            ):
-                raw = np.asarray(vector, dtype=np.float64).ravel()
-                if raw.size == 0 or not np.isfinite(raw).all() or not (raw != 0).any():
-                    continue
-                digest = raw.tobytes()
-                if digest in seen:
-                    first = seen[digest]
-                    out.append(
-                        Flag(
-                            FLAG_IDENTICAL_LAYERS,
-                            str(subject),
-                            cohort,
-                            (first, layer),
-                            str(region),
-                            None,
-                            f"layers {first} and {layer} give identical vectors; check the hooks",
-                        )
-                    )
-                else:
-                    seen[digest] = layer
+            usable = finite & ~zero & (matrix.shape[1] > 0)
+            bits = matrix.view(f"u{matrix.itemsize}")  # float32 bits match iff float64 ones do
+            blocks.append((layer, rows, keys.where(rows), bits, usable))
+        out += _identical_layers(keys, blocks)
     if not similarity.empty:
-        require_columns(similarity, SIMILARITY_COLUMNS, "similarity")
+        require_columns(similarity, SIMILARITY_REQUIRED, "similarity")
         cos = similarity["cosine"].to_numpy(dtype=np.float64)
-        for i in np.flatnonzero(np.isnan(cos) | (cos == 1.0)):
-            row = similarity.iloc[i]
-            pair = (str(row["region_a"]), str(row["region_b"]))
-            one = bool(cos[i] == 1.0)
+        hits = np.flatnonzero(np.isnan(cos) | (cos == 1.0))
+        rows_hit = similarity.iloc[hits]
+        for subject, cohort, layer, a, b, value in zip(
+            rows_hit["subject_id"].astype(str),
+            rows_hit["cohort"].astype(str),
+            rows_hit["layer"].astype(str),
+            rows_hit["region_a"].astype(str),
+            rows_hit["region_b"].astype(str),
+            cos[hits],
+            strict=True,
+        ):
+            one = bool(value == 1.0)
             out.append(
                 Flag(
                     FLAG_COSINE_ONE if one else FLAG_NAN_COSINE,
-                    str(row["subject_id"]),
-                    str(row["cohort"]),
-                    (str(row["layer"]),),
-                    f"{pair[0]}-{pair[1]}",
-                    pair,
+                    subject,
+                    cohort,
+                    (layer,),
+                    f"{a}-{b}",
+                    (a, b),
                     "cosine is exactly 1.0 (identical directions)"
                     if one
                     else "cosine is NaN (missing or zero-norm vector)",
+                )
+            )
+    return out
+
+
+def _identical_layers(
+    keys: FeatureKeys,
+    blocks: list[tuple[str, IntArray, IntArray, npt.NDArray[np.unsignedinteger[Any]], BoolArray]],
+) -> list[Flag]:
+    """``identical-layers``: a subject and region whose vector at a layer has the bytes
+    (as float64) of its vector at an earlier layer; the flag names the earliest such
+    layer. Vectors that are empty, non-finite or all zero are left out."""
+    out: list[Flag] = []
+    for k, (layer, _, where_k, bits_k, usable_k) in enumerate(blocks):
+        first = np.full(where_k.shape, -1, dtype=np.int64)
+        for j, (_, _, where_j, bits_j, usable_j) in enumerate(blocks[:k]):
+            if bits_j.shape[1] != bits_k.shape[1]:
+                continue
+            subject, region = np.nonzero((where_j >= 0) & (where_k >= 0) & (first < 0))
+            row_j, row_k = where_j[subject, region], where_k[subject, region]
+            same = usable_j[row_j] & usable_k[row_k]
+            same &= (bits_j[row_j] == bits_k[row_k]).all(axis=1)
+            first[subject[same], region[same]] = j
+        for subject, region in zip(*np.nonzero(first >= 0), strict=True):
+            earlier = blocks[int(first[subject, region])][0]
+            out.append(
+                Flag(
+                    FLAG_IDENTICAL_LAYERS,
+                    str(keys.subjects[subject]),
+                    str(keys.cohorts[subject]),
+                    (earlier, layer),
+                    keys.regions[region],
+                    None,
+                    f"layers {earlier} and {layer} give identical vectors; check the hooks",
                 )
             )
     return out

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 
 from cohort.config import StatsConfig
-from cohort.outputs.schemas import SIMILARITY_COLUMNS, SUMMARY_SCHEMA, pair_label, typed_frame
-from cohort.stats.bootstrap import percentile_ci, resample_counts
+from cohort.outputs.schemas import SIMILARITY_REQUIRED, SUMMARY_SCHEMA, pair_label, typed_frame
+from cohort.stats.bootstrap import blocks, percentile_ci
 from cohort.stats.common import rng_for
 from cohort.stats.tables import pair_series, require_columns, unique_in_order
 
@@ -22,11 +22,13 @@ def summarise(similarity: pd.DataFrame, cfg: StatsConfig) -> pd.DataFrame:
     Columns: cohort, layer, region_a, region_b, pair ("tibia-femur"), n (non-NaN
     cosines), n_nan (NaN cosines left out), mean, sd (ddof = 1), median, ci_low,
     ci_high. The CI is a seeded percentile bootstrap of the mean
-    (``cfg.bootstrap`` resamples of subjects, level ``cfg.ci_level``). sd is NaN
+    (``cfg.bootstrap`` resamples of subjects, level ``cfg.ci_level``; drawn
+    ``rng.integers(0, n, size=(cfg.bootstrap, n))`` in blocks, see
+    :mod:`cohort.stats.bootstrap`). sd is NaN
     when n < 2, the CI when n < 2 or ``cfg.bootstrap == 0``, all of them when
     n = 0. Cohorts sorted by name, layers and pairs in order of appearance.
     """
-    require_columns(similarity, SIMILARITY_COLUMNS, "similarity")
+    require_columns(similarity, SIMILARITY_REQUIRED, "similarity")
     records: list[dict[str, object]] = []
     for key, values in pair_series(similarity).items():
         cohort, layer, (a, b) = key
@@ -41,8 +43,10 @@ def summarise(similarity: pd.DataFrame, cfg: StatsConfig) -> pd.DataFrame:
         low = high = nan
         if n >= 2 and cfg.bootstrap > 0:
             rng = rng_for(cfg.seed, f"summary|{cohort}|{layer}|{a}-{b}")
-            counts = resample_counts(rng, n, cfg.bootstrap)
-            low, high = percentile_ci((counts @ x) / n, cfg.ci_level)
+            means = np.empty(cfg.bootstrap)
+            for start, stop in blocks(cfg.bootstrap, n):
+                means[start:stop] = x[rng.integers(0, n, size=(stop - start, n))].sum(axis=1) / n
+            low, high = percentile_ci(means, cfg.ci_level)
         records.append(
             {
                 "cohort": cohort,
@@ -71,7 +75,7 @@ def origin_table(similarity: pd.DataFrame) -> pd.DataFrame:
     cosines (NaN where a cohort has none). Cohorts sorted by name, pairs in
     order of appearance.
     """
-    require_columns(similarity, SIMILARITY_COLUMNS, "similarity")
+    require_columns(similarity, SIMILARITY_REQUIRED, "similarity")
     layers = unique_in_order(similarity["layer"]) if not similarity.empty else []
     means: dict[tuple[str, tuple[str, str]], dict[str, float]] = {}
     for (cohort, layer, pair), values in pair_series(similarity).items():

@@ -3,16 +3,24 @@
 The inputs are the pipeline's tables read into pandas, with the columns of
 :mod:`cohort.outputs.schemas` (``features``: one float32 vector per subject x
 region x layer; ``similarity``: one cosine per subject x layer x region pair).
+
+Linear in the number of rows: subjects, regions and layers become integer
+codes once (:class:`FeatureKeys`, ``pd.factorize``), a layer's vectors one
+matrix (:func:`vector_matrix`, from the single Arrow buffer when the column is
+kept in Arrow), and the work is numpy over those; no Python loop runs per
+subject.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import combinations
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
+import pyarrow as pa
 
 from cohort.errors import StatsInputError
 from cohort.outputs.schemas import (
@@ -21,9 +29,9 @@ from cohort.outputs.schemas import (
     SIMILARITY_SCHEMA,
     empty_frame,
 )
-from cohort.stats.common import FloatArray
+from cohort.stats.common import FloatArray, IntArray
 
-__all__ = ["PairKey", "cosine_table", "pair_series"]
+__all__ = ["PairKey", "chosen_cosines", "cosine_table", "pair_series", "row_cosines"]
 
 
 def require_columns(table: pd.DataFrame, columns: Sequence[str], name: str) -> None:
@@ -49,16 +57,40 @@ def check_unique(table: pd.DataFrame, keys: list[str], name: str) -> None:
         )
 
 
-def layer_matrix(rows: pd.DataFrame, layer: str) -> FloatArray:
-    """Stack one layer's vectors into a float64 matrix (one row per table row)."""
-    if rows.empty:
+def vector_matrix(vectors: pd.Series, layer: str) -> FloatArray:
+    """One layer's vectors as a float64 matrix, one row per entry of ``vectors``.
+
+    A column kept in Arrow (``pd.ArrowDtype`` list, as the reducer reads
+    ``features.parquet``) is read from its one flat buffer of values; a
+    column of per-row arrays (built in memory) is stacked row by row.
+    """
+    return stored_matrix(vectors, layer).astype(np.float64, copy=False)
+
+
+def stored_matrix(vectors: pd.Series, layer: str) -> npt.NDArray[np.floating[Any]]:
+    """:func:`vector_matrix` in the type the vectors are stored in (float32 in Arrow).
+
+    Converting float32 to float64 is exact, so values (and their bits, for
+    non-NaN values) compare the same either way, in half the memory.
+    """
+    if vectors.empty:
         return np.zeros((0, 0), dtype=np.float64)
-    arrays = [np.asarray(v, dtype=np.float64).ravel() for v in rows["vector"]]
-    lengths = {a.size for a in arrays}
-    if len(lengths) != 1:
+    if isinstance(vectors.dtype, pd.ArrowDtype) and pa.types.is_list(vectors.dtype.pyarrow_dtype):
+        lists = pa.array(vectors.array)
+        lengths = lists.value_lengths().fill_null(0).to_numpy()
+        if lists.null_count == 0 and lengths.min() == lengths.max():
+            flat = lists.flatten().to_numpy(zero_copy_only=False)
+            return flat.reshape(len(lists), int(lengths[0]))
         raise StatsInputError(
-            f"layer {layer} has vectors of lengths {sorted(lengths)}; every vector of a layer "
-            "must have that layer's channel count"
+            f"layer {layer} has vectors of lengths {sorted(set(lengths.tolist()))}; every "
+            "vector of a layer must have that layer's channel count"
+        )
+    arrays = [np.asarray(v, dtype=np.float64).ravel() for v in vectors]
+    lengths_found = {a.size for a in arrays}
+    if len(lengths_found) != 1:
+        raise StatsInputError(
+            f"layer {layer} has vectors of lengths {sorted(lengths_found)}; every vector of a "
+            "layer must have that layer's channel count"
         )
     return np.stack(arrays)
 
@@ -82,23 +114,25 @@ def centre_rows(matrix: FloatArray) -> FloatArray:
     return matrix - matrix[finite].mean(axis=0)
 
 
-def cosine_table(features: pd.DataFrame, centre: bool = False) -> pd.DataFrame:
-    """Cosine similarity between every two regions, per subject and layer.
+def cosine_table(features: pd.DataFrame) -> pd.DataFrame:
+    """Cosine similarity between every two regions, per subject and layer, raw and centred.
 
-    Returns the ``similarity`` schema (subject_id, cohort, layer, region_a,
-    region_b, cosine) with float64 cosines; pairs ``(region_a, region_b)`` follow
-    the regions' order of first appearance (``tibia-femur``,
-    ``tibia-background``, ``femur-background``); rows run subject by subject
-    (order of first appearance), then layer, then pair.
+    Returns the ``similarity`` schema (:data:`~cohort.outputs.schemas.SIMILARITY_SCHEMA`:
+    subject_id, cohort, layer, region_a, region_b, cosine, cosine_centred), float64;
+    pairs ``(region_a, region_b)`` follow the regions' order of first appearance
+    (``tibia-femur``, ``tibia-background``, ``femur-background``); rows run
+    subject by subject (order of first appearance), then layer, then pair.
 
-    ``centre=True`` first subtracts, per layer, the mean vector over the whole
-    table (all subjects, all cohorts, all regions) from every vector. Raw CNN
-    activations after ReLU are non-negative and share one dominant direction,
-    so raw cosines crowd near 1 (the origin study's 0.63-0.98) and mostly
-    measure that common direction; after centring, the cosine compares how two
-    regions deviate from the typical region, which spreads values over
-    [-1, 1]. Centring uses the pooled table, not cohort labels, so it does not
-    bias between-cohort tests. Centred and raw cosines are not comparable.
+    ``cosine`` is the cosine of the pooled vectors as they are (the origin
+    study's number). ``cosine_centred`` first subtracts, per layer, the mean
+    vector over the whole table (all subjects, all cohorts, all regions) from
+    every vector. Raw CNN activations after ReLU are non-negative and share one
+    dominant direction, so raw cosines crowd near 1 (the origin study's
+    0.63-0.98) and mostly measure that common direction; after centring, the
+    cosine compares how two regions deviate from the typical region, which
+    spreads values over [-1, 1]. Centring uses the pooled table, not cohort
+    labels, so it does not bias between-cohort tests; it depends on which
+    subjects the table holds. Centred and raw cosines are not comparable.
 
     A vector of zero norm or with non-finite values gives a NaN cosine (and a
     ``zero-norm`` / ``non-finite`` flag in :func:`sanity_flags`), never an
@@ -111,52 +145,121 @@ def cosine_table(features: pd.DataFrame, centre: bool = False) -> pd.DataFrame:
     if features.empty:
         return empty
     subject_cohorts(features)
-    regions = unique_in_order(features["region"])
-    pairs = list(combinations(regions, 2))
-    subjects = unique_in_order(features["subject_id"])
-    subject_rank = {s: i for i, s in enumerate(subjects)}
-    frames: list[pd.DataFrame] = []
-    for layer in unique_in_order(features["layer"]):
-        rows = features[features["layer"].astype(str) == layer].reset_index(drop=True)
-        matrix = layer_matrix(rows, layer)
-        if centre:
-            matrix = centre_rows(matrix)
-        unit, valid = unit_rows(matrix)
-        where = {
-            (str(s), str(r)): i
-            for i, (s, r) in enumerate(zip(rows["subject_id"], rows["region"], strict=True))
-        }
-        cohort_of = dict(
-            zip(rows["subject_id"].astype(str), rows["cohort"].astype(str), strict=False)
-        )
+    keys = FeatureKeys(features)
+    pairs = list(combinations(range(len(keys.regions)), 2))
+    parts: dict[str, list[npt.NDArray[Any]]] = {
+        name: [] for name in ("subject", "layer", "a", "b", "cosine", "cosine_centred")
+    }
+    for li, layer in enumerate(keys.layers):
+        rows = keys.layer_rows(layer)
+        where = keys.where(rows)
+        present = []
         for a, b in pairs:
-            have = [s for s in subjects if (s, a) in where and (s, b) in where]
-            if not have:
-                continue
-            ia = np.array([where[(s, a)] for s in have], dtype=np.int64)
-            ib = np.array([where[(s, b)] for s in have], dtype=np.int64)
-            cos = np.einsum("ij,ij->i", unit[ia], unit[ib])
-            cos = np.clip(cos, -1.0, 1.0)
-            same = valid[ia] & valid[ib] & (matrix[ia] == matrix[ib]).all(axis=1)
-            cos[same] = 1.0
-            frames.append(
-                pd.DataFrame(
-                    {
-                        "subject_id": have,
-                        "cohort": [cohort_of[s] for s in have],
-                        "layer": layer,
-                        "region_a": a,
-                        "region_b": b,
-                        "cosine": cos.astype(np.float64),
-                        "_s": [subject_rank[s] for s in have],
-                    }
-                )
-            )
-    if not frames:
+            have = np.flatnonzero((where[:, a] >= 0) & (where[:, b] >= 0))
+            if have.size:
+                present.append((where[have, a], where[have, b]))
+                parts["subject"].append(have)
+                for name, code in (("layer", li), ("a", a), ("b", b)):
+                    parts[name].append(np.full(have.size, code, dtype=np.int64))
+        # raw, then centred: one matrix and its unit rows in memory at a time
+        matrix = vector_matrix(features["vector"].iloc[rows], layer)
+        for name in ("cosine", "cosine_centred"):
+            if name == "cosine_centred":
+                matrix = centre_rows(matrix)
+            units = unit_rows(matrix)
+            parts[name] += [row_cosines(matrix, ia, ib, units) for ia, ib in present]
+            del units
+    if not parts["subject"]:
         return empty
-    table = pd.concat(frames, ignore_index=True)
-    table = table.sort_values("_s", kind="stable").drop(columns="_s")
-    return table.reset_index(drop=True)[list(SIMILARITY_COLUMNS)]
+    column = {name: np.concatenate(blocks) for name, blocks in parts.items()}
+    order = np.argsort(column["subject"], kind="stable")  # subject, then layer, then pair
+    subject = column["subject"][order]
+    table = {
+        "subject_id": _text(keys.subjects, subject),
+        "cohort": _text(keys.cohorts, subject),
+        "layer": _text(keys.layers, column["layer"][order]),
+        "region_a": _text(keys.regions, column["a"][order]),
+        "region_b": _text(keys.regions, column["b"][order]),
+        "cosine": column["cosine"][order],
+        "cosine_centred": column["cosine_centred"][order],
+    }
+    return pd.DataFrame(table)[list(SIMILARITY_COLUMNS)]
+
+
+def _text(
+    values: Sequence[str] | npt.NDArray[Any], codes: IntArray
+) -> pd.api.extensions.ExtensionArray:
+    """``values[codes]`` as pandas' string column, built from the few distinct values
+    (pandas' string type, as a column of Python strings would become, without a
+    Python string per row)."""
+    return pd.Series(np.asarray(values, dtype=object)).array.take(codes)
+
+
+class FeatureKeys:
+    """Integer codes of a features table's subjects, regions and layers.
+
+    ``subjects`` (order of first appearance), ``cohorts`` (each subject's),
+    ``regions`` and ``layers`` (order of first appearance); :meth:`where`
+    maps (subject, region) to the row of one layer's block. Keys must be
+    unique (:func:`check_unique`).
+    """
+
+    def __init__(self, features: pd.DataFrame) -> None:
+        # factorised in Arrow where the columns are: no Python string per row
+        subject, subjects = pd.factorize(features["subject_id"].astype(str))
+        region, regions = pd.factorize(features["region"].astype(str))
+        layer, layers = pd.factorize(features["layer"].astype(str))
+        cohort, cohorts = pd.factorize(features["cohort"].astype(str))
+        self.subjects = np.asarray(subjects, dtype=object)
+        self.regions = [str(r) for r in regions]
+        self.layers = [str(v) for v in layers]
+        self.subject = subject.astype(np.int64)
+        self.region = region.astype(np.int64)
+        self.layer = layer.astype(np.int64)
+        self.cohorts = np.empty(self.subjects.size, dtype=object)
+        self.cohorts[self.subject] = np.asarray(cohorts, dtype=object)[cohort]
+
+    def layer_rows(self, layer: str) -> IntArray:
+        """Positions (row numbers) of ``layer``'s rows, in table order."""
+        return np.flatnonzero(self.layer == self.layers.index(layer))
+
+    def where(self, rows: IntArray) -> IntArray:
+        """subjects x regions: the index into ``rows`` of each (subject, region), or -1."""
+        where = np.full((self.subjects.size, len(self.regions)), -1, dtype=np.int64)
+        where[self.subject[rows], self.region[rows]] = np.arange(rows.size, dtype=np.int64)
+        return where
+
+
+def row_cosines(
+    matrix: FloatArray,
+    ia: IntArray,
+    ib: IntArray,
+    units: tuple[FloatArray, npt.NDArray[np.bool_]] | None = None,
+) -> FloatArray:
+    """Cosine of rows ``ia`` and ``ib`` of ``matrix``, float64, in [-1, 1].
+
+    NaN where a row is non-finite or of zero norm; exactly 1.0 where the two
+    rows are bit-identical. ``units`` is :func:`unit_rows` of ``matrix`` when
+    the caller has it already.
+    """
+    unit, valid = unit_rows(matrix) if units is None else units
+    cos = np.clip(np.einsum("ij,ij->i", unit[ia], unit[ib]), -1.0, 1.0)
+    same = valid[ia] & valid[ib] & (matrix[ia] == matrix[ib]).all(axis=1)
+    cos[same] = 1.0
+    return cos.astype(np.float64)
+
+
+def chosen_cosines(similarity: pd.DataFrame, centre: bool) -> pd.DataFrame:
+    """``similarity`` whose ``cosine`` column holds the cosines a run's statistics use:
+    the raw ones, or (``centre``) the centred ones."""
+    if not centre:
+        return similarity
+    if "cosine_centred" not in similarity.columns:
+        raise StatsInputError(
+            "the similarity table has no cosine_centred column, so centred statistics "
+            "cannot be computed; rerun `cohort stats DIR` to rewrite it, or use raw cosines"
+        )
+    return similarity.assign(cosine=similarity["cosine_centred"])
 
 
 def subject_cohorts(table: pd.DataFrame) -> dict[str, str]:
@@ -176,32 +279,38 @@ PairKey = tuple[str, str, tuple[str, str]]
 def pair_series(similarity: pd.DataFrame) -> dict[PairKey, pd.Series]:
     """Cosines per (cohort, layer, pair) indexed by sorted subject id.
 
-    Cohorts sorted; layers and pairs in order of first appearance.
+    Cohorts sorted; layers and pairs in order of first appearance. One sort of
+    integer keys (group, then the subject's rank by id) over the whole table.
     """
     if similarity.empty:
         return {}
     check_unique(similarity, ["subject_id", "layer", "region_a", "region_b"], "similarity")
     subject_cohorts(similarity)
-    table = similarity.assign(
-        subject_id=similarity["subject_id"].astype(str),
-        cohort=similarity["cohort"].astype(str),
-        layer=similarity["layer"].astype(str),
-        region_a=similarity["region_a"].astype(str),
-        region_b=similarity["region_b"].astype(str),
-        cosine=similarity["cosine"].astype(np.float64),
-    )
-    layers = unique_in_order(table["layer"])
-    pairs = list(dict.fromkeys(zip(table["region_a"], table["region_b"], strict=True)))
+    # factorised in Arrow where the columns are: no Python string per row
+    subject_code, subjects = pd.factorize(similarity["subject_id"].astype(str))
+    cohort_code, cohort_names = pd.factorize(similarity["cohort"].astype(str))
+    layer_code, layers = pd.factorize(similarity["layer"].astype(str))
+    a_code, a_names = pd.factorize(similarity["region_a"].astype(str))
+    b_code, b_names = pd.factorize(similarity["region_b"].astype(str))
+    cosine = similarity["cosine"].to_numpy(dtype=np.float64)
+    cohorts = sorted(str(c) for c in cohort_names)
+    sorted_cohort = pd.Index(cohorts).get_indexer(pd.Index(cohort_names))[cohort_code]
+    pair_code, pair_first = pd.factorize(a_code * len(b_names) + b_code)
+    a_list, b_list = [str(a) for a in a_names], [str(b) for b in b_names]
+    pairs = [(a_list[int(c) // len(b_list)], b_list[int(c) % len(b_list)]) for c in pair_first]
+    ids = np.asarray(subjects, dtype=object)
+    rank = np.empty(ids.size, dtype=np.int64)
+    rank[np.argsort(ids, kind="stable")] = np.arange(ids.size)
+    group = (sorted_cohort.astype(np.int64) * len(layers) + layer_code) * len(pairs) + pair_code
+    order = np.lexsort((rank[subject_code], group))
+    starts = np.flatnonzero(np.r_[True, group[order][1:] != group[order][:-1]])
     out: dict[PairKey, pd.Series] = {}
-    groups = dict(list(table.groupby(["cohort", "layer", "region_a", "region_b"])))
-    for cohort in sorted(table["cohort"].unique()):
-        for layer in layers:
-            for a, b in pairs:
-                group = groups.get((cohort, layer, a, b))
-                if group is None:
-                    continue
-                series = pd.Series(
-                    group["cosine"].to_numpy(), index=group["subject_id"].to_numpy()
-                ).sort_index()
-                out[(str(cohort), layer, (a, b))] = series
+    for lo, hi in zip(starts, [*starts[1:], order.size], strict=True):
+        rows = order[lo:hi]
+        key = int(group[rows[0]])
+        c, rest = divmod(key, len(layers) * len(pairs))
+        li, pi = divmod(rest, len(pairs))
+        out[(cohorts[c], str(layers[li]), pairs[pi])] = pd.Series(
+            cosine[rows], index=ids[subject_code[rows]]
+        )
     return out
