@@ -97,3 +97,30 @@ def test_bench_writes_table_and_json(tmp_path: Path) -> None:
     assert saved["rows"] == result["rows"]  # NaN written as null
     assert saved["rows"][0]["driver_mib"] is None
     assert "baseline (plain loop)" in (tmp_path / "latest.txt").read_text()
+
+
+def test_gpu_check_stops_at_once_without_cuda(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from bench import gpu_check
+
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--out", str(tmp_path)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "gpu_check.json").exists()
+
+
+@pytest.mark.timeout(300)
+def test_gpu_check_dry_run_on_the_cpu_writes_its_table(tmp_path: Path) -> None:
+    from bench import gpu_check
+
+    code = gpu_check.main(
+        ["--device", "cpu", "--shapes", "64,64,64", "--repeats", "1", "--no-pipeline",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    variants = {(r["factorised"], r["lean"]) for r in report["model"]}
+    assert variants == {(True, True), (True, False), (False, True), (False, False)}
+    assert all(r["best_s"] > 0 and r["shape"] == "64x64x64" for r in report["model"])
+    assert report["pipeline"] == {"skipped": "--no-pipeline"}

@@ -41,6 +41,7 @@ LAYERS: dict[str, int] = {
     "cohort.execution": 4,
     "cohort.synthetic": 4,
     "cohort.cli": 5,
+    "cohort.__main__": 5,  # python -m cohort: the command line
 }
 
 

@@ -1,0 +1,5 @@
+"""``python -m cohort``: the same as the ``cohort`` command."""
+
+from cohort.cli.main import main
+
+main()
