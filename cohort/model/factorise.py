@@ -145,10 +145,57 @@ class DepthFactorisedConv3d(nn.Conv3d):
                 f"without its {self.profile!r} depth profile; load weights before factorising"
             )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kd, sd = self.kernel_size[0], self.stride[0]
-        pd, ph, pw = _triple(self.padding)
-        plane_stride = (1, self.stride[1], self.stride[2])
+    @property
+    def sums_output(self) -> bool:
+        """Whether the depth box sum runs on the 2D convolution's output, so that
+        ``forward(x) == depth_sum(planes(x))``; otherwise (``mean`` profile)
+        ``forward(x) == plane_conv(depth_sum_input(x))``."""
+        return (
+            self.profile == "mean" and self.stride[0] == 1 and self.in_channels > self.out_channels
+        )
+
+    def _plane_conv(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        _, ph, pw = _triple(self.padding)
+        stride = (1, self.stride[1], self.stride[2])
+        dilation = (1, self.dilation[1], self.dilation[2])
+        plane = self.weight[:, :, :1]  # each slice is the 2D kernel / kd
+        return F.conv3d(x, plane, bias, stride, (0, ph, pw), dilation, self.groups)
+
+    def planes(self, x: torch.Tensor) -> torch.Tensor:
+        """The 2D kernel ``w / kd`` on every depth slice, without bias. Output slice ``j``
+        reads input slice ``j`` only, so depth ranges can be computed separately."""
+        return self._plane_conv(x, None)
+
+    def depth_sum(self, y: torch.Tensor) -> torch.Tensor:
+        """The depth box sum of :meth:`planes` (zero beyond the ends), plus the bias."""
+        kd, pd = self.kernel_size[0], _triple(self.padding)[0]
+        y = window_reduce(y, 2, kd, 1, pd, "sum")
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1, 1)
+
+    def depth_sum_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The depth box sum of the input, with the depth stride and padding."""
+        kd, sd, pd = self.kernel_size[0], self.stride[0], _triple(self.padding)[0]
+        return window_reduce(x, 2, kd, sd, pd, "sum")
+
+    def plane_conv(self, summed: torch.Tensor) -> torch.Tensor:
+        """The 2D kernel and the bias on every slice of :meth:`depth_sum_input`."""
+        return self._plane_conv(summed, self.bias)
+
+    def forward(
+        self, x: torch.Tensor, *, planes: bool = False, summed: bool = False
+    ) -> torch.Tensor:
+        """The 3D convolution of ``x``; or its second half, for a caller that streams the
+        first (:mod:`cohort.model.lean`): with ``planes``, ``x`` is :meth:`planes` of the
+        input already (:attr:`sums_output`), with ``summed`` :meth:`depth_sum_input`."""
+        if planes or summed:
+            if self.profile != "mean" or planes == summed or planes != self.sums_output:
+                raise ModelError(
+                    f"planes={planes}, summed={summed} does not fit this convolution "
+                    f"({self.profile!r} profile, sums_output={self.sums_output})"
+                )
+            return self.depth_sum(x) if planes else self.plane_conv(x)
+        kd = self.kernel_size[0]
+        _, ph, pw = _triple(self.padding)
         plane_padding = (0, ph, pw)
         plane_dilation = (1, self.dilation[1], self.dilation[2])
         if self.profile == "centre":
@@ -156,15 +203,9 @@ class DepthFactorisedConv3d(nn.Conv3d):
             return F.conv3d(
                 x, middle, self.bias, self.stride, plane_padding, plane_dilation, self.groups
             )
-        plane = self.weight[:, :, :1]  # each slice is the 2D kernel / kd
-        if sd > 1 or self.in_channels <= self.out_channels:
-            summed = window_reduce(x, 2, kd, sd, pd, "sum")
-            return F.conv3d(
-                summed, plane, self.bias, plane_stride, plane_padding, plane_dilation, self.groups
-            )
-        y = F.conv3d(x, plane, None, plane_stride, plane_padding, plane_dilation, self.groups)
-        y = window_reduce(y, 2, kd, 1, pd, "sum")
-        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1, 1)
+        if self.sums_output:
+            return self.depth_sum(self.planes(x))
+        return self.plane_conv(self.depth_sum_input(x))
 
 
 class SeparableMaxPool3d(nn.MaxPool3d):

@@ -14,20 +14,48 @@ For the inflated DenseNet121 the defaults are::
 Each is the raw output of a dense layer's 3x3x3 convolution: before the next
 BatchNorm and ReLU, and before it is concatenated with the block's earlier
 features. (conv-2, conv-4 are the 1x1x1 bottleneck convolutions in between.)
+
+:class:`FeatureExtractor` runs the network through :func:`run_hooked` by
+default, the lean pass: plain ``nn.Sequential`` containers dissolve into their
+children (*ops*); the first ops, until the depth stride reaches 8 (DenseNet121:
+the stem, dense block 1 and transition 1), run as one depth pipeline
+(:class:`~cohort.model.lean.WindowStage`, :class:`~cohort.model.lean.DenseBlockStage`);
+each later dense block fills one buffer in one push; later runs of ops without
+halo (a transition) are streamed again; anything else runs as the plain
+module. Hooked maps of streamed ops (and of dense layers' conv2) are assembled
+from their chunks; a hook the stream cannot serve (a BatchNorm inside a streamed
+dense block, say) leaves its op to the later, full-size steps.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from torch.utils.hooks import RemovableHandle
 
 from cohort.errors import ModelError
+from cohort.model.lean import (
+    DEFAULT_CHUNK_VOXELS,
+    DEFAULT_STREAM_UNTIL,
+    PROFILE_LABEL,
+    DenseBlockStage,
+    DenseSpec,
+    Sink,
+    Window,
+    WindowStage,
+    compose,
+    dense_spec,
+    depth_chain,
+    is_plain_sequential,
+    out_length,
+)
 
 Grid = tuple[int, int, int]
 _CONV_SPEC = re.compile(r"^conv-(\d+)$")
@@ -145,10 +173,24 @@ class FeatureExtractor(nn.Module):
     ``forward(x)`` returns ``{layer id: (N, C, d, h, w) tensor}``. With
     ``stop_early`` (the default) the forward pass ends as soon as the last
     hooked layer has produced its output; nothing after it is computed.
+
+    With ``lean`` (the default) the pass runs through
+    :func:`cohort.model.lean.run_hooked`: the first layers stream over depth
+    chunks of ``chunk_voxels`` input voxels and dense blocks fill one buffer
+    each, so the peak memory grows by a few bytes per input voxel instead of
+    about 70, with the same values. ``lean=False`` is the plain forward pass
+    with forward hooks.
     """
 
     def __init__(
-        self, network: nn.Module, layers: Sequence[LayerInfo], *, stop_early: bool = True
+        self,
+        network: nn.Module,
+        layers: Sequence[LayerInfo],
+        *,
+        stop_early: bool = True,
+        lean: bool = True,
+        chunk_voxels: int = DEFAULT_CHUNK_VOXELS,
+        stream_until: int = DEFAULT_STREAM_UNTIL,
     ) -> None:
         super().__init__()
         if not layers:
@@ -156,36 +198,286 @@ class FeatureExtractor(nn.Module):
         self.network = network
         self.layers = tuple(layers)
         self.stop_early = stop_early
+        self.lean = lean
+        self.chunk_voxels = chunk_voxels
+        self.stream_until = stream_until
         self._last = max(self.layers, key=lambda info: info.rank).module_path
         self._captured: dict[str, torch.Tensor] = {}
         for info in self.layers:
             network.get_submodule(info.module_path)  # fails early on a wrong path
 
-    def _hook(self, info: LayerInfo) -> Callable[[nn.Module, object, torch.Tensor], None]:
-        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+    def _capture(self, info: LayerInfo) -> Callable[[torch.Tensor], None]:
+        def capture(output: torch.Tensor) -> None:
             if info.layer not in self._captured:
                 self._captured[info.layer] = output
             if self.stop_early and info.module_path == self._last:
                 raise _LastHookReachedError
 
+        return capture
+
+    def _hook(self, info: LayerInfo) -> Callable[[nn.Module, object, torch.Tensor], None]:
+        capture = self._capture(info)
+
+        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+            capture(output)
+
         return hook
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        # Hooks live only for this call, so the network is left as it was found.
         self._captured = {}
+        try:
+            if self.lean:
+                run_hooked(
+                    self.network,
+                    x,
+                    {info.module_path: self._capture(info) for info in self.layers},
+                    stop_after=self._last if self.stop_early else None,
+                    chunk_voxels=self.chunk_voxels,
+                    stream_until=self.stream_until,
+                )
+            else:
+                self._plain(x)
+        except _LastHookReachedError:
+            pass
+        captured, self._captured = self._captured, {}
+        missing = [info.layer for info in self.layers if info.layer not in captured]
+        if missing:
+            raise ModelError(f"hooked layers {missing} did not run for input {tuple(x.shape)}")
+        return {info.layer: captured[info.layer] for info in self.layers}
+
+    def _plain(self, x: torch.Tensor) -> None:
+        # Hooks live only for this call, so the network is left as it was found.
         handles = [
             self.network.get_submodule(info.module_path).register_forward_hook(self._hook(info))
             for info in self.layers
         ]
         try:
             self.network(x)
-        except _LastHookReachedError:
-            pass
         finally:
             for handle in handles:
                 handle.remove()
-        captured, self._captured = self._captured, {}
-        missing = [info.layer for info in self.layers if info.layer not in captured]
-        if missing:
-            raise ModelError(f"hooked layers {missing} did not run for input {tuple(x.shape)}")
-        return {info.layer: captured[info.layer] for info in self.layers}
+
+
+# ---------------------------------------------------------------- the lean pass
+
+Capture = Callable[[torch.Tensor], None]
+
+
+@dataclass
+class _Op:
+    """A module the pass runs as one step (plain ``nn.Sequential`` dissolve into these)."""
+
+    path: str
+    module: nn.Module
+    chain: list[Window] | None  # depth windows, None when not local in depth
+    captures: list[str] = field(default_factory=list)  # hooked paths whose map is its output
+    inner: list[str] = field(default_factory=list)  # hooked paths inside it
+
+
+def _flatten(module: nn.Module, path: str, hooked: set[str]) -> list[_Op]:
+    if isinstance(module, nn.Sequential) and is_plain_sequential(module) and len(module) > 0:
+        ops: list[_Op] = []
+        for name, child in module.named_children():
+            ops.extend(_flatten(child, f"{path}.{name}" if path else name, hooked))
+        if path in hooked:  # a Sequential's output is its last child's
+            ops[-1].captures.append(path)
+        return ops
+    inner = sorted(h for h in hooked if h != path and (path == "" or h.startswith(path + ".")))
+    return [_Op(path, module, depth_chain(module), [path] if path in hooked else [], inner)]
+
+
+def _dense_hooks(op: _Op) -> tuple[DenseSpec, dict[str, int], dict[str, int]] | None:
+    """For a dense block: its spec, the hooked paths whose map is a layer's new channels
+    (the layer, its conv2) and those on a layer's bottleneck modules, with the layer."""
+    spec = dense_spec(op.module)
+    if spec is None:
+        return None
+    index = {name: i for i, (name, _) in enumerate(op.module.named_children())}
+    features: dict[str, int] = {}
+    bottleneck: dict[str, int] = {}
+    for path in op.inner:
+        name, _, sub = path[len(op.path) + 1 :].partition(".")
+        if sub in ("", "conv2"):
+            features[path] = index[name]
+        elif sub in ("norm1", "relu1", "conv1", "norm2", "relu2"):
+            bottleneck[path] = index[name]
+    return spec, features, bottleneck
+
+
+def _streamable(op: _Op) -> bool:
+    if op.chain is None:
+        return False
+    dense = _dense_hooks(op) if op.inner else None
+    return not op.inner or (dense is not None and set(op.inner) <= set(dense[1]))
+
+
+def _no_halo(op: _Op) -> bool:
+    """Neighbouring output slices read disjoint input slices."""
+    if op.chain is None:
+        return False
+    k, s, p = compose(op.chain)
+    return k <= s and p == 0
+
+
+def _plan(ops: list[_Op], stream_until: int) -> list[tuple[str, list[_Op]]]:
+    """``("stream", ops)``: one depth pipeline; ``("whole", [block])``: a dense block in
+    one push; ``("plain", [op])``: the module as it is, hooks and all."""
+    stride, i = 1, 0
+    while i < len(ops) and stride < stream_until and _streamable(ops[i]):
+        stride *= compose(ops[i].chain or [])[1]
+        i += 1
+    steps: list[tuple[str, list[_Op]]] = [("stream", ops[:i])] if i else []
+    for op in ops[i:]:
+        if _dense_hooks(op) is not None:
+            steps.append(("whole", [op]))
+        elif _streamable(op) and _no_halo(op):  # a transition: stream it
+            if steps and steps[-1][0] == "stream":
+                steps[-1][1].append(op)
+            else:
+                steps.append(("stream", [op]))
+        else:
+            steps.append(("plain", [op]))
+    return steps
+
+
+def _forward_hook(fn: Capture) -> Callable[[nn.Module, object, torch.Tensor], None]:
+    def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        fn(output)
+
+    return hook
+
+
+@dataclass
+class _Run:
+    captures: Mapping[str, Capture]
+    stop_after: str | None
+    chunk_slices: int  # input slices per chunk
+    depth: int  # of the input
+
+    def slices(self, depth: int) -> int:
+        """Chunk depth at an op of ``depth`` slices: the same share of the volume."""
+        return max(1, math.ceil(self.chunk_slices * depth / self.depth))
+
+    def fire(self, paths: Sequence[str], out: torch.Tensor) -> None:
+        for path in paths:
+            self.captures[path](out)
+
+    def block(self, op: _Op, depth: int) -> tuple[DenseBlockStage, dict[str, int]]:
+        dense = _dense_hooks(op)
+        assert dense is not None
+        spec, features, bottleneck = dense
+        last = {**features, **bottleneck}.get(self.stop_after or "")
+        stage = DenseBlockStage(
+            spec,
+            depth,
+            run_layers=len(spec.layers) if last is None else last + 1,
+            collect=sorted(set(features.values())),
+            whole=sorted(set(bottleneck.values())),
+            piece=self.slices(depth),
+        )
+        return stage, features
+
+    def stream(self, ops: list[_Op], box: list[torch.Tensor], whole: bool) -> torch.Tensor | None:
+        """``ops`` as one depth pipeline over chunks (one chunk when ``whole``) of the
+        tensor in ``box``; None when the pass ends inside a dense block."""
+        n = box[0].shape[2]
+        stages: list[WindowStage | DenseBlockStage] = []
+        sinks: list[Sink | None] = []
+        layers: list[dict[str, int]] = []  # hooked dense layers of each stage
+        depth = n
+        for op in ops:
+            assert op.chain is not None
+            if dense_spec(op.module) is not None:
+                block, features = self.block(op, depth)
+                stages.append(block)
+                layers.append(features)
+            else:
+                stages.append(WindowStage(op.module, op.chain, depth))
+                layers.append({})
+            depth = out_length(depth, op.chain)
+            last = op is ops[-1]  # what the next stage gets may change in place (a ReLU)
+            sinks.append(Sink(depth, borrow=last) if op.captures or last else None)
+        if isinstance(stages[-1], DenseBlockStage) and not stages[-1].emits:
+            sinks[-1] = None
+        step = n if whole else self.slices(n)
+        for z in range(0, n, step):
+            y: torch.Tensor | None = box.pop() if step >= n else box[0][:, :, z : z + step]
+            for stage, sink, op in zip(stages, sinks, ops, strict=True):
+                assert y is not None
+                inbox = [y]
+                del y
+                with record_function(PROFILE_LABEL + op.path):
+                    y = stage.push(inbox)
+                if y is None:
+                    break
+                if sink is not None:
+                    sink.add(y)
+            del y
+        box.clear()
+        for op, stage, sink, features in zip(ops, stages, sinks, layers, strict=True):
+            if isinstance(stage, DenseBlockStage):
+                for path, i in sorted(features.items(), key=lambda item: item[1]):
+                    self.captures[path](stage.sinks[i].result())
+            if sink is not None and op.captures:
+                self.fire(op.captures, sink.result())
+        final = sinks[-1]
+        return None if final is None else final.result()
+
+
+def run_hooked(
+    network: nn.Module,
+    x: torch.Tensor,
+    captures: Mapping[str, Capture],
+    *,
+    stop_after: str | None = None,
+    chunk_voxels: int = DEFAULT_CHUNK_VOXELS,
+    stream_until: int = DEFAULT_STREAM_UNTIL,
+) -> torch.Tensor | None:
+    """Run ``network`` on ``x`` leanly; ``captures[path](map)`` gets each hooked map once.
+
+    ``stop_after`` (a key of ``captures``) ends the pass after that module (the
+    captures may also raise to end it). ``chunk_voxels``: input voxels per depth
+    chunk (the streamed part's working memory grows with it, not with the
+    volume); ``stream_until``: the depth stride up to which the first ops are
+    streamed. Returns the network's output, or None when the pass stopped early.
+    A network that is not a plain ``nn.Sequential`` runs as it is, with hooks.
+    """
+    if chunk_voxels < 1:
+        raise ModelError(f"chunk_voxels must be at least 1, got {chunk_voxels}")
+    if x.dim() != 5:
+        raise ModelError(f"input must be (N, C, D, H, W), got shape {tuple(x.shape)}")
+    hooked = set(captures)
+    ops = _flatten(network, "", hooked)
+    if stop_after is not None:  # nothing after the op that holds the last hooked module
+        holds = [i for i, op in enumerate(ops) if stop_after in op.captures + op.inner]
+        ops = ops[: holds[0] + 1] if holds else ops
+    steps = _plan(ops, stream_until)
+    served: set[str] = set()  # the paths the pass hands over itself; others get forward hooks
+    for kind, group in steps:
+        for op in group:
+            dense = _dense_hooks(op) if kind != "plain" else None
+            served.update(op.captures, dense[1] if dense else ())
+    handles = [
+        network.get_submodule(path).register_forward_hook(_forward_hook(captures[path]))
+        for path in sorted(hooked - served)
+    ]
+    run = _Run(captures, stop_after, max(1, chunk_voxels // (x.shape[3] * x.shape[4])), x.shape[2])
+    box = [x]
+    del x
+    try:
+        with torch.no_grad():
+            for kind, group in steps:
+                if kind == "plain":
+                    with record_function(PROFILE_LABEL + group[0].path):
+                        out = group[0].module(box.pop())
+                    run.fire(group[0].captures, out)
+                else:
+                    out = run.stream(group, box, whole=kind == "whole")
+                if out is None:
+                    return None
+                box.append(out)
+                del out
+    finally:
+        for handle in handles:
+            handle.remove()
+    return box.pop()

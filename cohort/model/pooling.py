@@ -37,18 +37,36 @@ from cohort.model.hooks import FeatureExtractor, Grid
 GEM_EPS = 1e-6
 
 
+_SLAB_VOXELS = 1 << 22  # region_weights reads the index in slabs of at most this many voxels
+
+
 def region_weights(region_index: torch.Tensor, n_regions: int, grid: Grid) -> torch.Tensor:
     """Fraction of each grid cell's voxels in each region: (R, d, h, w) float32.
 
     ``region_index`` is (D, H, W) with value r for region r (other values
     belong to no region). The volume is split into cells as adaptive average
     pooling splits it, which for sizes divisible by the grid is exact blocks.
+
+    The same numbers as ``adaptive_avg_pool3d`` of the regions' one-hot masks,
+    without the (R, D, H, W) masks: per depth cell, each region's voxels are
+    counted slab by slab along depth (exact: whole numbers in float32), then the
+    counts are averaged over the cells in the plane and divided by the cell's depth.
     """
     if region_index.dim() != 3:
         raise RegionError(f"region index must be (D, H, W), got shape {tuple(region_index.shape)}")
-    ids = torch.arange(n_regions, device=region_index.device).view(n_regions, 1, 1, 1)
-    one_hot = (region_index.unsqueeze(0) == ids).to(torch.float32)
-    return F.adaptive_avg_pool3d(one_hot.unsqueeze(0), grid)[0]
+    depth, height, width = region_index.shape
+    gd, gh, gw = grid
+    out = torch.empty((n_regions, gd, gh, gw), dtype=torch.float32, device=region_index.device)
+    step = max(1, _SLAB_VOXELS // (height * width))
+    for i in range(gd):
+        d0, d1 = (i * depth) // gd, -(-(i + 1) * depth // gd)  # adaptive pooling's cell
+        counts = region_index.new_zeros((n_regions, height, width), dtype=torch.float32)
+        for s0 in range(d0, d1, step):
+            slab = region_index[s0 : min(d1, s0 + step)]
+            for r in range(n_regions):
+                counts[r] += (slab == r).sum(dim=0, dtype=torch.float32)
+        out[:, i] = F.adaptive_avg_pool2d(counts, (gh, gw)) / (d1 - d0)
+    return out
 
 
 def check_coverage(
