@@ -294,11 +294,14 @@ def test_missing_imagenet_weights_say_where_to_put_them(
     message = str(err.value)
     assert str(expected) in message
     assert "densenet121-a639ec97.pth" in message and "--weights random" in message
-    # a file there whose hash does not fit torchvision's name is refused
+    assert "https://download.pytorch.org/models/densenet121-a639ec97.pth" in message
+    # a file there whose hash does not fit torchvision's name is refused, naming both
     expected.parent.mkdir(parents=True, exist_ok=True)
     torch.save(seeded_state("densenet121", 0), expected)
-    with pytest.raises(WeightsError, match="corrupt"):
+    with pytest.raises(WeightsError, match="corrupt") as err:
         load_weights(ModelConfig())
+    assert sha256_file(expected) in str(err.value)  # the file's own hash, in full
+    assert "a639ec97" in str(err.value)  # the hash prefix its name promises
 
 
 def test_unknown_backbone_lists_choices() -> None:
@@ -348,21 +351,32 @@ def test_module_path_and_out_of_range_specs(densenet: nn.Module) -> None:
 
 
 def test_forward_stops_after_last_hook(densenet: nn.Module) -> None:
+    """No module after the last hooked one runs (the denselayer16 and norm5 leaves)."""
+    leaves = {p: m for p, m in densenet.named_modules() if p and not list(m.children())}
+    order = [t.path for t in trace(densenet, (32, 32, 32)) if t.path in leaves]
+    last = order.index(DENSENET_LAYERS["conv-3"])
     ran: list[str] = []
-    handle = densenet.get_submodule("features.norm5").register_forward_hook(
-        lambda *_: ran.append("norm5")
-    )
+    handles = [
+        module.register_forward_hook(lambda *_, path=path: ran.append(path))
+        for path, module in leaves.items()
+    ]
     try:
         extractor = FeatureExtractor(densenet, resolve_layers(densenet, ["conv-5", "conv-3"]))
         with torch.no_grad():
             extractor(torch.zeros(1, 1, 32, 32, 32))
-        assert ran == []
+        after = order[last + 1 :]
+        assert "features.denseblock4.denselayer16.conv1" in after
+        assert not set(after) & set(ran), sorted(set(after) & set(ran))
+        assert {DENSENET_LAYERS["conv-3"], DENSENET_LAYERS["conv-5"]} <= set(ran)
+        ran.clear()
         extractor.stop_early = False
         with torch.no_grad():
             extractor(torch.zeros(1, 1, 32, 32, 32))
-        assert ran == ["norm5"]
+        assert set(after) <= set(ran)
+        assert ran[-1] == "features.norm5"
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def test_conv_order_is_execution_order_not_registration() -> None:

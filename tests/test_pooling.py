@@ -140,8 +140,9 @@ def test_single_cell_grid_is_an_error_not_a_cosine_of_one() -> None:
 def test_bf16_autocast_stays_close_to_fp32() -> None:
     """The --precision bf16 path (autocast, float64 pooling) against fp32 on the CPU.
 
-    The bound is the one bench/gpu_check.sh applies on CUDA; the vectors must
-    also differ, or autocast was not in effect and the comparison proves nothing.
+    Measured here: vectors 6-7e-3 relative to the largest value, cosines within
+    1.3e-3; the bounds leave twice that. The vectors must also differ, or
+    autocast was not in effect and the comparison proves nothing.
     """
     network, _ = build_network("densenet121", random_weights("densenet121", 0).state_dict)
     extractor = FeatureExtractor(network, resolve_layers(network, ["conv-1", "conv-5"]))
@@ -162,11 +163,11 @@ def test_bf16_autocast_stays_close_to_fp32() -> None:
         scale = max(float(np.abs(v.vector).max()) for v in ref)
         diffs = [np.abs(a.vector - b.vector).max() for a, b in zip(ref, low, strict=True)]
         rel = float(max(diffs)) / scale
-        assert 0 < rel < 0.05, (mode, rel)
+        assert 0 < rel < 0.015, (mode, rel)
         for a, b in zip(cosine_rows(ref), cosine_rows(low), strict=True):
             gaps.append(abs(a["cosine"] - b["cosine"]))
         assert all(v.vector.dtype == np.float32 for v in low)
-    assert max(gaps) <= 0.02
+    assert max(gaps) <= 3e-3
 
 
 # --------------------------------------------- overlapping regions: index planes
