@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import pickle
 import sys
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -158,38 +157,6 @@ def _rows(subjects: Sequence[Subject], cfg: RunConfig) -> list[dict[str, Any]]:
     ]
 
 
-class _Watchdog:
-    """Interrupts the driver when no subject finishes for ``limit`` seconds."""
-
-    def __init__(self, limit: float | None) -> None:
-        self.limit = limit
-        self.last = time.monotonic()
-        self.fired = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> _Watchdog:
-        if self.limit is not None:
-            self._thread = threading.Thread(target=self._watch, daemon=True)
-            self._thread.start()
-        return self
-
-    def tick(self) -> None:
-        self.last = time.monotonic()
-
-    def _watch(self) -> None:
-        import _thread
-
-        while not self._stop.wait(0.5):
-            if self.limit is not None and time.monotonic() - self.last > self.limit:
-                self.fired = True
-                _thread.interrupt_main()
-                return
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-
-
 def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True) -> RunResult:
     """Run the whole analysis; returns counts. Raises only for unusable invocations.
 
@@ -213,22 +180,17 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
     broken: BaseException | None = None  # why the Ray graph stopped early, if it did
     try:
         ensure_ray(cfg.execution.address)
-        with (
-            _Watchdog(cfg.execution.stall_timeout_s) as watchdog,
-            contextlib.closing(
-                stream(
-                    _rows(plan.subjects, cfg),
-                    plan.weights.state_dict,
-                    cfg,
-                    plan.identity,
-                    finished,
-                    reach=plan.reach,
-                )
-            ) as rows,
-        ):
+        rows = stream(
+            _rows(plan.subjects, cfg),
+            plan.weights.state_dict,
+            cfg,
+            plan.identity,
+            finished,
+            reach=plan.reach,
+        )
+        with contextlib.closing(rows):
             try:
                 for row in rows:
-                    watchdog.tick()
                     sid = str(row["subject_id"])
                     if sid in seen:  # a retried task may deliver twice; the first counts
                         continue
@@ -250,18 +212,17 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
                             result.cached += 1
                     if cfg.execution.progress:
                         _progress(len(seen), result.subjects, sid, status, started)
-            except KeyboardInterrupt:
-                if watchdog.fired:
-                    raise StalledError(
-                        f"no subject finished in {cfg.execution.stall_timeout_s:g} s; the "
-                        "actor pool may be starved of CPUs (give actors fractional CPUs) or a "
-                        "worker hung"
-                    ) from None
-                raise
             except CohortError:
                 raise
             except Exception as err:  # the Ray graph failed: keep what finished
                 broken = err
+                if type(err).__name__ == "ExecutionTimeoutError":  # ray.data.exceptions
+                    # a hung run: keep what finished, name the stall for the others
+                    broken = StalledError(
+                        f"nothing moved for {cfg.execution.stall_timeout_s:g} s "
+                        "(--stall-timeout), so the run stopped; a worker hung or the actor "
+                        "pool is starved of CPUs (give actors fractional CPUs)"
+                    )
         _add_lost(plan, seen, result, broken)
         result.seconds = time.perf_counter() - started
         provenance = _provenance(cfg, plan, result, devices, extract_seconds)
@@ -287,8 +248,11 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
 
 def _add_lost(plan: Plan, seen: set[str], result: RunResult, broken: BaseException | None) -> None:
     """An error row for every manifest subject the stream did not return."""
+    error_type = "Stalled" if isinstance(broken, StalledError) else "Lost"
     if broken is None:
         why = "the pipeline returned no result for this subject"
+    elif isinstance(broken, StalledError):
+        why = f"{broken}; this subject had not finished"
     else:
         text = str(broken).strip().splitlines()
         why = f"the pipeline stopped before this subject finished ({type(broken).__name__}"
@@ -301,7 +265,7 @@ def _add_lost(plan: Plan, seen: set[str], result: RunResult, broken: BaseExcepti
                     "subject_id": subject.subject_id,
                     "cohort": subject.cohort,
                     "stage": "pipeline",
-                    "error_type": "Lost",
+                    "error_type": error_type,
                     "message": f"{why}; rerun the same command to retry it (finished "
                     "subjects are reused)",
                     "image": str(subject.image),
@@ -326,12 +290,7 @@ def _write_part(parts: store.Parts, row: Mapping[str, Any]) -> None:
     features = vector_rows(
         str(row["subject_id"]), str(row["cohort"]), pickle.loads(row["features"])
     )
-    similarity = stats.cosine_table(pd.DataFrame(features))
-    parts.write(
-        str(row["key"]),
-        store.table(features, schemas.FEATURES_SCHEMA),
-        store.table(similarity, schemas.SIMILARITY_SCHEMA),
-    )
+    parts.write(str(row["key"]), store.table(features, schemas.FEATURES_SCHEMA))
 
 
 def _progress(count: int, total: int, sid: str, status: str, started: float) -> None:

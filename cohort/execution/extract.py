@@ -9,8 +9,14 @@ process starts seconds sooner.
 
 Test hook (for fault-injection tests only): with ``COHORT_FAULT_KILL_SUBJECT``
 set to a subject id and ``COHORT_FAULT_MARKER`` to a file path in the driver's
-environment, the feature actor that receives that subject creates the marker
-and kills its own process (``os._exit``) -- once, as long as the marker exists.
+environment, the feature actor that receives that subject acts on
+``COHORT_FAULT_MODE``:
+
+- ``once`` (the default): it creates the marker and kills its own process
+  (``os._exit``), once, as long as the marker exists;
+- ``always``: it kills its process on every attempt (and writes the marker);
+- ``hang:SECONDS``: it writes the marker and sleeps that long, as a hung
+  worker does.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ __all__ = [
 
 FAULT_SUBJECT_ENV = "COHORT_FAULT_KILL_SUBJECT"  # test hook, see the module docstring
 FAULT_MARKER_ENV = "COHORT_FAULT_MARKER"
+FAULT_MODE_ENV = "COHORT_FAULT_MODE"
 
 
 def pick_device(requested: str) -> torch.device:
@@ -69,10 +76,12 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
 
 @dataclass(frozen=True)
 class FaultHook:
-    """Test hook: kill the actor process on ``subject``, once (while ``marker`` is absent)."""
+    """Test hook: kill (or hang) the actor process on ``subject`` (see the module docstring)."""
 
     subject: str
     marker: Path
+    mode: str = "once"  # "once", "always" or "hang"
+    hang_s: float = 0.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> FaultHook | None:
@@ -84,7 +93,13 @@ class FaultHook:
                 f"{FAULT_SUBJECT_ENV} is set but {FAULT_MARKER_ENV} is not; the fault hook "
                 "needs a marker file path so that it fires only once (unset both to run normally)"
             )
-        return cls(subject, Path(marker))
+        mode, _, seconds = environ.get(FAULT_MODE_ENV, "once").partition(":")
+        if mode not in ("once", "always", "hang") or (mode == "hang") != bool(seconds):
+            raise CohortError(
+                f"{FAULT_MODE_ENV} must be once, always or hang:SECONDS, got "
+                f"{environ[FAULT_MODE_ENV]!r}"
+            )
+        return cls(subject, Path(marker), mode, float(seconds or 0))
 
     def maybe_fire(self, subject_id: str) -> None:
         if subject_id != self.subject:
@@ -92,9 +107,14 @@ class FaultHook:
         try:
             fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
+            if self.mode == "once":
+                return
+        else:
+            os.write(fd, f"{self.mode} pid {os.getpid()} on {subject_id}\n".encode())
+            os.close(fd)
+        if self.mode == "hang":
+            time.sleep(self.hang_s)
             return
-        os.write(fd, f"killed pid {os.getpid()} on {subject_id}\n".encode())
-        os.close(fd)
         os._exit(17)  # like a segfault or an OOM kill: no cleanup, no exception
 
 
