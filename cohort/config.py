@@ -8,6 +8,7 @@ written into ``run.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
@@ -15,27 +16,34 @@ from typing import Any, Literal, get_args
 from cohort.errors import ConfigError
 
 __all__ = [
+    "AXES",
     "BACKBONES",
     "BACKGROUND",
     "DEFAULT_LABELS",
     "DEFAULT_LAYERS",
+    "INFLATED",
+    "PRESETS",
     "Device",
     "ExecutionConfig",
     "Inflation",
     "LabelMap",
     "MaskResample",
     "ModelConfig",
+    "Normalise",
     "PoolingConfig",
     "PoolingMode",
     "Precision",
     "PreprocessConfig",
+    "Preset",
     "RegionConfig",
     "RunConfig",
     "StatsConfig",
     "WeightsChoice",
+    "default_weights",
     "format_label_map",
     "names_only",
     "parse_label_map",
+    "preset_of",
 ]
 
 # Label maps are ordered (name, value) pairs: the order is the order regions
@@ -126,27 +134,134 @@ def names_only(labels: LabelMap) -> bool:
 
 
 MaskResample = Literal["off", "nearest"]
+Normalise = Literal["fixed", "foreground"]
+# Directions the model input's (D, H, W) axes point to, as nibabel axis codes: "SAR" is
+# RAS+ as (D, H, W) (D inferior -> superior, H posterior -> anterior, W left -> right);
+# each axis may be reversed ("SPL": D up, H towards the back, W towards the left).
+AXES: tuple[str, ...] = tuple(d + h + w for d in "SI" for h in "AP" for w in "RL")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A backbone family's published preprocessing: the defaults of a run with it.
+
+    Each value is the default of the :class:`PreprocessConfig` field of the same
+    name when ``cohort run`` uses a backbone of the family; any option overrides it.
+    """
+
+    name: str  # recorded as PreprocessConfig.preset
+    source: str  # where the values are published
+    hu_min: float  # HU window: clip, then scale to [0, 1]
+    hu_max: float
+    normalise: Normalise  # "fixed": (x - mean) / std; "foreground": z-score of voxels > fg HU
+    mean: float
+    std: float
+    foreground_hu: float  # "foreground": the statistics use voxels above this HU
+    axes: str  # one of AXES
+    target_spacing: tuple[float, float, float] | None  # mm along (D, H, W); None keeps
+
+
+PRESETS: dict[str, Preset] = {
+    "imagenet": Preset(
+        "imagenet",
+        "the origin study: HU window [-1000, 2000] to [0, 1], torchvision's ImageNet "
+        "statistics averaged over RGB (mean 0.449, std 0.226), RAS+ as (D, H, W)",
+        hu_min=-1000.0,
+        hu_max=2000.0,
+        normalise="fixed",
+        mean=0.449,
+        std=0.226,
+        foreground_hu=0.0,
+        axes="SAR",
+        target_spacing=None,
+    ),
+    "medicalnet": Preset(
+        "medicalnet",
+        "Tencent/MedicalNet datasets/brains18.py: the stored volume as (D, H, W), z-score "
+        "over the voxels > 0 (itensity_normalize_one_volume), no clipping, no fixed spacing "
+        "(it resizes to the network's input); here clipped to [-1024, 3071] HU, the 12-bit "
+        "CT range, so padding outside the field of view does not count",
+        hu_min=-1024.0,
+        hu_max=3071.0,
+        normalise="foreground",
+        mean=0.0,
+        std=1.0,
+        foreground_hu=0.0,
+        axes="SAR",
+        target_spacing=None,
+    ),
+    "ct-fm": Preset(
+        "ct-fm",
+        "project-lighter CT-FM (model card and pre-training config): orientation SPL, "
+        "ScaleIntensityRange HU [-1024, 2048] to [0, 1] clipped, spacing 3 x 1 x 1 mm "
+        "(SPL), CropForeground (here: --crop-margin, off by default)",
+        hu_min=-1024.0,
+        hu_max=2048.0,
+        normalise="fixed",
+        mean=0.0,
+        std=1.0,
+        foreground_hu=0.0,
+        axes="SPL",
+        target_spacing=(3.0, 1.0, 1.0),
+    ),
+}
+_IMAGENET = PRESETS["imagenet"]
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """How a CT volume becomes model input (the numerical contract)."""
+    """How a CT volume becomes model input (the numerical contract).
 
-    hu_min: float = -1000.0  # HU window low end; also the "air" value for masked-input
-    hu_max: float = 2000.0  # HU window high end
-    mean: float = 0.449  # gray ImageNet mean, applied after scaling the window to [0, 1]
-    std: float = 0.226  # gray ImageNet std
-    target_spacing: tuple[float, float, float] | None = None  # mm along (D, H, W); None keeps
+    The defaults are DenseNet121's preset (:data:`PRESETS` ``"imagenet"``);
+    :meth:`for_backbone` gives another backbone's.
+    """
+
+    preset: str = _IMAGENET.name  # the preset the values below start from (a key of PRESETS)
+    hu_min: float = _IMAGENET.hu_min  # HU window low end; also the "air" value for masked-input
+    hu_max: float = _IMAGENET.hu_max  # HU window high end
+    normalise: Normalise = _IMAGENET.normalise  # after scaling the window to [0, 1]
+    mean: float = _IMAGENET.mean  # "fixed": gray ImageNet mean
+    std: float = _IMAGENET.std  # "fixed": gray ImageNet std
+    foreground_hu: float = _IMAGENET.foreground_hu  # "foreground": statistics of voxels > this
+    axes: str = _IMAGENET.axes  # directions of the model input's (D, H, W) axes, one of AXES
+    target_spacing: tuple[float, float, float] | None = _IMAGENET.target_spacing  # mm (D, H, W)
     crop_margin_mm: float | None = None  # crop to the labelled bounding box plus this margin
     affine_tolerance_mm: float = 1e-3  # image and mask affines (RAS+) must agree to this
     max_voxels: int = 512 * 512 * 1024  # larger volumes are refused before allocation
     mask_resample: MaskResample = "off"  # "nearest": put a mask on another grid onto the image's
 
+    @classmethod
+    def for_backbone(cls, backbone: str, **given: Any) -> PreprocessConfig:
+        """The preset of ``backbone`` (its family's published preprocessing), then ``given``."""
+        preset = PRESETS[preset_of(backbone)]
+        values = {
+            f.name: getattr(preset, f.name)
+            for f in dataclasses.fields(Preset)
+            if f.name not in ("name", "source")
+        }
+        return cls(preset=preset.name, **{**values, **given})
+
     def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if not self.hu_min < self.hu_max:
             raise ConfigError(f"HU window must have low < high, got [{self.hu_min}, {self.hu_max}]")
+        if self.normalise not in get_args(Normalise):
+            raise ConfigError(
+                f"normalise must be one of {', '.join(get_args(Normalise))}, got {self.normalise!r}"
+            )
         if self.std <= 0:
             raise ConfigError(f"normalisation std must be > 0, got {self.std}")
+        if self.normalise == "foreground" and not self.hu_min <= self.foreground_hu < self.hu_max:
+            raise ConfigError(
+                f"the foreground threshold {self.foreground_hu:g} HU of --normalise foreground "
+                f"must lie in the HU window [{self.hu_min:g}, {self.hu_max:g})"
+            )
+        if self.axes not in AXES:
+            raise ConfigError(
+                f"axes must be three axis codes, one of S/I, A/P, R/L in that order (e.g. SAR, "
+                f"SPL), got {self.axes!r}"
+            )
         if self.target_spacing is not None and (
             len(self.target_spacing) != 3 or min(self.target_spacing) <= 0
         ):
@@ -183,12 +298,39 @@ class RegionConfig:
         return (*named, BACKGROUND) if self.background else named
 
 
-WeightsChoice = str  # "imagenet", "random" or a path to a torchvision state dict
+WeightsChoice = str  # "imagenet" or "pretrained", "random", or a path to a weights file
 Inflation = Literal["mean", "centre"]
 Precision = Literal["fp32", "bf16"]
 # Backbone names; cohort.model.network.BACKBONES says how to build each (a test
 # checks that the two agree). Kept here so that the CLI lists them without torch.
-BACKBONES: tuple[str, ...] = ("densenet121", "densenet169", "densenet201", "resnet18", "resnet50")
+# The inflated ones are torchvision's 2D ImageNet networks made 3D; the others are
+# 3D networks pretrained on CT (and MR), with the preset of their family.
+INFLATED: tuple[str, ...] = ("densenet121", "densenet169", "densenet201", "resnet18", "resnet50")
+_PRESET_OF: dict[str, str] = {
+    **dict.fromkeys(INFLATED, "imagenet"),
+    "medicalnet-resnet10": "medicalnet",
+    "medicalnet-resnet18": "medicalnet",
+    "medicalnet-resnet34": "medicalnet",
+    "medicalnet-resnet50": "medicalnet",
+    "ct-fm": "ct-fm",
+}
+BACKBONES: tuple[str, ...] = tuple(_PRESET_OF)
+
+
+def preset_of(backbone: str) -> str:
+    """The name of ``backbone``'s preprocessing preset (a key of :data:`PRESETS`)."""
+    try:
+        return _PRESET_OF[backbone]
+    except KeyError:
+        raise ConfigError(
+            f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}"
+        ) from None
+
+
+def default_weights(backbone: str) -> WeightsChoice:
+    """``imagenet`` for the inflated backbones, ``pretrained`` (the published file) otherwise."""
+    preset_of(backbone)
+    return "imagenet" if backbone in INFLATED else "pretrained"
 
 
 @dataclass(frozen=True)
@@ -196,18 +338,15 @@ class ModelConfig:
     """Which network, with which weights, hooked where."""
 
     backbone: str = "densenet121"  # one of BACKBONES
-    weights: WeightsChoice = "imagenet"  # "imagenet", "random" or PATH
+    weights: WeightsChoice = "imagenet"  # "imagenet" (inflated), "pretrained" (3D), "random", PATH
     seed: int = 0  # seed for "random" weights
-    inflation: Inflation = "mean"  # I3D mean inflation, or "centre"
+    inflation: Inflation = "mean"  # I3D mean inflation, or "centre" (inflated backbones)
     layers: tuple[str, ...] = DEFAULT_LAYERS  # conv-K specs or module paths
     weights_sha256: str | None = None  # expected sha256 of a weights file, if known
     precision: Precision = "fp32"  # "bf16": autocast on CUDA (faster, cosines move ~1e-3)
 
     def __post_init__(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise ConfigError(
-                f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}"
-            )
+        preset_of(self.backbone)  # names the choices when unknown
         if self.inflation not in get_args(Inflation):
             raise ConfigError(f"inflation must be 'mean' or 'centre', got {self.inflation!r}")
         if self.precision not in get_args(Precision):
@@ -217,7 +356,23 @@ class ModelConfig:
         if len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"layers repeat in {self.layers}; list each once")
         if not self.weights:
-            raise ConfigError("weights must be 'imagenet', 'random' or a file path")
+            raise ConfigError("weights must be 'imagenet', 'pretrained', 'random' or a file path")
+        inflated = self.backbone in INFLATED
+        if self.weights == "imagenet" and not inflated:
+            raise ConfigError(
+                f"{self.backbone} is a 3D network pretrained on CT and has no ImageNet weights; "
+                "use --weights pretrained (its published file), --weights PATH or --weights random"
+            )
+        if self.weights == "pretrained" and inflated:
+            raise ConfigError(
+                f"{self.backbone}'s pretrained weights are torchvision's ImageNet weights: use "
+                "--weights imagenet (or PATH, or random)"
+            )
+        if self.inflation != "mean" and not inflated:
+            raise ConfigError(
+                f"--inflation applies to the inflated backbones ({', '.join(INFLATED)}); "
+                f"{self.backbone} is 3D already"
+            )
 
 
 PoolingMode = Literal["masked-pool", "masked-gem", "masked-input"]

@@ -15,12 +15,15 @@ from typing import Any, TypeVar, get_args
 import click
 
 from cohort.config import (
+    AXES,
     BACKBONES,
+    PRESETS,
     Device,
     ExecutionConfig,
     Inflation,
     MaskResample,
     ModelConfig,
+    Normalise,
     PoolingConfig,
     PoolingMode,
     Precision,
@@ -28,6 +31,7 @@ from cohort.config import (
     RegionConfig,
     RunConfig,
     StatsConfig,
+    default_weights,
     format_label_map,
     parse_label_map,
 )
@@ -61,6 +65,17 @@ def _floats(text: str | None, count: int, what: str) -> tuple[float, ...] | None
     if len(values) != count:
         raise click.BadParameter(f"{what} must be {count} numbers, got {text!r}")
     return values
+
+
+def _by_preset(show: Callable[[Any], str]) -> str:
+    """What an option defaults to: the value of the backbone's preset, per preset."""
+    return "the backbone's preset: " + "; ".join(
+        f"{name} {show(preset)}" for name, preset in PRESETS.items()
+    )
+
+
+def _spacing(value: tuple[float, float, float] | None) -> str:
+    return "keep" if value is None else ",".join(f"{v:g}" for v in value)
 
 
 # Statistics options default to None: ``cohort stats`` then keeps the run's own
@@ -167,13 +182,20 @@ RUN_OPTIONS: list[Callable[[F], F]] = [
     ),
     click.option(
         "--weights",
-        default=_MODEL.weights,
-        show_default=True,
-        help="imagenet (torchvision's cache), random (seeded) or PATH to a state dict.",
+        default=None,
+        show_default="imagenet for the inflated backbones, pretrained for the 3D ones",
+        help="imagenet (torchvision's cache; inflated backbones), pretrained (the published "
+        "file of a 3D backbone, cached like torchvision's), random (seeded) or PATH to a "
+        "weights file (.pth state dict, bare or under 'state_dict'; .safetensors).",
     ),
     click.option("--weights-sha256", default=None, help="Expected sha256 of the weights file."),
     click.option(
-        "--backbone", type=click.Choice(BACKBONES), default=_MODEL.backbone, show_default=True
+        "--backbone",
+        type=click.Choice(BACKBONES),
+        default=_MODEL.backbone,
+        show_default=True,
+        help="Inflated torchvision networks (ImageNet) or 3D networks pretrained on CT "
+        "(MedicalNet, CT-FM); each brings its preprocessing preset.",
     ),
     click.option("--seed", default=_MODEL.seed, show_default=True, help="Seed of random weights."),
     click.option(
@@ -192,11 +214,37 @@ RUN_OPTIONS: list[Callable[[F], F]] = [
     ),
     click.option(
         "--hu-window",
-        default=f"{_PRE.hu_min:g},{_PRE.hu_max:g}",
-        show_default=True,
-        help="HU clip LOW,HIGH.",
+        default=None,
+        show_default=_by_preset(lambda p: f"{p.hu_min:g},{p.hu_max:g}"),
+        help="HU clip LOW,HIGH, scaled to [0, 1].",
     ),
-    click.option("--spacing", default=None, help="Resample to D,H,W mm (default: keep)."),
+    click.option(
+        "--normalise",
+        type=click.Choice(get_args(Normalise)),
+        default=None,
+        show_default=_by_preset(lambda p: p.normalise),
+        help="fixed: (x - mean) / std with --mean-std; foreground: z-score of each volume's "
+        "foreground voxels (MedicalNet's).",
+    ),
+    click.option(
+        "--mean-std",
+        default=None,
+        show_default=_by_preset(lambda p: f"{p.mean:g},{p.std:g}"),
+        help="MEAN,STD of --normalise fixed, after scaling the window to [0, 1].",
+    ),
+    click.option(
+        "--axes",
+        type=click.Choice(AXES),
+        default=None,
+        show_default=_by_preset(lambda p: p.axes),
+        help="Where the model input's D, H, W axes point (SAR: RAS+ as D,H,W; SPL: CT-FM's).",
+    ),
+    click.option(
+        "--spacing",
+        default=None,
+        show_default=_by_preset(lambda p: _spacing(p.target_spacing)),
+        help="Resample to D,H,W mm, or 'keep' the stored grid.",
+    ),
     click.option("--crop-margin", type=float, default=None, help="Crop to labels + mm margin."),
     MASK_RESAMPLE,
     click.option(
@@ -274,28 +322,42 @@ def stats_config(values: Mapping[str, Any], base: StatsConfig | None = None) -> 
         raise click.BadParameter(str(err)) from None
 
 
+def _preprocess_given(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The preprocessing fields the options give; the backbone's preset has the rest."""
+    given: dict[str, Any] = {
+        "crop_margin_mm": values["crop_margin"],
+        "max_voxels": values["max_voxels"],
+        "mask_resample": values["mask_resample"],
+    }
+    window = _floats(values["hu_window"], 2, "--hu-window")
+    if window is not None:
+        given.update(hu_min=window[0], hu_max=window[1])
+    mean_std = _floats(values["mean_std"], 2, "--mean-std")
+    if mean_std is not None:
+        given.update(mean=mean_std[0], std=mean_std[1])
+    if values["spacing"] is not None and values["spacing"].strip() == "keep":
+        given["target_spacing"] = None
+    elif values["spacing"] is not None:
+        d, h, w = _floats(values["spacing"], 3, "--spacing") or ()
+        given["target_spacing"] = (d, h, w)
+    for field in ("normalise", "axes"):
+        if values[field] is not None:
+            given[field] = values[field]
+    return given
+
+
 def run_config(values: Mapping[str, Any]) -> RunConfig:
     """Validated RunConfig from parsed options; bad values become click errors."""
     try:
-        window = _floats(values["hu_window"], 2, "--hu-window")
-        spacing = _floats(values["spacing"], 3, "--spacing")
-        if window is None:
-            raise click.BadParameter("--hu-window is required")
+        backbone = values["backbone"]
         return RunConfig(
-            preprocess=PreprocessConfig(
-                hu_min=window[0],
-                hu_max=window[1],
-                target_spacing=(spacing[0], spacing[1], spacing[2]) if spacing else None,
-                crop_margin_mm=values["crop_margin"],
-                max_voxels=values["max_voxels"],
-                mask_resample=values["mask_resample"],
-            ),
+            preprocess=PreprocessConfig.for_backbone(backbone, **_preprocess_given(values)),
             regions=RegionConfig(
                 labels=parse_label_map(values["labels"]), background=values["background"]
             ),
             model=ModelConfig(
-                backbone=values["backbone"],
-                weights=values["weights"],
+                backbone=backbone,
+                weights=values["weights"] or default_weights(backbone),
                 seed=values["seed"],
                 inflation=values["inflation"],
                 layers=tuple(x.strip() for x in values["layers"].split(",") if x.strip()),

@@ -52,7 +52,7 @@ from cohort.inputs.fingerprint import options_identity
 from cohort.inputs.geometry import Reach
 from cohort.inputs.manifest import Subject, read_manifest
 from cohort.model.hooks import LayerInfo, resolve_layers
-from cohort.model.network import Weights, build_network, load_weights
+from cohort.model.network import Weights, architecture, build_network, load_weights
 from cohort.model.pooling import RegionVector
 from cohort.model.reach import layer_reach
 from cohort.outputs import schemas, store
@@ -313,6 +313,8 @@ def _provenance(
             "source": plan.weights.source,
             "detail": plan.weights.detail,
             "sha256": plan.weights.sha256,
+            "architecture": architecture(cfg.model.backbone),
+            "dropped": list(plan.weights.dropped),  # published tensors features do not use
         },
         "layers": [dataclasses.asdict(info) for info in plan.layers],
         "device": sorted(devices),

@@ -1,5 +1,5 @@
 """Stage "preprocess": reorient, put the mask on the image grid, resample, crop, window
-and normalise; build the region index.
+and normalise, orient the axes as the backbone's preset says; build the region index.
 
 Pure numpy + nibabel (scipy only when resampling the image). The output
 :class:`Prepared` is what the model stage receives: a float32 image and a
@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from cohort.config import BACKGROUND, LabelMap, PreprocessConfig
-from cohort.errors import ConfigError, RegionError
+from cohort.errors import ConfigError, InputError, RegionError
 from cohort.inputs.geometry import Reach, check_size, dhw_grid, same_grid, select_regions, to_dhw
 from cohort.inputs.nearest import nearest_onto
 from cohort.inputs.readers import VolumePair
@@ -34,7 +34,9 @@ __all__ = [
     "NO_REGION",
     "Prepared",
     "air_value",
+    "axis_flips",
     "crop_box",
+    "normalise_intensity",
     "preprocess_pair",
     "resample_image",
     "resample_mask",
@@ -47,13 +49,14 @@ __all__ = [
 class Prepared:
     """One subject ready for the model: normalised image and region index, (D, H, W)."""
 
-    image: np.ndarray  # float32 (D,H,W) normalised model input
+    image: np.ndarray  # float32 (D,H,W) normalised model input, axes as PreprocessConfig.axes
     # uint8 (D,H,W): r = region r, 255 = no region; (P,D,H,W) planes when regions overlap
     region_index: np.ndarray
     region_names: tuple[str, ...]  # named regions in label order, then "background" if on
     voxels: tuple[int, ...]  # voxel count per region
     spacing_mm: tuple[float, float, float]  # along D, H, W
     original_orientation: str  # axis codes of the stored image, e.g. "LPS"
+    air: float  # the model-input value of the HU window's low end (masked-input's "air")
     mask_resampled: bool = False  # the mask was put on the image grid (--mask-resample)
 
 
@@ -65,7 +68,7 @@ def preprocess_pair(
     reach: Reach | None = None,
 ) -> Prepared:
     """Reorient to RAS+ (D, H, W), put the regions on the image grid, resample, crop,
-    window and normalise; build the region index.
+    window and normalise, reverse the axes ``cfg.axes`` reverses; build the region index.
 
     Assumes :func:`cohort.inputs.geometry.check_pair` passed. With ``reach``
     a crop that leaves the model input too small is an error.
@@ -108,7 +111,7 @@ def preprocess_pair(
     if background:
         planes[0][~named] = len(labels)
         names.append(BACKGROUND)
-    voxels = region_counts(planes, len(names))
+    voxels = region_counts(planes, len(names))  # before flipping: the counts do not change
     for name, count in zip(names, voxels, strict=True):
         if count == 0:
             raise RegionError(
@@ -116,15 +119,26 @@ def preprocess_pair(
                 f"resampling/cropping (grid {fmt_shape(named.shape)}); use a finer "
                 "target spacing or a larger crop margin, or check the label map"
             )
+    image, air = normalise_intensity(image, cfg, f"image {pair.image_path}")
+    flips = axis_flips(cfg.axes)
+    if flips:
+        image = np.flip(image, flips)
+        planes = np.flip(planes, tuple(axis + 1 for axis in flips))
     return Prepared(
-        image=np.ascontiguousarray(window_normalise(image, cfg)),
-        region_index=as_region_index(planes),
+        image=np.ascontiguousarray(image),
+        region_index=as_region_index(np.ascontiguousarray(planes)),
         region_names=tuple(names),
         voxels=voxels,
         spacing_mm=spacing,
         original_orientation=orientation,
+        air=air,
         mask_resampled=resampled,
     )
+
+
+def axis_flips(axes: str) -> tuple[int, ...]:
+    """The array axes to reverse so that (D, H, W), in RAS+ ("SAR"), point as ``axes`` says."""
+    return tuple(axis for axis in range(3) if axes[axis] != "SAR"[axis])
 
 
 def resampled_shape(
@@ -187,16 +201,51 @@ def crop_box(
 
 
 def window_normalise(hu: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """Clip HU to [hu_min, hu_max], scale to [0, 1], then (x - mean) / std; float32."""
+    """Clip HU to [hu_min, hu_max], scale to [0, 1], then normalise; float32."""
+    return normalise_intensity(hu, cfg)[0]
+
+
+def normalise_intensity(
+    hu: np.ndarray, cfg: PreprocessConfig, origin: str = "the image"
+) -> tuple[np.ndarray, float]:
+    """Clip HU to [hu_min, hu_max] and scale to [0, 1]; then ``fixed``: (x - mean) / std,
+    or ``foreground``: (x - m) / s with the mean m and standard deviation s of the voxels
+    above ``foreground_hu`` (MedicalNet's z-score of the foreground). Returns the float32
+    image and the value the window's low end (air) takes."""
     with np.errstate(all="raise", under="ignore"):
         x = np.clip(np.asarray(hu, dtype=np.float32), cfg.hu_min, cfg.hu_max)
         x -= np.float32(cfg.hu_min)
         x /= np.float32(cfg.hu_max - cfg.hu_min)
-        x -= np.float32(cfg.mean)
-        x /= np.float32(cfg.std)
-    return x
+        if cfg.normalise == "fixed":
+            mean, std = cfg.mean, cfg.std
+        else:
+            mean, std = _foreground_stats(x, cfg, origin)
+        x -= np.float32(mean)
+        x /= np.float32(std)
+    return x, (0.0 - mean) / std
+
+
+def _foreground_stats(x: np.ndarray, cfg: PreprocessConfig, origin: str) -> tuple[float, float]:
+    """Mean and (population) standard deviation of the scaled voxels above ``foreground_hu``."""
+    threshold = (cfg.foreground_hu - cfg.hu_min) / (cfg.hu_max - cfg.hu_min)
+    foreground = x[x > np.float32(threshold)].astype(np.float64)
+    std = float(foreground.std()) if foreground.size else 0.0
+    if std == 0.0:
+        found = "no voxel" if foreground.size == 0 else f"{foreground.size} voxels of one value"
+        raise InputError(
+            f"{origin} has {found} above {cfg.foreground_hu:g} HU after resampling and "
+            "cropping, so the z-score of its foreground (--normalise foreground) is undefined; "
+            "check that the image is in HU, or use --normalise fixed"
+        )
+    return float(foreground.mean()), std
 
 
 def air_value(cfg: PreprocessConfig) -> float:
-    """The normalised value of the window's low end (air), ``(0 - mean) / std``."""
+    """The normalised value of the window's low end (air), ``(0 - mean) / std``; with
+    ``normalise="foreground"`` it depends on the volume (:attr:`Prepared.air`)."""
+    if cfg.normalise != "fixed":
+        raise ConfigError(
+            "with normalise='foreground' the value of air depends on each volume's statistics; "
+            "read it from the prepared subject (Prepared.air)"
+        )
     return (0.0 - cfg.mean) / cfg.std

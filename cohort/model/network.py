@@ -1,9 +1,12 @@
-"""3D networks built by inflating registered torchvision 2D backbones.
+"""The backbones: 3D networks inflated from torchvision's 2D ones, and 3D networks
+pretrained on CT (:mod:`cohort.model.native`), behind one registry.
 
-The registry is explicit: each entry says how to build the 2D model, where its
-ImageNet weights live, which conv is the stem and which part of the model is
-inflated (the trunk). The classifier is left out by design and the transfer
-report says so; every other 2D tensor must reach the 3D network.
+The registry of inflated backbones is explicit: each entry says how to build
+the 2D model, where its ImageNet weights live, which conv is the stem and which
+part of the model is inflated (the trunk). The classifier is left out by design
+and the transfer report says so; every other 2D tensor must reach the 3D network.
+:func:`load_weights`, :func:`random_weights` and :func:`build_network` take
+either kind by name.
 
 For DenseNet121 the 3D network is ``features`` only (conv0 ... denseblock4,
 norm5), with the same module paths as torchvision, so the module path
@@ -12,7 +15,6 @@ norm5), with the same module paths as torchvision, so the module path
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -29,12 +31,23 @@ from cohort.errors import ModelError, WeightsError
 from cohort.inputs.fingerprint import sha256_file
 from cohort.model.factorise import factorise
 from cohort.model.inflate import TransferReport, inflate
+from cohort.model.native import (
+    NATIVE,
+    Native,
+    build_native,
+    load_native,
+    random_native,
+)
+from cohort.model.native import architecture as native_architecture
+from cohort.model.weights import StateDict, Weights, sha256_state
 
 __all__ = [
     "BACKBONES",
+    "INFLATED",
     "Backbone",
     "StateDict",
     "Weights",
+    "architecture",
     "backbone",
     "build_2d",
     "build_network",
@@ -45,8 +58,6 @@ __all__ = [
     "random_weights",
     "sha256_state",
 ]
-
-StateDict = dict[str, torch.Tensor]
 
 
 def _densenet_trunk(model: nn.Module) -> nn.Sequential:
@@ -89,7 +100,7 @@ class Backbone:
     fix_keys: Callable[[StateDict], StateDict] = _same_keys  # legacy key names
 
 
-BACKBONES: dict[str, Backbone] = {
+INFLATED: dict[str, Backbone] = {
     "densenet121": Backbone(
         models.densenet121,
         models.DenseNet121_Weights.IMAGENET1K_V1,
@@ -121,35 +132,28 @@ BACKBONES: dict[str, Backbone] = {
         models.resnet50, models.ResNet50_Weights.IMAGENET1K_V1, "conv1", _resnet_trunk, ("fc.",)
     ),
 }
+# every backbone by name: inflated ones and 3D ones pretrained on CT
+BACKBONES: dict[str, Backbone | Native] = {**INFLATED, **NATIVE}
 
 
 def backbone(name: str) -> Backbone:
+    """The registry entry of an inflated backbone."""
     try:
-        return BACKBONES[name]
+        return INFLATED[name]
     except KeyError:
+        kind = " (a 3D backbone: it is not inflated)" if name in NATIVE else ""
         raise ModelError(
-            f"unknown backbone {name!r}; choose one of {', '.join(sorted(BACKBONES))}"
+            f"unknown inflated backbone {name!r}{kind}; choose one of {', '.join(sorted(INFLATED))}"
         ) from None
 
 
-@dataclass(frozen=True)
-class Weights:
-    """A 2D state dict with where it came from (recorded in every output)."""
+def architecture(name: str) -> str:
+    """Which library and version defines backbone ``name``'s network (for run.json)."""
+    if name in NATIVE:
+        return native_architecture(name)
+    import torchvision
 
-    state_dict: StateDict  # torchvision key names, CPU tensors
-    source: str  # "imagenet", "random" or the file path
-    detail: str  # human-readable provenance (weights entry and file, or seed)
-    sha256: str  # of the file, or of the tensors for random weights
-
-
-def sha256_state(state: Mapping[str, torch.Tensor]) -> str:
-    """A content hash of a state dict, independent of how it was serialised."""
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        tensor = state[key].detach().cpu().contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return f"torchvision {torchvision.__version__} models.{name}, inflated to 3D"
 
 
 def imagenet_cache_path(name: str) -> Path:
@@ -163,7 +167,10 @@ def imagenet_available(name: str) -> bool:
 
 
 def random_weights(name: str, seed: int) -> Weights:
-    """torchvision's own initialisation under a fixed seed (global RNG untouched)."""
+    """torchvision's own initialisation under a fixed seed (global RNG untouched); for a
+    3D backbone, its library's."""
+    if name in NATIVE:
+        return random_native(name, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         state = {k: v.detach().clone() for k, v in backbone(name).build2d().state_dict().items()}
@@ -224,7 +231,10 @@ def _missing_imagenet(name: str, path: Path, why: str) -> str:
 
 
 def load_weights(cfg: ModelConfig, *, download: bool = True) -> Weights:
-    """Resolve ``cfg.weights`` ("imagenet", "random" or PATH) to a checked 2D state dict."""
+    """Resolve ``cfg.weights`` ("imagenet", "random" or PATH) to a checked 2D state dict;
+    for a 3D backbone ("pretrained", "random" or PATH), to its checked state dict."""
+    if cfg.backbone in NATIVE:
+        return load_native(cfg, download=download)
     if cfg.weights == "random":
         weights = random_weights(cfg.backbone, cfg.seed)
     elif cfg.weights == "imagenet":
@@ -243,9 +253,11 @@ def load_weights(cfg: ModelConfig, *, download: bool = True) -> Weights:
             f"weights {weights.detail} have sha256 {weights.sha256}, expected "
             f"{cfg.weights_sha256.lower()}; the file changed or is the wrong one"
         )
-    fixed = backbone(cfg.backbone).fix_keys(weights.state_dict)
+    spec = backbone(cfg.backbone)
+    fixed = spec.fix_keys(weights.state_dict)
     check_state_keys(cfg.backbone, fixed, weights.detail)
-    return Weights(fixed, weights.source, weights.detail, weights.sha256)
+    dropped = tuple(sorted(key for key in fixed if key.startswith(spec.dropped)))
+    return Weights(fixed, weights.source, weights.detail, weights.sha256, dropped)
 
 
 def check_state_keys(
@@ -322,7 +334,8 @@ def build_network(
     gray_stem: bool = True,
     factorised: bool = True,
 ) -> tuple[nn.Module, TransferReport]:
-    """Inflate backbone ``name`` with 2D weights ``state`` into a 3D network in eval mode.
+    """Inflate backbone ``name`` with 2D weights ``state`` into a 3D network in eval mode;
+    a 3D backbone (:mod:`cohort.model.native`) is built with ``state`` as it is.
 
     Input is (N, 1, D, H, W) with ``gray_stem`` (RGB stem kernels summed), else
     (N, 3, D, H, W). With ``factorised`` (the default) inflated convolutions and
@@ -330,6 +343,8 @@ def build_network(
     values for about half the work. Returns the network and the transfer
     report; raises if any 2D tensor outside the classifier is not carried over.
     """
+    if name in NATIVE:
+        return build_native(name, state)
     spec = backbone(name)
     model2d = build_2d(name, state)
     trunk = spec.trunk(model2d)
