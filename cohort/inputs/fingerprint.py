@@ -5,16 +5,19 @@ Kept free of pandas, pyarrow and torch: every loader task and actor imports it.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any, Final
 
 from cohort import __version__
 from cohort.config import RunConfig
 
 __all__ = [
+    "IN_KEY",
+    "OUT_OF_KEY",
+    "config_value",
     "fingerprint",
     "options_identity",
     "sha256_file",
@@ -61,13 +64,72 @@ def subject_key(subject_id: str, print_: str) -> str:
     return f"{safe}--{fingerprint([subject_id, print_])[:20]}"
 
 
+# Every field of RunConfig, by its dotted path, is in the resume key (it changes a
+# subject's numbers) or out of it (it does not), with the reason; a test walks the
+# configs, so a new field must be classified here before it can land.
+IN_KEY: Final[Mapping[str, str]] = {
+    "preprocess.hu_min": "the HU window scales the model input; its low end is masked-input's air",
+    "preprocess.hu_max": "the HU window scales the model input",
+    "preprocess.preset": "the backbone's published preprocessing the values start from",
+    "preprocess.normalise": "fixed or per-volume foreground statistics normalise the input",
+    "preprocess.mean": "normalises the model input",
+    "preprocess.std": "normalises the model input",
+    "preprocess.foreground_hu": "which voxels the foreground statistics (normalise) use",
+    "preprocess.axes": "the direction of the model input's axes changes what the network sees",
+    "preprocess.target_spacing": "resampling changes the grid the network sees",
+    "preprocess.crop_margin_mm": "cropping changes the field of view and the background region",
+    "preprocess.mask_resample": "a mask on another grid is resampled (numbers) or refused",
+    "regions.background": "adds or removes the background region's vectors",
+    "model.backbone": "another network",
+    "model.inflation": "another 3D kernel from the same 2D weights",
+    "model.layers": "which feature maps are pooled",
+    "model.precision": "bf16 changes the feature maps",
+    "pooling.mode": "another pooling protocol",
+    "pooling.gem_p": "the GeM exponent; in the key only with masked-gem, the mode that uses it",
+}
+OUT_OF_KEY: Final[Mapping[str, str]] = {
+    "preprocess.affine_tolerance_mm": "decides whether a subject is refused, never its numbers",
+    "preprocess.max_voxels": "decides whether a subject is refused, never its numbers",
+    "regions.labels": "the run's default map; each subject's own map is hashed with its files",
+    "model.weights": "names the weights, whose sha256 is in the key instead",
+    "model.seed": "seeds random weights, whose sha256 is in the key instead",
+    "model.weights_sha256": "checks the weights file, whose own sha256 is in the key",
+    "pooling.min_coverage": "decides whether a region is refused, never its vector",
+    "execution.device": "CPU and GPU give the same vectors to float32 rounding",
+    "execution.address": "where the run goes",
+    "execution.num_actors": "how wide the run goes",
+    "execution.actor_cpus": "resources of the actors",
+    "execution.loader_cpus": "resources of the loaders",
+    "execution.torch_threads": "threads of the actors",
+    "execution.progress": "what is printed",
+    "execution.stall_timeout_s": "when a hung run stops",
+    "execution.max_retries": "how often a failed attempt is repeated",
+    "execution.actor_memory_gb": "what the actors reserve",
+    "stats.bootstrap": "statistics are recomputed from the parts by every run",
+    "stats.permutations": "statistics are recomputed from the parts by every run",
+    "stats.seed": "statistics are recomputed from the parts by every run",
+    "stats.alpha": "statistics are recomputed from the parts by every run",
+    "stats.min_n": "statistics are recomputed from the parts by every run",
+    "stats.centre": "statistics are recomputed from the parts by every run",
+    "stats.ci_level": "statistics are recomputed from the parts by every run",
+}
+
+
+def config_value(cfg: RunConfig, path: str) -> Any:
+    """The value of a dotted field path such as ``"model.layers"``."""
+    value: Any = cfg
+    for name in path.split("."):
+        value = getattr(value, name)
+    return value
+
+
 def options_identity(cfg: RunConfig, weights_sha256: str) -> str:
-    """Everything besides the input files that changes a subject's numbers."""
-    parts = {
-        "preprocess": dataclasses.asdict(cfg.preprocess),
-        "background": cfg.regions.background,
-        "model": {**dataclasses.asdict(cfg.model), "weights": weights_sha256, "seed": None},
-        "pooling": dataclasses.asdict(cfg.pooling),
-        "cohort": __version__,
+    """Everything besides a subject's files that changes its numbers, as one hash:
+    the fields of :data:`IN_KEY`, the weights' sha256 and this package's version."""
+    used = {
+        path: config_value(cfg, path)
+        for path in IN_KEY
+        if path != "pooling.gem_p" or cfg.pooling.mode == "masked-gem"
     }
+    parts = {"options": used, "weights": weights_sha256, "cohort": __version__}
     return fingerprint([repr(sorted(parts.items()))])
