@@ -34,14 +34,15 @@ import torch
 
 from cohort.config import RunConfig
 from cohort.errors import CohortError
-from cohort.execution.load import DONE, READY, failure_row
-from cohort.inputs.preprocess import air_value
+from cohort.execution.ledger import died_message
+from cohort.execution.load import DONE, FAILED, READY, failure_row
 from cohort.model.hooks import FeatureExtractor, resolve_layers
 from cohort.model.network import build_network
 from cohort.model.pooling import RegionVector, extract
 
 __all__ = [
     "FAULT_MARKER_ENV",
+    "FAULT_MODE_ENV",
     "FAULT_SUBJECT_ENV",
     "FaultHook",
     "FeatureActor",
@@ -110,7 +111,7 @@ class FaultHook:
             if self.mode == "once":
                 return
         else:
-            os.write(fd, f"{self.mode} pid {os.getpid()} on {subject_id}\n".encode())
+            os.write(fd, f"killed pid {os.getpid()} on {subject_id} ({self.mode})\n".encode())
             os.close(fd)
         if self.mode == "hang":
             time.sleep(self.hang_s)
@@ -127,10 +128,12 @@ class FeatureActor:
         cfg: RunConfig,
         threads: int | None,
         fault: FaultHook | None = None,
+        ledger: Any = None,
     ) -> None:
         import ray
 
         state = ray.get(weights[0]) if isinstance(weights[0], ray.ObjectRef) else weights[0]
+        self.ledger = ledger  # an AttemptLedger actor handle (None: no death counting)
         if threads is not None:
             torch.set_num_threads(threads)
         self.cfg = cfg
@@ -139,7 +142,6 @@ class FeatureActor:
         network, _ = build_network(cfg.model.backbone, state, cfg.model.inflation)
         network = network.to(self.device)
         self.extractor = FeatureExtractor(network, resolve_layers(network, cfg.model.layers))
-        self.air = air_value(cfg.preprocess)
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         granted = ray.get_runtime_context().get_assigned_resources()
         grants = ", ".join(f"{k}={v:g}" for k, v in sorted(granted.items()))
@@ -152,7 +154,9 @@ class FeatureActor:
         for i in range(n):
             started = time.perf_counter()
             features = b""
-            if columns["status"][i] == READY:
+            if columns["status"][i] == READY and self._died_too_often(columns, i):
+                pass
+            elif columns["status"][i] == READY:
                 if self.fault is not None:
                     self.fault.maybe_fire(str(batch["subject_id"][i]))
                 try:
@@ -170,17 +174,40 @@ class FeatureActor:
                     row = {name: batch[name][i] for name in ("subject_id", "image", "mask")}
                     for name, value in failure_row("extract", err, row).items():
                         columns[name][i] = value
+                if self.ledger is not None:
+                    self.ledger.end.remote(str(columns["key"][i]))
             columns["features"].append(features)
             columns["seconds"].append(time.perf_counter() - started)
             columns["device"].append(self.device_name)
         return {name: np.asarray(values, dtype=object) for name, values in columns.items()}
+
+    def _died_too_often(self, columns: dict[str, list[Any]], i: int) -> bool:
+        """True (and row ``i`` made an error row) when this subject's earlier attempts
+        killed their worker ``max_retries`` + 1 times."""
+        if self.ledger is None:
+            return False
+        import ray
+
+        key = str(columns["key"][i])
+        try:
+            deaths = int(ray.get(self.ledger.begin.remote(key))) - 1
+        except ray.exceptions.RayError:  # the ledger's node was lost: go on without counting
+            return False
+        if deaths <= self.cfg.execution.max_retries:
+            return False
+        self.ledger.end.remote(key)
+        columns["status"][i] = FAILED
+        columns["stage"][i] = "extract"
+        columns["error_type"][i] = "WorkerDied"
+        columns["message"][i] = died_message(str(columns["subject_id"][i]), deaths)
+        return True
 
     def _extract(self, prepared: Any) -> list[RegionVector]:
         image = torch.from_numpy(np.ascontiguousarray(prepared.image)).to(self.device)
         index = torch.from_numpy(np.ascontiguousarray(prepared.region_index)).to(self.device)
         with autocast(self.device, self.cfg.model.precision):
             return extract(
-                self.extractor, image, index, prepared.region_names, self.cfg.pooling, self.air
+                self.extractor, image, index, prepared.region_names, self.cfg.pooling, prepared.air
             )
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from cohort.config import RunConfig
 from cohort.errors import ConfigError
 from cohort.execution.extract import FaultHook, FeatureActor
+from cohort.execution.ledger import AttemptLedger
 from cohort.execution.load import load_subject
 from cohort.inputs.geometry import Reach
 
@@ -93,6 +94,7 @@ def stream(
     """
     import ray
     from ray.data import ActorPoolStrategy, DataContext, Dataset
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     context = DataContext.get_current()
     context.enable_progress_bars = False
@@ -109,10 +111,25 @@ def stream(
     loader = functools.partial(
         load_subject, cfg=cfg, identity=identity, finished=finished, reach=reach
     )
+    # counts each subject's attempts, so that one that kills its worker every time
+    # becomes its own error row (cohort.execution.ledger); on the driver's node
+    ledger = (
+        ray.remote(AttemptLedger)
+        .options(
+            num_cpus=0,
+            max_restarts=-1,  # if its node is lost, it starts afresh (counts from zero)
+            max_task_retries=-1,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=True
+            ),
+        )
+        .remote()
+    )
     with warnings.catch_warnings():
         # Ray 2.60 marks ray_remote_args_fn deprecated (removal planned for 2.64) but
-        # offers no other way to bound actor restarts and task retries; without it a
-        # subject that kills its worker would be retried forever. Pinned to 2.60.
+        # offers no other way to set actor restarts and task retries. Pinned to 2.60.
+        # Actors restart and retry their task without a limit: the ledger bounds the
+        # deaths per subject, and Ray Data fails a pool whose actors die at start-up.
         warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*deprecated")
         ds: Dataset = items.map(
             loader,
@@ -126,6 +143,7 @@ def stream(
                 "cfg": cfg,
                 "threads": threads,
                 "fault": FaultHook.from_env(os.environ),
+                "ledger": ledger,
             },
             batch_size=1,
             batch_format="numpy",
@@ -134,13 +152,16 @@ def stream(
             num_gpus=gpus,
             memory=cfg.execution.actor_memory_gb * 2**30,
             ray_remote_args_fn=functools.partial(
-                _remote_args, max_restarts=retries, max_task_retries=retries
+                _remote_args, max_restarts=-1, max_task_retries=-1
             ),
         )
-    for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
-        columns = cast(dict[str, np.ndarray], batch)
-        yield {name: columns[name][0] for name in columns}
-    del weights_ref
+    try:
+        for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
+            columns = cast(dict[str, np.ndarray], batch)
+            yield {name: columns[name][0] for name in columns}
+    finally:
+        del weights_ref
+        ray.kill(ledger)  # type: ignore[arg-type]
 
 
 def _remote_args(**args: int) -> dict[str, int]:

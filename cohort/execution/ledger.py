@@ -1,0 +1,44 @@
+"""How often each subject's extraction began: so that a subject that kills its worker
+fails alone.
+
+A worker that dies (an out-of-memory kill, a crash in a library) is restarted by
+Ray and its subject sent again. :class:`AttemptLedger`, one small actor per run
+on the driver's node, counts the attempts per subject; the feature actor asks it
+before each extraction (:meth:`begin`) and tells it when the subject is through
+(:meth:`end`). When a subject begins again after ``retries`` deaths, the actor
+does not run it: it becomes that subject's error row, and every other subject
+goes on. Ray's own restart and retry limits can therefore be generous; the
+ledger is what bounds the deaths per subject.
+"""
+
+from __future__ import annotations
+
+__all__ = ["AttemptLedger", "died_message"]
+
+
+class AttemptLedger:
+    """Attempts per subject key (used as a Ray actor; plain Python, no torch)."""
+
+    def __init__(self) -> None:
+        self.attempts: dict[str, int] = {}
+
+    def begin(self, key: str) -> int:
+        """Count one more attempt at ``key``; returns the number of this attempt (1, 2, ...)."""
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+        return self.attempts[key]
+
+    def end(self, key: str) -> None:
+        """``key`` is through (done or failed): its count is no longer needed."""
+        self.attempts.pop(key, None)
+
+
+def died_message(subject_id: str, deaths: int) -> str:
+    """The error message of a subject whose worker died on every attempt."""
+    times = "once" if deaths == 1 else f"{deaths} times"
+    return (
+        f"the worker process died {times} on subject {subject_id} (an out-of-memory "
+        "kill or a crash in a library, while extracting this subject); it was not tried "
+        "again so that the others could go on. The cause of each death is in the Ray logs "
+        "of its node (raylet.out, dmesg for OOM kills); for memory, give actors more "
+        "(--actor-memory), resample coarser (--spacing) or crop (--crop-margin)"
+    )
