@@ -8,12 +8,16 @@ one; the actor itself then finds no CUDA device and runs on the CPU.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cohort.synthetic import make_phantom_cohort
+
+# what cohort keeps in the user's cache (e.g. the model's reach) goes to a fresh folder
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="cohort-test-cache-")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SMALL_SHAPE = (64, 64, 64)  # DenseNet121's block 4 sees a 2x2x2 grid
@@ -26,6 +30,7 @@ def ray_session() -> Iterator[None]:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     if not ray.is_initialized():
         ray.init(
+            address="local",  # private: never join a cluster another process left running
             num_cpus=2,
             num_gpus=1,
             include_dashboard=False,
