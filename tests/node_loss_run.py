@@ -30,14 +30,14 @@ def main(manifest: Path, out: Path) -> None:
     cluster = Cluster(
         initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False}
     )
+    ray.init(address=cluster.address, log_to_driver=False)  # the driver is on the head
     worker = cluster.add_node(num_cpus=2)
-    ray.init(address=cluster.address, log_to_driver=False)
     cfg = RunConfig(
         model=ModelConfig(weights="random"),
         execution=ExecutionConfig(
             device="cpu",
             num_actors=1,
-            progress=False,
+            progress="quiet",
             stall_timeout_s=float(os.environ.get("NODE_LOSS_STALL_S", "240")),
         ),
         stats=StatsConfig(bootstrap=20, permutations=9),

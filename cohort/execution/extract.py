@@ -124,16 +124,21 @@ class FeatureActor:
 
     def __init__(
         self,
-        weights: list[Any],
         cfg: RunConfig,
         threads: int | None,
         fault: FaultHook | None = None,
-        ledger: Any = None,
+        ledger: Any = None,  # required; None only to keep the keyword order
     ) -> None:
         import ray
 
-        state = ray.get(weights[0]) if isinstance(weights[0], ray.ObjectRef) else weights[0]
-        self.ledger = ledger  # an AttemptLedger actor handle (None: no death counting)
+        self.ledger = ledger  # the run's AttemptLedger actor: weights and attempts
+        box = ray.get(ledger.weights.remote()) if ledger is not None else []
+        state = ray.get(box[0]) if box else None
+        if state is None:
+            raise CohortError(
+                "the feature actor found no weights in the run's ledger (its node was lost "
+                "with the driver's?); rerun the same command to continue"
+            )
         if threads is not None:
             torch.set_num_threads(threads)
         self.cfg = cfg
@@ -174,8 +179,7 @@ class FeatureActor:
                     row = {name: batch[name][i] for name in ("subject_id", "image", "mask")}
                     for name, value in failure_row("extract", err, row).items():
                         columns[name][i] = value
-                if self.ledger is not None:
-                    self.ledger.end.remote(str(columns["key"][i]))
+                self.ledger.end.remote(str(columns["key"][i]))
             columns["features"].append(features)
             columns["seconds"].append(time.perf_counter() - started)
             columns["device"].append(self.device_name)
@@ -184,8 +188,6 @@ class FeatureActor:
     def _died_too_often(self, columns: dict[str, list[Any]], i: int) -> bool:
         """True (and row ``i`` made an error row) when this subject's earlier attempts
         killed their worker ``max_retries`` + 1 times."""
-        if self.ledger is None:
-            return False
         import ray
 
         key = str(columns["key"][i])
@@ -212,3 +214,7 @@ class FeatureActor:
 
 
 _PASS = ("subject_id", "cohort", "image", "mask", "key", "status", "stage", "error_type", "message")
+
+
+def warm() -> None:
+    """Ray worker setup hook: import the model stack once the worker process starts."""

@@ -22,57 +22,13 @@ from typing import Any, cast
 import numpy as np
 
 from cohort.config import RunConfig
-from cohort.errors import ConfigError
 from cohort.execution.extract import FaultHook, FeatureActor
 from cohort.execution.ledger import AttemptLedger
 from cohort.execution.load import load_subject
+from cohort.execution.session import plan_pool
 from cohort.inputs.geometry import Reach
 
-__all__ = ["ensure_ray", "plan_pool", "stream"]
-
-
-def ensure_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-    else:
-        # "local": a private instance, never one a `ray start` on this machine left running
-        ray.init(
-            address="local",
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-        )
-
-
-def plan_pool(cfg: RunConfig) -> tuple[int, float, int | None]:
-    """Actors, GPUs per actor and torch threads per actor, from the cluster's resources."""
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    cpus = float(resources.get("CPU", 1))
-    use_gpu = cfg.execution.device == "cuda" or (cfg.execution.device == "auto" and gpus > 0)
-    if cfg.execution.device == "cuda" and gpus == 0:
-        raise ConfigError(
-            "--device cuda was asked for but the Ray cluster has no GPU resource; "
-            "use --device auto or cpu, or add GPU workers"
-        )
-    if cfg.model.precision == "bf16" and not use_gpu:
-        raise ConfigError(
-            "--precision bf16 runs the network in bfloat16 on CUDA devices, and this run "
-            "uses the CPU; drop --precision (fp32 is the default) or run on GPU workers "
-            "with --device cuda"
-        )
-    actors = cfg.execution.num_actors or (gpus if use_gpu else 1)
-    threads = cfg.execution.torch_threads
-    if threads is None and not use_gpu:
-        threads = max(1, int(cpus // actors))
-    return actors, (1.0 if use_gpu else 0.0), threads
+__all__ = ["stream"]
 
 
 def stream(
@@ -97,33 +53,39 @@ def stream(
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     context = DataContext.get_current()
-    context.enable_progress_bars = False
+    context.enable_progress_bars = False  # cohort's own progress says it in a user's terms
     context.print_on_execution_start = False
+    # Ray Data's notes on its own progress bars and its per-dataset INFO lines say
+    # nothing to a user of cohort (kept with --verbose); warnings and errors stay
+    verbose = cfg.execution.progress == "verbose"
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     # --stall-timeout: Ray Data's own guard stops an execution in which no block has
     # moved for that long (ExecutionTimeoutError, a stalled run for the driver); off
     # without the option
     stall = cfg.execution.stall_timeout_s
     context.execution_no_progress_timeout_s = -1 if stall is None else stall
     actors, gpus, threads = plan_pool(cfg)
-    weights_ref = ray.put(dict(weights))  # kept alive by this frame for the run
     retries = cfg.execution.max_retries
     items = ray.data.from_items(list(rows), override_num_blocks=len(rows))
     loader = functools.partial(
         load_subject, cfg=cfg, identity=identity, finished=finished, reach=reach
     )
+    weights_ref = ray.put(dict(weights))  # owned by this frame for the whole run
     # counts each subject's attempts, so that one that kills its worker every time
     # becomes its own error row (cohort.execution.ledger); on the driver's node
     ledger = (
         ray.remote(AttemptLedger)
         .options(
+            # no restarts: it lives on the driver's node, and when that node is lost
+            # the run is lost with it (a restart would also need its constructor's
+            # object again, which Ray warns about on every run)
             num_cpus=0,
-            max_restarts=-1,  # if its node is lost, it starts afresh (counts from zero)
-            max_task_retries=-1,
             scheduling_strategy=NodeAffinitySchedulingStrategy(
                 ray.get_runtime_context().get_node_id(), soft=True
             ),
         )
-        .remote()
+        .remote([weights_ref])  # nested: the ledger borrows the reference
     )
     with warnings.catch_warnings():
         # Ray 2.60 marks ray_remote_args_fn deprecated (removal planned for 2.64) but
@@ -139,7 +101,6 @@ def stream(
         ds = ds.map_batches(
             FeatureActor,
             fn_constructor_kwargs={
-                "weights": [weights_ref],
                 "cfg": cfg,
                 "threads": threads,
                 "fault": FaultHook.from_env(os.environ),
@@ -160,8 +121,8 @@ def stream(
             columns = cast(dict[str, np.ndarray], batch)
             yield {name: columns[name][0] for name in columns}
     finally:
-        del weights_ref
         ray.kill(ledger)  # type: ignore[arg-type]
+        del weights_ref
 
 
 def _remote_args(**args: int) -> dict[str, int]:

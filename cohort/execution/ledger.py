@@ -1,5 +1,5 @@
-"""How often each subject's extraction began: so that a subject that kills its worker
-fails alone.
+"""The run's ledger: how often each subject's extraction began (so that a subject that
+kills its worker fails alone), and the weights every feature actor builds from.
 
 A worker that dies (an out-of-memory kill, a crash in a library) is restarted by
 Ray and its subject sent again. :class:`AttemptLedger`, one small actor per run
@@ -9,9 +9,18 @@ before each extraction (:meth:`begin`) and tells it when the subject is through
 does not run it: it becomes that subject's error row, and every other subject
 goes on. Ray's own restart and retry limits can therefore be generous; the
 ledger is what bounds the deaths per subject.
+
+The ledger also holds a reference to the 2D state dict in the object store (the
+driver owns the object for the whole run): a feature actor asks the ledger for it
+when it starts and when Ray restarts it. The reference travels inside a list, so
+that Ray hands the ledger the reference itself rather than the 2D weights. The
+ledger lives on the driver's node and is not restarted: if that node is lost, so
+is the run.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["AttemptLedger", "died_message"]
 
@@ -19,8 +28,13 @@ __all__ = ["AttemptLedger", "died_message"]
 class AttemptLedger:
     """Attempts per subject key (used as a Ray actor; plain Python, no torch)."""
 
-    def __init__(self) -> None:
+    def __init__(self, weights: list[Any] | None = None) -> None:
         self.attempts: dict[str, int] = {}
+        self.box = weights or []  # [ObjectRef of the state dict], or [] in plain tests
+
+    def weights(self) -> list[Any]:
+        """``[ref]`` to the weights the run's actors build their network from."""
+        return self.box
 
     def begin(self, key: str) -> int:
         """Count one more attempt at ``key``; returns the number of this attempt (1, 2, ...)."""
