@@ -6,7 +6,7 @@ with the wall time, the time each subject's result reached the driver, the
 driver's peak RSS (its own process, so earlier runs cannot inflate it) and the
 peak RSS of the busiest feature actor.
 
-The one intrusion is a wrapper around ``driver.stream`` that notes when each
+The one intrusion is a wrapper around ``graph.stream`` that notes when each
 row arrives; the rows themselves pass through unchanged.
 """
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         RunConfig,
         StatsConfig,
     )
-    from cohort.execution import driver
+    from cohort.execution import driver, graph, session
 
     cfg = RunConfig(
         model=ModelConfig(weights=args.weights, precision=args.precision),
@@ -60,22 +60,22 @@ def main(argv: list[str] | None = None) -> None:
             torch_threads=args.threads,
             actor_cpus=args.actor_cpus,
             loader_cpus=args.loader_cpus,
-            progress=False,
+            progress="quiet",
             stall_timeout_s=600,
         ),
         stats=StatsConfig(bootstrap=200, permutations=99),
     )
     arrivals: list[float] = []
-    original = driver.stream
+    original = graph.stream
 
     def timed_stream(*a: Any, **k: Any) -> Iterator[dict[str, Any]]:
         for row in original(*a, **k):
             arrivals.append(time.perf_counter())
             yield row
 
-    driver.stream = timed_stream  # type: ignore[assignment]
+    graph.stream = timed_stream  # type: ignore[assignment]
     if args.warm:
-        driver.ensure_ray(None)
+        session.ensure_ray(None)
     started = time.perf_counter()
     with ProcessPeak("FeatureActor") as actors:
         result = driver.run(args.manifest, args.out, cfg, download=False)

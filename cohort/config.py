@@ -35,6 +35,7 @@ __all__ = [
     "Precision",
     "PreprocessConfig",
     "Preset",
+    "Progress",
     "RegionConfig",
     "RunConfig",
     "StatsConfig",
@@ -398,6 +399,7 @@ class PoolingConfig:
 
 
 Device = Literal["auto", "cpu", "cuda"]
+Progress = Literal["auto", "verbose", "quiet"]
 
 
 @dataclass(frozen=True)
@@ -410,12 +412,14 @@ class ExecutionConfig:
     actor_cpus: float = 0.25  # CPUs each actor requests (fractional keeps loaders fed)
     loader_cpus: float = 0.5  # CPUs each load/preprocess task requests
     torch_threads: int | None = None  # intra-op threads per actor; None = torch's default
-    progress: bool = True  # one line per finished subject
+    progress: Progress = "auto"  # auto: a bar on a terminal, a steady line in a log
     stall_timeout_s: float | None = None  # abort when no subject finishes for this long
     max_retries: int = 2  # retries of a subject's task after a worker dies or I/O fails
     actor_memory_gb: float = 2.0  # memory each actor reserves (a model and one volume's maps)
 
     def __post_init__(self) -> None:
+        if self.progress not in get_args(Progress):
+            raise ConfigError(f"progress must be auto, verbose or quiet, got {self.progress!r}")
         if self.device not in get_args(Device):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.num_actors is not None and self.num_actors < 1:
@@ -435,6 +439,11 @@ class ExecutionConfig:
             raise ConfigError("max retries must be >= 0")
         if self.actor_memory_gb <= 0:
             raise ConfigError(f"actor memory must be > 0 GB, got {self.actor_memory_gb}")
+
+    @property
+    def progress_flags(self) -> tuple[bool, bool]:
+        """(quiet, verbose), as :func:`cohort.execution.progress.pick_mode` takes them."""
+        return self.progress == "quiet", self.progress == "verbose"
 
 
 @dataclass(frozen=True)

@@ -232,7 +232,7 @@ def test_device_and_precision_are_checked_against_the_cluster(
 
     from cohort.config import ExecutionConfig, RunConfig
     from cohort.errors import ConfigError
-    from cohort.execution import graph
+    from cohort.execution import session
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": float(gpus)})
     cfg = RunConfig(
@@ -240,10 +240,10 @@ def test_device_and_precision_are_checked_against_the_cluster(
         execution=ExecutionConfig(device=device),  # type: ignore[arg-type]
     )
     if refused is None:
-        assert graph.plan_pool(cfg) == (gpus, 1.0, None)  # one actor per GPU, one GPU each
+        assert session.plan_pool(cfg) == (gpus, 1.0, None)  # one actor per GPU, one GPU each
     else:
         with pytest.raises(ConfigError, match=refused):
-            graph.plan_pool(cfg)
+            session.plan_pool(cfg)
 
 
 def test_per_row_label_map_swaps_numbering(

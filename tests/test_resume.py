@@ -54,7 +54,7 @@ OTHER: dict[str, Any] = {
     "execution.actor_cpus": 0.1,
     "execution.loader_cpus": 1.0,
     "execution.torch_threads": 1,
-    "execution.progress": False,
+    "execution.progress": "quiet",
     "execution.stall_timeout_s": 30.0,
     "execution.max_retries": 0,
     "execution.actor_memory_gb": 8.0,

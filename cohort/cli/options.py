@@ -284,7 +284,13 @@ RUN_OPTIONS: list[Callable[[F], F]] = [
         show_default=True,
         help="Retries after a worker dies or a transient I/O error.",
     ),
-    click.option("--quiet", is_flag=True, help="No per-subject progress lines."),
+    click.option("--quiet", is_flag=True, help="No progress (errors and the summary only)."),
+    click.option(
+        "--verbose",
+        is_flag=True,
+        help="A line per finished subject (by default: a bar on a terminal, a line every "
+        "30 s and 1 % of the subjects in a log).",
+    ),
     *STATS_OPTIONS,
 ]
 
@@ -376,7 +382,7 @@ def run_config(values: Mapping[str, Any]) -> RunConfig:
                 actor_cpus=values["actor_cpus"],
                 loader_cpus=values["loader_cpus"],
                 torch_threads=values["threads"],
-                progress=not values["quiet"],
+                progress="quiet" if values["quiet"] else "verbose" if values["verbose"] else "auto",
                 stall_timeout_s=values["stall_timeout"],
                 max_retries=values["retries"],
                 actor_memory_gb=values["actor_memory"],

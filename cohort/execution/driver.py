@@ -33,36 +33,29 @@ import contextlib
 import dataclasses
 import pickle
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import numpy as np
-import pandas as pd
-
-from cohort import stats
-from cohort.config import BACKGROUND, LabelMap, RunConfig, format_label_map
+from cohort.config import BACKGROUND, RunConfig
 from cohort.errors import CohortError, ExitCode, RunInterruptedError, StalledError
-from cohort.execution.graph import ensure_ray, stream
 from cohort.execution.load import DONE, FAILED, RESAMPLED_NOTE
-from cohort.execution.reduce import finish
-from cohort.inputs.fingerprint import options_identity
-from cohort.inputs.geometry import Reach
-from cohort.inputs.manifest import Subject, read_manifest
-from cohort.model.hooks import LayerInfo, resolve_layers
-from cohort.model.network import Weights, architecture, build_network, load_weights
-from cohort.model.pooling import RegionVector
-from cohort.model.reach import layer_reach
+from cohort.execution.progress import Progress, pick_mode
+from cohort.execution.session import ensure_ray
 from cohort.outputs import schemas, store
-from cohort.outputs.provenance import versions
 
-__all__ = ["RunResult", "cosine_rows", "prepare_run", "run", "vector_rows"]
+if TYPE_CHECKING:
+    import pandas as pd
 
+    from cohort.execution.plan import Plan
+    from cohort.model.pooling import RegionVector
 
-def subject_labels(subject: Subject, cfg: RunConfig) -> LabelMap:
-    return subject.labels if subject.labels is not None else cfg.regions.labels
+T = TypeVar("T")
+
+__all__ = ["RunResult", "cosine_rows", "run", "vector_rows"]
 
 
 def vector_rows(
@@ -87,6 +80,10 @@ def vector_rows(
 def cosine_rows(vectors: Sequence[RegionVector]) -> list[dict[str, Any]]:
     """Cosine similarity (float64) of every region pair at every layer of one subject,
     by the reducer's own :func:`cohort.stats.cosine_table`."""
+    import pandas as pd
+
+    from cohort import stats
+
     frame = pd.DataFrame(vector_rows("", "", [(v, 0) for v in vectors]))
     table = stats.cosine_table(frame)
     return [
@@ -109,52 +106,11 @@ class RunResult:
     weights: str = ""
     seconds: float = 0.0
     resampled: list[str] = field(default_factory=list)  # subjects whose mask was resampled
+    phases: dict[str, float] = field(default_factory=dict)  # seconds from the start
 
     @property
     def exit_code(self) -> ExitCode:
         return ExitCode.FAILURES if self.failed else ExitCode.OK
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What the driver checked before Ray starts."""
-
-    manifest: Path
-    subjects: tuple[Subject, ...]
-    weights: Weights
-    layers: tuple[LayerInfo, ...]
-    identity: str
-    reach: Reach | None = None  # least model input of each hooked layer (for the loaders)
-
-
-def prepare_run(manifest: Path, cfg: RunConfig, *, download: bool = True) -> Plan:
-    """Everything checked on the driver before Ray starts: manifest, weights, layers."""
-    subjects = read_manifest(manifest)
-    weights = load_weights(cfg.model, download=download)
-    network, _ = build_network(cfg.model.backbone, weights.state_dict, cfg.model.inflation)
-    layers = resolve_layers(network, cfg.model.layers)
-    return Plan(
-        Path(manifest).resolve(),
-        subjects,
-        weights,
-        layers,
-        options_identity(cfg, weights.sha256),
-        layer_reach(network, layers),
-    )
-
-
-def _rows(subjects: Sequence[Subject], cfg: RunConfig) -> list[dict[str, Any]]:
-    return [
-        {
-            "subject_id": s.subject_id,
-            "cohort": s.cohort,
-            "image": str(s.image),
-            "mask": str(s.mask),
-            "labels": format_label_map(subject_labels(s, cfg)),
-            "series_uid": s.series_uid or "",
-        }
-        for s in subjects
-    ]
 
 
 def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True) -> RunResult:
@@ -166,22 +122,34 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
     subjects are kept.
     """
     started = time.perf_counter()
-    plan = prepare_run(manifest, cfg, download=download)
+    # the model stack is imported and the run checked in a thread while Ray starts here
+    # (Ray's processes must be started by the main thread: they die with the thread)
+    preparing = _Background(_prepare, manifest, cfg, download)
+    try:
+        ensure_ray(cfg.execution.address)
+    finally:
+        plan = preparing.result()  # raises what preparing raised (before any output)
+    phases = {"ray_and_plan_s": time.perf_counter() - started}
+    from cohort.execution.graph import stream
+    from cohort.execution.plan import stream_rows
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = store.Parts(out_dir)
     parts.clean()
     finished = frozenset(parts.keys())
-    result = RunResult(out_dir, subjects=len(plan.subjects), weights=plan.weights.detail)
+    result = RunResult(
+        out_dir, subjects=len(plan.subjects), weights=plan.weights.detail, phases=phases
+    )
+    progress = Progress(len(plan.subjects), pick_mode(*cfg.execution.progress_flags, sys.stderr))
     keys: dict[str, str] = {}
     devices: set[str] = set()
     extract_seconds: list[float] = []
     seen: set[str] = set()
     broken: BaseException | None = None  # why the Ray graph stopped early, if it did
     try:
-        ensure_ray(cfg.execution.address)
         rows = stream(
-            _rows(plan.subjects, cfg),
+            stream_rows(plan.subjects, cfg),
             plan.weights.state_dict,
             cfg,
             plan.identity,
@@ -194,6 +162,7 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
                     sid = str(row["subject_id"])
                     if sid in seen:  # a retried task may deliver twice; the first counts
                         continue
+                    phases.setdefault("first_result_s", time.perf_counter() - started)
                     seen.add(sid)
                     status = str(row["status"])
                     if RESAMPLED_NOTE in str(row["message"]):
@@ -210,8 +179,7 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
                             extract_seconds.append(float(row["seconds"]))
                         else:
                             result.cached += 1
-                    if cfg.execution.progress:
-                        _progress(len(seen), result.subjects, sid, status, started)
+                    progress.update(sid, status)
             except CohortError:
                 raise
             except Exception as err:  # the Ray graph failed: keep what finished
@@ -223,8 +191,12 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
                         "(--stall-timeout), so the run stopped; a worker hung or the actor "
                         "pool is starved of CPUs (give actors fractional CPUs)"
                     )
+        progress.close()
+        phases["stream_end_s"] = time.perf_counter() - started
         _add_lost(plan, seen, result, broken)
         result.seconds = time.perf_counter() - started
+        from cohort.execution.reduce import finish
+
         provenance = _provenance(cfg, plan, result, devices, extract_seconds)
         ordered = [s for s in plan.subjects if s.subject_id in keys]
         result.origin = finish(
@@ -236,7 +208,9 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
             provenance,
             cohorts=[s.cohort for s in ordered],
         )
+        phases["published_s"] = time.perf_counter() - started
     except KeyboardInterrupt:
+        progress.close()
         kept = len(finished) + result.done
         raise RunInterruptedError(
             f"interrupted after {len(seen)} of {result.subjects} subjects; nothing was "
@@ -293,9 +267,32 @@ def _write_part(parts: store.Parts, row: Mapping[str, Any]) -> None:
     parts.write(str(row["key"]), store.table(features, schemas.FEATURES_SCHEMA))
 
 
-def _progress(count: int, total: int, sid: str, status: str, started: float) -> None:
-    rate = count / max(time.perf_counter() - started, 1e-9)
-    print(f"[{count}/{total}] {sid}: {status} ({rate:.2f} subjects/s)", file=sys.stderr, flush=True)
+def _prepare(manifest: Path, cfg: RunConfig, download: bool) -> Plan:
+    from cohort.execution.plan import prepare_run
+
+    return prepare_run(manifest, cfg, download=download)
+
+
+class _Background(Generic[T]):
+    """``fn(*args)`` in a daemon thread; :meth:`result` waits and returns or re-raises."""
+
+    def __init__(self, fn: Callable[..., T], *args: Any) -> None:
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as err:  # handed to the caller of result()
+            self._error = err
+
+    def result(self) -> T:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
 
 
 def _provenance(
@@ -305,15 +302,17 @@ def _provenance(
     devices: set[str],
     extract_seconds: list[float],
 ) -> dict[str, Any]:
+    from cohort.outputs.provenance import versions
+
     return {
         "manifest": str(plan.manifest),
         "config": cfg.to_dict(),
-        "versions": versions(),
+        "versions": versions(),  # imported in the function: torch is loaded by now
         "weights": {
             "source": plan.weights.source,
             "detail": plan.weights.detail,
             "sha256": plan.weights.sha256,
-            "architecture": architecture(cfg.model.backbone),
+            "architecture": plan.architecture,
             "dropped": list(plan.weights.dropped),  # published tensors features do not use
         },
         "layers": [dataclasses.asdict(info) for info in plan.layers],
@@ -327,8 +326,9 @@ def _provenance(
         # subjects loaded in this run whose mask was put on the image grid (--mask-resample)
         "resampled_masks": {"count": len(result.resampled), "subjects": sorted(result.resampled)},
         "timings": {
+            **{name: round(seconds, 3) for name, seconds in result.phases.items()},
             "total_s": round(result.seconds, 3),
-            "extract_mean_s": round(float(np.mean(extract_seconds)), 4)
+            "extract_mean_s": round(sum(extract_seconds) / len(extract_seconds), 4)
             if extract_seconds
             else None,
             "subjects_per_s": round(result.done / result.seconds, 4) if result.seconds else None,

@@ -15,6 +15,7 @@ The driver calls :meth:`Progress.update` once per finished subject and
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +41,13 @@ def _duration(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _terminal_width(stream: TextIO) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 class Progress:
@@ -68,11 +76,14 @@ class Progress:
         if mode == "bar":
             from tqdm import tqdm
 
+            width = _terminal_width(self.stream)  # 0 for a pseudo-terminal of no size
             self._bar = tqdm(
                 total=total,
                 file=self.stream,
                 unit="subject",
-                dynamic_ncols=True,
+                ncols=None if width else 100,
+                nrows=None if width else 20,  # tqdm hides bars below a 0-row terminal
+                dynamic_ncols=bool(width),
                 smoothing=0.1,
                 desc="cohort run",
             )

@@ -1,0 +1,70 @@
+"""What the driver checks before any subject is read: manifest, weights, layers, reach.
+
+Imports the model stack (torch): the driver runs :func:`prepare_run` in a
+thread while Ray starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cohort.config import LabelMap, RunConfig, format_label_map
+from cohort.inputs.fingerprint import options_identity
+from cohort.inputs.geometry import Reach
+from cohort.inputs.manifest import Subject, read_manifest
+from cohort.model.hooks import LayerInfo, resolve_layers
+from cohort.model.network import Weights, architecture, build_network, load_weights
+from cohort.model.reach import layer_reach
+
+__all__ = ["Plan", "prepare_run", "stream_rows", "subject_labels"]
+
+
+def subject_labels(subject: Subject, cfg: RunConfig) -> LabelMap:
+    return subject.labels if subject.labels is not None else cfg.regions.labels
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the driver checked before Ray starts."""
+
+    manifest: Path
+    subjects: tuple[Subject, ...]
+    weights: Weights
+    layers: tuple[LayerInfo, ...]
+    identity: str
+    reach: Reach | None = None  # least model input of each hooked layer (for the loaders)
+    architecture: str = ""  # the library and version that define the network
+
+
+def prepare_run(manifest: Path, cfg: RunConfig, *, download: bool = True) -> Plan:
+    """Everything checked on the driver before Ray starts: manifest, weights, layers."""
+    subjects = read_manifest(manifest)
+    weights = load_weights(cfg.model, download=download)
+    network, _ = build_network(cfg.model.backbone, weights.state_dict, cfg.model.inflation)
+    layers = resolve_layers(network, cfg.model.layers)
+    return Plan(
+        Path(manifest).resolve(),
+        subjects,
+        weights,
+        layers,
+        options_identity(cfg, weights.sha256),
+        layer_reach(network, layers),
+        architecture(cfg.model.backbone),
+    )
+
+
+def stream_rows(subjects: Sequence[Subject], cfg: RunConfig) -> list[dict[str, Any]]:
+    return [
+        {
+            "subject_id": s.subject_id,
+            "cohort": s.cohort,
+            "image": str(s.image),
+            "mask": str(s.mask),
+            "labels": format_label_map(subject_labels(s, cfg)),
+            "series_uid": s.series_uid or "",
+        }
+        for s in subjects
+    ]
