@@ -362,6 +362,31 @@ def test_reach_matches_the_real_network() -> None:
                     extractor(torch.zeros(1, 1, *shape))
 
 
+def test_reach_is_remembered_on_disk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A second process (here: the in-process memo cleared) reads the answer back instead
+    of probing again; another cohort version or architecture would not find it."""
+    from cohort.model import reach
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    network, _ = build_network("densenet121", random_weights("densenet121", 0).state_dict)
+    layers = resolve_layers(network, ["conv-1", "features.denseblock2"])
+    reach._cache.clear()
+    first = layer_reach(network, layers)
+    assert len(list((tmp_path / "cohort" / "reach").glob("*.json"))) == 1
+    reach._cache.clear()
+
+    def no_probe(*_: object) -> None:
+        raise AssertionError("probed although the answer was on disk")
+
+    monkeypatch.setattr(reach, "_finished", no_probe)
+    assert layer_reach(network, layers) == first
+    assert first.layers[0].min_shape == (29, 29, 29)
+    reach._cache.clear()
+    monkeypatch.setattr(reach, "__version__", "0.0.0-other")
+    with pytest.raises(AssertionError, match="probed"):
+        layer_reach(network, layers)
+
+
 def test_a_nifti_only_loader_never_imports_simpleitk(pair: tuple[Path, Path]) -> None:
     code = (
         "import sys\n"

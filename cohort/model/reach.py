@@ -19,12 +19,17 @@ block 2 needs 5.
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
+import json
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from cohort import __version__
 from cohort.errors import ModelError
 from cohort.inputs.geometry import LayerReach, Reach
 from cohort.model.hooks import LayerInfo
@@ -58,6 +63,10 @@ def layer_reach(network: nn.Module, layers: Sequence[LayerInfo]) -> Reach:
     key = (repr(network), tuple(f"{info.layer}={info.module_path}" for info in layers))
     if key in _cache:
         return _cache[key]
+    saved = _read_saved(key)
+    if saved is not None:
+        _cache[key] = saved
+        return saved
     probe = _meta_copy(network)
     last = max(layers, key=lambda info: info.rank).module_path
     large = LARGE
@@ -97,7 +106,48 @@ def layer_reach(network: nn.Module, layers: Sequence[LayerInfo]) -> Reach:
         stages=stages,
     )
     _cache[key] = reach
+    _save(key, reach)
     return reach
+
+
+# The answer is also kept on disk, per architecture, layers and cohort version: a run's
+# driver then skips the ~2 s of probes that DenseNet121's default layers cost (the probes
+# are what decides; the file only remembers their answer).
+REACH_FORMAT = 1
+
+
+def _saved_path(key: tuple[str, tuple[str, ...]]) -> Path:
+    digest = hashlib.sha256(
+        repr((REACH_FORMAT, __version__, torch.__version__, key)).encode()
+    ).hexdigest()[:32]
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "cohort" / "reach" / f"{digest}.json"
+
+
+def _read_saved(key: tuple[str, tuple[str, ...]]) -> Reach | None:
+    try:
+        data = json.loads(_saved_path(key).read_text())
+        return Reach(
+            layers=tuple(LayerReach(a, b, (c[0], c[1], c[2])) for a, b, c in data["layers"]),
+            stages=tuple(LayerReach(a, b, (c[0], c[1], c[2])) for a, b, c in data["stages"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+def _save(key: tuple[str, tuple[str, ...]], reach: Reach) -> None:
+    path = _saved_path(key)
+    data = {
+        kind: [[r.layer, r.module_path, list(r.min_shape)] for r in rows]
+        for kind, rows in (("layers", reach.layers), ("stages", reach.stages))
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: the probes run again next time
 
 
 def _least(
