@@ -171,3 +171,24 @@ def run_baseline(
         hu, labels = read_subject(image, mask)
         cosines[subject_id] = subject_cosines(model, hu, labels, named)
     return BaselineResult(time.perf_counter() - started, cosines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m bench.baseline MANIFEST.csv``: the whole plain loop as one process, as a
+    user would run it (importing torch, building the model, looping); prints the time."""
+    import csv
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    manifest = Path(args[0])
+    with manifest.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    subjects = [
+        (r["subject_id"], manifest.parent / r["image"], manifest.parent / r["mask"]) for r in rows
+    ]
+    result = run_baseline(subjects)
+    print(f"baseline: {len(subjects)} subjects, loop {result.seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
