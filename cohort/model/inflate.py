@@ -60,8 +60,8 @@ def inflate_kernel(weight: torch.Tensor, depth: int, method: Inflation) -> torch
     """Inflate a (out, in, kh, kw) kernel to (out, in, depth, kh, kw)."""
     if weight.dim() != 4:
         raise InflationError(f"a 2D kernel has 4 dimensions, got shape {tuple(weight.shape)}")
-    if method == "mean":
-        return weight.unsqueeze(2).repeat(1, 1, depth, 1, 1) / depth
+    if method == "mean":  # divided once per 2D value: the same floats as dividing each slice
+        return (weight / depth).unsqueeze(2).expand(-1, -1, depth, -1, -1).contiguous()
     if method == "centre":
         out = torch.zeros(
             (*weight.shape[:2], depth, *weight.shape[2:]), dtype=weight.dtype, device=weight.device
@@ -86,11 +86,15 @@ def _conv(m: nn.Module, method: Inflation) -> tuple[nn.Module, tuple[str, ...]]:
         groups=m.groups,
         bias=m.bias is not None,
         padding_mode=m.padding_mode,
+        device="meta",  # no default initialisation: the weights are set right below
     )
     with torch.no_grad():
-        conv.weight.copy_(inflate_kernel(m.weight.detach(), kernel[0], method))
-        if m.bias is not None and conv.bias is not None:
-            conv.bias.copy_(m.bias.detach())
+        dtype = torch.get_default_dtype()  # what a freshly made Conv3d would hold
+        weight = inflate_kernel(m.weight.detach(), kernel[0], method).to(dtype)
+        conv.weight = nn.Parameter(weight, requires_grad=m.weight.requires_grad)
+        if m.bias is not None:
+            bias = m.bias.detach().to(dtype, copy=True)
+            conv.bias = nn.Parameter(bias, requires_grad=m.bias.requires_grad)
     names = ("weight", "bias") if m.bias is not None else ("weight",)
     return conv, names
 

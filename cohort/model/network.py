@@ -319,10 +319,25 @@ def _sum_stem(trunk: nn.Module, path: str) -> None:
 
 
 def build_2d(name: str, state: Mapping[str, torch.Tensor]) -> nn.Module:
-    """The torchvision 2D model with ``state`` loaded, in eval mode."""
-    model = backbone(name).build2d()
+    """The torchvision 2D model with ``state`` loaded, in eval mode.
+
+    Built on the meta device (torchvision's random initialisation would be
+    overwritten anyway) and given copies of ``state``'s tensors in the dtype a
+    fresh model holds; a model that keeps a tensor outside its state dict is
+    built the usual way.
+    """
+    with torch.device("meta"):
+        model = backbone(name).build2d()
     check_state_keys(name, state, "given", model)
-    model.load_state_dict(dict(state), strict=True)
+    empty = model.state_dict()
+    model.load_state_dict(
+        {k: v.detach().to(empty[k].dtype, copy=True) for k, v in state.items()},
+        strict=True,
+        assign=True,
+    )
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        model = backbone(name).build2d()
+        model.load_state_dict(dict(state), strict=True)
     return model.eval()
 
 
