@@ -91,6 +91,11 @@ def test_outputs_have_the_contract_columns_and_types(finished: Path, small_cohor
     assert run["counts"] == {"subjects": 6, "done": 6, "cached": 0, "failed": 0}
     assert len(run["weights"]["sha256"]) == 64
     assert run["versions"]["torch"] == torch.__version__
+    import monai
+    import SimpleITK
+
+    assert run["versions"]["monai"] == monai.__version__
+    assert run["versions"]["SimpleITK"] == SimpleITK.__version__
     assert run["config"]["preprocess"]["hu_min"] == -1000.0
 
 

@@ -11,7 +11,6 @@ map must hold whole numbers (the NIfTI reader's rule).
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from cohort.config import PreprocessConfig
 from cohort.errors import GeometryError, InputError
-from cohort.inputs.nifti import as_labels, squeezed_shape
+from cohort.inputs.nifti import as_labels, check_shape
 from cohort.inputs.volume import Volume, fmt_shape, volume_from_sitk
 
 if TYPE_CHECKING:
@@ -95,13 +94,6 @@ def read_itk_header(path: Path, role: str, max_voxels: int = _MAX_VOXELS) -> sit
             "export it again, or convert it to NIfTI"
         ) from None
     shape = tuple(int(n) for n in reader.GetSize())
-    count = math.prod(shape)
-    if count > max_voxels:
-        raise InputError(
-            f"{role} file {path} has {fmt_shape(shape)} = {count:,} voxels, more than the "
-            f"limit of {max_voxels:,}; crop or downsample it first, or raise the "
-            "limit with --max-voxels"
-        )
     components = int(reader.GetNumberOfComponents())
     if components != 1:
         fix = (
@@ -113,17 +105,7 @@ def read_itk_header(path: Path, role: str, max_voxels: int = _MAX_VOXELS) -> sit
             f"{role} file {path} has {components} values per voxel (a vector or multi-layer "
             f"{fmt} file, shape {fmt_shape(shape)}); cohort needs one value per voxel: {fix}"
         )
-    squeezed = squeezed_shape(shape)
-    if len(squeezed) > 3:
-        raise GeometryError(
-            f"{role} file {path} has shape {fmt_shape(shape)}, a {len(squeezed)}D series; "
-            "cohort needs one 3D volume per file: split the series into 3D files"
-        )
-    if len(squeezed) < 3 or min(squeezed) < 2:
-        raise GeometryError(
-            f"{role} file {path} has shape {fmt_shape(shape)}, a 2D slice; cohort needs "
-            "one 3D volume per file: stack the slices into one volume"
-        )
+    check_shape(shape, path, role, max_voxels)  # the header's size, before any voxel is read
     return reader
 
 

@@ -30,6 +30,7 @@ from cohort.model.weights import (
     Published,
     StateDict,
     Weights,
+    check_fit,
     fetch,
     read_state_file,
     sha256_state,
@@ -135,25 +136,15 @@ def check_native_keys(name: str, state: Mapping[str, torch.Tensor], origin: str)
     for key in expected:
         if key.endswith(_COUNTER) and key not in filled:
             filled[key] = torch.tensor(0, dtype=torch.long)
-    missing = sorted(set(expected) - set(filled))
-    extra = sorted(set(filled) - set(expected))
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensors ({', '.join(missing[:5])})")
-        if extra:
-            parts.append(f"unexpected {len(extra)} tensors ({', '.join(extra[:5])})")
-        raise WeightsError(
-            f"weights {origin} do not fit {name}: {'; '.join(parts)}; use {name}'s published "
-            f"file ({native(name).published.filename}) or a state dict of the same network"
-        )
-    wrong = [k for k in sorted(expected) if tuple(filled[k].shape) != expected[k]]
-    if wrong:
-        key = wrong[0]
-        raise WeightsError(
-            f"weights {origin} do not fit {name}: {key} has shape {tuple(filled[key].shape)}, "
-            f"expected {expected[key]} ({len(wrong)} tensors differ)"
-        )
+    check_fit(
+        name,
+        filled,
+        expected,
+        origin,
+        f"use {name}'s published file ({native(name).published.filename}) or a state dict "
+        "of the same network",
+        unit="tensors",
+    )
     return filled
 
 

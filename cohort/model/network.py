@@ -39,7 +39,7 @@ from cohort.model.native import (
     random_native,
 )
 from cohort.model.native import architecture as native_architecture
-from cohort.model.weights import StateDict, Weights, sha256_state
+from cohort.model.weights import StateDict, Weights, check_fit, sha256_state
 
 __all__ = [
     "BACKBONES",
@@ -269,25 +269,7 @@ def check_state_keys(
     """A state dict must have exactly the 2D model's keys with the same shapes."""
     reference = model2d if model2d is not None else backbone(name).build2d()
     expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys ({', '.join(missing[:5])})")
-        if extra:
-            parts.append(f"unexpected {len(extra)} keys ({', '.join(extra[:5])})")
-        raise WeightsError(
-            f"weights {origin} do not fit {name}: {'; '.join(parts)}; "
-            f"use a state dict of torchvision's {name}"
-        )
-    wrong = [k for k in sorted(expected) if tuple(state[k].shape) != expected[k]]
-    if wrong:
-        key = wrong[0]
-        raise WeightsError(
-            f"weights {origin} do not fit {name}: {key} has shape {tuple(state[key].shape)}, "
-            f"expected {expected[key]} ({len(wrong)} keys differ)"
-        )
+    check_fit(name, state, expected, origin, f"use a state dict of torchvision's {name}")
 
 
 def _sum_stem(trunk: nn.Module, path: str) -> None:

@@ -134,3 +134,31 @@ def sha256_state(state: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def check_fit(
+    name: str,
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[int, ...]],
+    origin: str,
+    fix: str,
+    unit: str = "keys",
+) -> None:
+    """``state`` holds exactly the ``expected`` names with their shapes, or a
+    :class:`WeightsError` names what is missing, extra or misshaped and ``fix``."""
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} {unit} ({', '.join(missing[:5])})")
+        if extra:
+            parts.append(f"unexpected {len(extra)} {unit} ({', '.join(extra[:5])})")
+        raise WeightsError(f"weights {origin} do not fit {name}: {'; '.join(parts)}; {fix}")
+    wrong = [k for k in sorted(expected) if tuple(state[k].shape) != tuple(expected[k])]
+    if wrong:
+        key = wrong[0]
+        raise WeightsError(
+            f"weights {origin} do not fit {name}: {key} has shape {tuple(state[key].shape)}, "
+            f"expected {tuple(expected[key])} ({len(wrong)} {unit} differ)"
+        )

@@ -40,7 +40,19 @@ def versions() -> dict[str, str]:
         "pyarrow": pyarrow.__version__,
         "pandas": pandas.__version__,
         "scipy": scipy.__version__,
+        # the 3D backbones (MONAI, safetensors) and the DICOM/NRRD readers (SimpleITK):
+        # read from the installed metadata, so that recording them imports nothing
+        **{name: _installed(name) for name in ("monai", "safetensors", "SimpleITK")},
     }
+
+
+def _installed(distribution: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def read_run(folder: Path) -> dict[str, Any]:
