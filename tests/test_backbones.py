@@ -30,7 +30,7 @@ from cohort.errors import ConfigError, InputError, WeightsError
 from cohort.inputs.fingerprint import sha256_file
 from cohort.inputs.manifest import read_manifest
 from cohort.inputs.preprocess import normalise_intensity
-from cohort.inputs.stages import prepare_subject
+from cohort.inputs.stages import Stages
 from cohort.model.hooks import FeatureExtractor, LayerInfo, resolve_layers
 from cohort.model.network import build_network, load_weights, random_weights
 from cohort.synthetic import make_phantom_cohort
@@ -519,7 +519,7 @@ def test_ctfm_preset_gives_ctfm_own_preprocessing(tmp_path: Path) -> None:
     )
     cfg = PreprocessConfig.for_backbone("ct-fm", target_spacing=None)  # CT-FM resamples too
     labels = (("tibia", 1), ("femur", 2))
-    prepared = prepare_subject(
+    prepared = Stages().prepared(
         tmp_path / "psl.nii.gz", tmp_path / "psl-mask.nii.gz", labels, True, cfg
     )
     image = LoadImage(image_only=True, ensure_channel_first=True)(str(tmp_path / "psl.nii.gz"))
@@ -528,7 +528,7 @@ def test_ctfm_preset_gives_ctfm_own_preprocessing(tmp_path: Path) -> None:
     )
     np.testing.assert_allclose(prepared.image, np.asarray(image)[0], rtol=0, atol=1e-6)
     # the regions are flipped with the image: the same voxels as in RAS+
-    ras = prepare_subject(subject.image, subject.mask, labels, True, PreprocessConfig())
+    ras = Stages().prepared(subject.image, subject.mask, labels, True, PreprocessConfig())
     np.testing.assert_array_equal(prepared.region_index, ras.region_index[:, ::-1, ::-1])
     assert prepared.voxels == ras.voxels and prepared.air == 0.0
 

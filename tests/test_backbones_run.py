@@ -10,17 +10,12 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import torch
 from click.testing import CliRunner
 
 from cohort.cli.main import main
-from cohort.config import PRESETS, ModelConfig, PoolingConfig, PreprocessConfig
-from cohort.inputs.manifest import read_manifest
-from cohort.inputs.stages import prepare_subject
-from cohort.model.hooks import FeatureExtractor, resolve_layers
-from cohort.model.network import build_network, random_weights
-from cohort.model.pooling import extract
+from cohort.config import PRESETS, PreprocessConfig
 from cohort.synthetic import make_phantom_cohort
+from tests.direct import direct_masked_input
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -81,22 +76,11 @@ def test_cohort_run_with_each_3d_backbone(
 
 
 def _equals_direct_masked_input(name: str, manifest: Path, features: pd.DataFrame) -> None:
-    subject = read_manifest(manifest)[0]
-    cfg = PreprocessConfig.for_backbone(name)
-    labels = (("tibia", 1), ("femur", 2))
-    prepared = prepare_subject(subject.image, subject.mask, labels, True, cfg)
-    network, _ = build_network(name, random_weights(name, 0).state_dict)
-    extractor = FeatureExtractor(network, resolve_layers(network, ModelConfig().layers))
-    direct = extract(
-        extractor,
-        torch.from_numpy(prepared.image),
-        torch.from_numpy(prepared.region_index),
-        prepared.region_names,
-        PoolingConfig(mode="masked-input"),
-        prepared.air,
+    subject_id, prepared, direct = direct_masked_input(
+        name, manifest, PreprocessConfig.for_backbone(name)
     )
     assert prepared.air < -1.0  # air lies well below the foreground's mean
-    mine = features[features.subject_id == subject.subject_id]
+    mine = features[features.subject_id == subject_id]
     for vector in direct:
         row = mine[(mine.region == vector.region) & (mine.layer == vector.layer)]
         np.testing.assert_allclose(row.vector.item(), vector.vector, rtol=1e-5, atol=1e-6)

@@ -24,7 +24,7 @@ from cohort.config import LabelMap, PoolingConfig, PreprocessConfig
 from cohort.errors import GeometryError, InputError, ModelError, RegionError
 from cohort.inputs.geometry import LayerReach, Reach
 from cohort.inputs.preprocess import Prepared, air_value
-from cohort.inputs.stages import Stages, prepare_subject
+from cohort.inputs.stages import Stages
 from cohort.model.hooks import FeatureExtractor, resolve_layers
 from cohort.model.network import build_network, random_weights
 from cohort.model.pooling import extract
@@ -80,6 +80,15 @@ def assert_same_vectors(a: Vectors, b: Vectors, names: tuple[str, ...] | None = 
         np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
 
 
+def mask_folder(tmp_path: Path, affine: np.ndarray, **masks: np.ndarray) -> Path:
+    """A folder of one NIfTI mask per structure: ``tmp_path/masks/<name>.nii.gz``."""
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    for name, mask in masks.items():
+        save_nifti(folder / f"{name}.nii.gz", mask.astype(np.uint8), affine)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     hu, labels, affine = anatomy()
@@ -92,7 +101,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def reference(extractor: FeatureExtractor, pair: tuple[Path, Path]) -> Vectors:
-    return vectors(extractor, prepare_subject(*pair, LABELS, True, CFG))
+    return vectors(extractor, Stages().prepared(*pair, LABELS, True, CFG))
 
 
 # ---------------------------------------------------------------- file formats
@@ -106,7 +115,7 @@ def test_nrrd_and_mha_copies_give_the_nifti_vectors(
     image = write_itk(tmp_path / f"image{suffix}", hu.astype(np.int16), affine)
     mask = write_itk(tmp_path / f"labels{suffix}", labels, affine)
     assert_same_vectors(
-        vectors(extractor, prepare_subject(image, mask, LABELS, True, CFG)), reference
+        vectors(extractor, Stages().prepared(image, mask, LABELS, True, CFG)), reference
     )
 
 
@@ -119,7 +128,7 @@ def test_label_map_split_into_one_file_per_structure_gives_the_same_vectors(
     save_nifti(folder / "tibia.nii.gz", (labels == 1).astype(np.uint8), affine)
     write_itk(folder / "femur.nrrd", (labels == 2).astype(np.uint8) * 255, affine)
     (folder / "README.txt").write_text("one mask per structure\n")
-    prepared = prepare_subject(pair[0], folder, NAMES, True, CFG)
+    prepared = Stages().prepared(pair[0], folder, NAMES, True, CFG)
     assert prepared.region_index.shape == prepared.image.shape  # disjoint: one plane
     assert_same_vectors(vectors(extractor, prepared), reference)
 
@@ -135,13 +144,13 @@ def test_overlapping_regions_from_files_each_get_their_own_voxels(
     save_nifti(both / "tibia.nii.gz", (labels == 1).astype(np.uint8), affine)
     save_nifti(both / "bone.nii.gz", (labels > 0).astype(np.uint8), affine)
     save_nifti(alone / "bone.nii.gz", (labels > 0).astype(np.uint8), affine)
-    prepared = prepare_subject(pair[0], both, (("tibia", None), ("bone", None)), True, CFG)
+    prepared = Stages().prepared(pair[0], both, (("tibia", None), ("bone", None)), True, CFG)
     assert prepared.region_index.shape == (2, *prepared.image.shape)  # a second plane
     bone = int(np.count_nonzero(labels))
     assert prepared.voxels == (int(np.count_nonzero(labels == 1)), bone, labels.size - bone)
     got = vectors(extractor, prepared)
     assert_same_vectors(got, reference, ("tibia",))  # as in the label map
-    bone_alone = prepare_subject(pair[0], alone, (("bone", None),), True, CFG)
+    bone_alone = Stages().prepared(pair[0], alone, (("bone", None),), True, CFG)
     assert_same_vectors(got, vectors(extractor, bone_alone), ("bone", "background"))
 
 
@@ -153,9 +162,9 @@ def test_slicer_segmentation_gives_the_label_map_vectors_by_segment_name(
     fields = segment(0, "femur", 0, 7) + segment(1, "tibia", 1, 1) + segment(2, "Segment_3", 1, 9)
     seg = write_seg_nrrd(tmp_path / "knee.seg.nrrd", layers, affine, fields)
     femur_first: LabelMap = (("femur", 2), ("tibia", 1))
-    expected = vectors(extractor, prepare_subject(pair[0], pair[1], femur_first, True, CFG))
+    expected = vectors(extractor, Stages().prepared(pair[0], pair[1], femur_first, True, CFG))
     by_name = (("femur", None), ("tibia", None))
-    got = vectors(extractor, prepare_subject(pair[0], seg, by_name, True, CFG))
+    got = vectors(extractor, Stages().prepared(pair[0], seg, by_name, True, CFG))
     assert_same_vectors(got, expected)
 
 
@@ -182,7 +191,7 @@ def test_other_storage_of_the_same_grid_gives_the_same_vectors(
     s_hu, s_image_affine = stored_as(hu, affine, *image_storage)
     s_labels, s_mask_affine = stored_as(labels, affine, *mask_storage)
     assert not np.allclose(s_image_affine, s_mask_affine)  # the stored affines differ
-    prepared = prepare_subject(
+    prepared = Stages().prepared(
         save_nifti(tmp_path / "i.nii.gz", s_hu, s_image_affine),
         save_nifti(tmp_path / "m.nii.gz", s_labels, s_mask_affine),
         LABELS,
@@ -213,10 +222,10 @@ def test_mask_on_a_larger_grid_needs_the_option_then_matches_the_cropped_mask(
         Stages().checked(pair[0], big, LABELS, CFG)
     assert "does not match image grid" in str(info.value)
     assert "--mask-resample nearest" in str(info.value)
-    prepared = prepare_subject(pair[0], big, LABELS, True, NEAREST)
+    prepared = Stages().prepared(pair[0], big, LABELS, True, NEAREST)
     assert prepared.mask_resampled
     assert_same_vectors(vectors(extractor, prepared), reference)
-    on_grid = prepare_subject(*pair, LABELS, True, NEAREST)  # the option changes nothing here
+    on_grid = Stages().prepared(*pair, LABELS, True, NEAREST)  # the option changes nothing here
     assert not on_grid.mask_resampled
     assert_same_vectors(vectors(extractor, on_grid), reference)
 
@@ -254,9 +263,9 @@ def test_mask_on_a_finer_grid_is_resampled_by_nearest_neighbour(
     expected = nearest_by_hand(fine, fine_affine, hu.shape, affine)
     assert {int(v) for v in np.unique(expected)} == {0, 1, 2}
     by_hand = save_nifti(tmp_path / "by_hand.nii.gz", expected, affine)
-    got = prepare_subject(pair[0], mask, LABELS, True, NEAREST)
+    got = Stages().prepared(pair[0], mask, LABELS, True, NEAREST)
     assert got.mask_resampled
-    want = prepare_subject(pair[0], by_hand, LABELS, True, CFG)
+    want = Stages().prepared(pair[0], by_hand, LABELS, True, CFG)
     np.testing.assert_array_equal(got.region_index, want.region_index)
     assert_same_vectors(vectors(extractor, got), vectors(extractor, want))
 
@@ -286,9 +295,7 @@ def test_labels_of_the_wrong_kind_for_the_mask_say_which_kind_it_needs(
     pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
     _hu, labels, affine = anatomy()
-    folder = tmp_path / "masks"
-    folder.mkdir()
-    save_nifti(folder / "tibia.nii.gz", (labels == 1).astype(np.uint8), affine)
+    folder = mask_folder(tmp_path, affine, tibia=labels == 1)
     stages = Stages()
     with pytest.raises(InputError) as info:
         stages.checked(pair[0], folder, LABELS, CFG)
@@ -410,10 +417,7 @@ def test_validate_reads_every_kind_and_takes_the_resample_option(
     pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
     _, labels, affine = anatomy()
-    folder = tmp_path / "masks"
-    folder.mkdir()
-    save_nifti(folder / "tibia.nii.gz", (labels == 1).astype(np.uint8), affine)
-    save_nifti(folder / "femur.nii.gz", (labels == 2).astype(np.uint8), affine)
+    folder = mask_folder(tmp_path, affine, tibia=labels == 1, femur=labels == 2)
     padded = np.zeros((28, 30, 22), dtype=np.uint8)
     padded[1:27] = labels
     big_affine = affine.copy()
@@ -441,10 +445,7 @@ def test_report_slice_draws_each_named_region_of_every_mask_kind(
     pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
     _, labels, affine = anatomy()
-    folder = tmp_path / "masks"
-    folder.mkdir()
-    save_nifti(folder / "tibia.nii.gz", (labels == 1).astype(np.uint8), affine)
-    save_nifti(folder / "bone.nii.gz", (labels > 0).astype(np.uint8), affine)
+    folder = mask_folder(tmp_path, affine, tibia=labels == 1, bone=labels > 0)
     las, las_affine = stored_as(labels, affine, (0, 1, 2), (False, True, False))
     las_map = save_nifti(tmp_path / "las.nii.gz", las, las_affine)
     from_map = load_slice("s", "c", pair[0], las_map, LABELS)

@@ -18,15 +18,14 @@ from click.testing import CliRunner, Result
 from scipy import stats as sps
 
 from cohort.cli.main import main
-from cohort.config import ModelConfig, PoolingConfig, PreprocessConfig
+from cohort.config import ModelConfig, PreprocessConfig
 from cohort.inputs.manifest import read_manifest, write_manifest
 from cohort.inputs.preprocess import air_value
-from cohort.inputs.stages import prepare_subject
-from cohort.model.hooks import FeatureExtractor, resolve_layers
+from cohort.model.hooks import resolve_layers
 from cohort.model.network import build_network, random_weights
-from cohort.model.pooling import extract
 from cohort.outputs.store import PROVENANCE_KEY
 from cohort.report import write_report
+from tests.direct import direct_masked_input
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
 
@@ -133,20 +132,9 @@ def test_masked_input_through_ray_equals_direct_core_call(
     assert result.exit_code == 0, result.output
     got = pq.read_table(out / "features.parquet").to_pandas()
 
-    subject = read_manifest(small_cohort)[0]
     cfg = PreprocessConfig()
-    prepared = prepare_subject(subject.image, subject.mask, (("tibia", 1), ("femur", 2)), True, cfg)
-    network, _ = build_network("densenet121", random_weights("densenet121", 0).state_dict)
-    extractor = FeatureExtractor(network, resolve_layers(network, ModelConfig().layers))
-    direct = extract(
-        extractor,
-        torch.from_numpy(prepared.image),
-        torch.from_numpy(prepared.region_index),
-        prepared.region_names,
-        PoolingConfig(mode="masked-input"),
-        air_value(cfg),
-    )
-    mine = got[got.subject_id == subject.subject_id]
+    subject_id, _, direct = direct_masked_input("densenet121", small_cohort, cfg, air_value(cfg))
+    mine = got[got.subject_id == subject_id]
     assert len(mine) == len(direct) == 9
     for vector in direct:
         row = mine[(mine.region == vector.region) & (mine.layer == vector.layer)]

@@ -15,7 +15,7 @@ from cohort.inputs.geometry import Reach, check_pair
 from cohort.inputs.preprocess import Prepared, preprocess_pair
 from cohort.inputs.readers import VolumePair, load_pair
 
-__all__ = ["STAGES", "Stage", "Stages", "prepare_subject"]
+__all__ = ["STAGES", "Stage", "Stages"]
 
 Stage = Literal["load", "check", "preprocess"]
 STAGES: Final[tuple[Stage, ...]] = ("load", "check", "preprocess")
@@ -88,19 +88,3 @@ class Stages:
         """All three stages; returns the model's input."""
         pair = self.checked(image, mask, labels, cfg, series_uid=series_uid, reach=reach)
         return self.preprocess(pair, labels, background, cfg, reach)
-
-
-def prepare_subject(
-    image: Path,
-    mask: Path,
-    labels: LabelMap,
-    background: bool,
-    cfg: PreprocessConfig,
-    *,
-    series_uid: str | None = None,
-    reach: Reach | None = None,
-) -> Prepared:
-    """Load, check and preprocess one subject; returns the model's input."""
-    return Stages().prepared(
-        image, mask, labels, background, cfg, series_uid=series_uid, reach=reach
-    )
