@@ -39,7 +39,13 @@ from cohort.model.native import (
     random_native,
 )
 from cohort.model.native import architecture as native_architecture
-from cohort.model.weights import StateDict, Weights, check_fit, sha256_state
+from cohort.model.weights import (
+    StateDict,
+    Weights,
+    cached_or_downloaded,
+    check_fit,
+    sha256_state,
+)
 
 __all__ = [
     "BACKBONES",
@@ -197,17 +203,12 @@ def _read_state_file(path: Path) -> StateDict:
 
 def _imagenet_weights(name: str, download: bool) -> Weights:
     entry = backbone(name).imagenet
-    path = imagenet_cache_path(name)
-    if not path.is_file():
-        if not download:
-            raise WeightsError(_missing_imagenet(name, path, "downloads are off"))
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(entry.url, str(path), progress=False)
-        except Exception as err:
-            raise WeightsError(
-                _missing_imagenet(name, path, f"{type(err).__name__}: {err}")
-            ) from err
+    path = cached_or_downloaded(
+        imagenet_cache_path(name),
+        entry.url,
+        lambda why: _missing_imagenet(name, imagenet_cache_path(name), why),
+        download=download,
+    )
     digest = sha256_file(path)
     # torchvision names its files <arch>-<first hex digits of the sha256>.pth
     match = re.search(r"-([a-f0-9]{6,})\.", path.name)

@@ -11,7 +11,7 @@ and not cached, the error names the file, its URL and where to put it.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,16 +63,28 @@ class Published:
 
 def fetch(published: Published, what: str, *, download: bool = True) -> Path:
     """The cached file of ``published``, downloaded first when missing and ``download``."""
-    path = published.cache_path()
+    return cached_or_downloaded(
+        published.cache_path(),
+        published.url,
+        lambda why: _missing(published, what, why),
+        download=download,
+    )
+
+
+def cached_or_downloaded(
+    path: Path, url: str, missing: Callable[[str], str], *, download: bool
+) -> Path:
+    """``path`` if it is there, else ``url`` downloaded to it; when that cannot be
+    (downloads off, no network) a :class:`WeightsError` with ``missing(why)``."""
     if path.is_file():
         return path
     if not download:
-        raise WeightsError(_missing(published, what, "downloads are off"))
+        raise WeightsError(missing("downloads are off"))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(published.url, str(path), progress=False)
+        torch.hub.download_url_to_file(url, str(path), progress=False)
     except Exception as err:
-        raise WeightsError(_missing(published, what, f"{type(err).__name__}: {err}")) from err
+        raise WeightsError(missing(f"{type(err).__name__}: {err}")) from err
     return path
 
 
