@@ -415,7 +415,10 @@ class ExecutionConfig:
     progress: Progress = "auto"  # auto: a bar on a terminal, a steady line in a log
     stall_timeout_s: float | None = None  # abort when no subject finishes for this long
     max_retries: int = 2  # retries of a subject's task after a worker dies or I/O fails
-    actor_memory_gb: float = 2.0  # memory each actor reserves (a model and one volume's maps)
+    # memory each actor reserves from Ray, GB of 2^30 bytes; a subject whose estimated
+    # peak exceeds it fails at the check stage (cohort.model.memory); 3 GB holds a
+    # 512 x 512 x 216 CT with DenseNet121 on the CPU (about 2 GB)
+    actor_memory_gb: float = 3.0
 
     def __post_init__(self) -> None:
         if self.progress not in get_args(Progress):

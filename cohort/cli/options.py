@@ -270,7 +270,8 @@ RUN_OPTIONS: list[Callable[[F], F]] = [
         "--actor-memory",
         default=_EXEC.actor_memory_gb,
         show_default=True,
-        help="GB of memory each actor reserves (raise for large volumes).",
+        help="GB of memory each actor reserves; a subject whose estimated peak needs more "
+        "fails at the check stage, naming the value it needs.",
     ),
     click.option(
         "--stall-timeout",

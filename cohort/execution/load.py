@@ -3,7 +3,12 @@
 Kept free of torch and of the model, so the Ray tasks that run it start fast
 (importing the model stack costs several seconds per worker process); the
 least input size of each hooked layer (:class:`~cohort.inputs.geometry.Reach`)
-is worked out on the driver and passed in.
+is worked out on the driver and passed in. The memory a subject needs in its
+feature actor is estimated from the model input's shape
+(:mod:`cohort.model.memory`, pure arithmetic) and checked against
+``--actor-memory`` once preprocessing has fixed that shape (after
+``--spacing`` and ``--crop-margin``); a subject that does not fit fails at the
+``check`` stage instead of having its worker killed.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import errno
 import gzip
 import pickle
+import sys
 import time
 import traceback
 from collections.abc import Mapping
@@ -21,7 +27,9 @@ from cohort.config import RunConfig, parse_label_map
 from cohort.errors import CohortError
 from cohort.inputs.fingerprint import fingerprint, sha256_file, sha256_path, subject_key
 from cohort.inputs.geometry import Reach, mask_resampled
+from cohort.inputs.preprocess import Prepared
 from cohort.inputs.stages import Stages
+from cohort.model.memory import Estimate, check_memory
 
 __all__ = [
     "CACHED",
@@ -30,6 +38,8 @@ __all__ = [
     "IO_RETRY_DELAY_S",
     "READY",
     "RESAMPLED_NOTE",
+    "actor_device",
+    "check_actor_memory",
     "failure_row",
     "is_transient",
     "load_subject",
@@ -144,6 +154,8 @@ def load_subject(
         resampled = mask_resampled(pair, cfg.preprocess)
         stages.check(pair, labels, cfg.preprocess, reach)
         prepared = stages.preprocess(pair, labels, cfg.regions.background, cfg.preprocess, reach)
+        stages.stage = "check"  # memory: a check of the model input, whose size is now final
+        check_actor_memory(prepared, cfg, reach, image)
         out["message"] = RESAMPLED_NOTE if resampled else ""
         out["payload"] = pickle.dumps(prepared, protocol=5)
     except Exception as err:
@@ -153,3 +165,40 @@ def load_subject(
         if resampled:
             out["message"] = f"{out['message']} {RESAMPLED_NOTE}"
     return out
+
+
+# ------------------------------------------------------------- the actor's memory
+
+
+def actor_device(requested: str) -> str:
+    """Where the feature actors run the network: ``cpu`` or ``cuda``. ``auto`` is
+    decided as :func:`cohort.execution.session.plan_pool` decides it: ``cuda`` when
+    the Ray cluster this task runs in has a GPU (``cpu`` outside Ray)."""
+    if requested != "auto":
+        return requested
+    ray = sys.modules.get("ray")  # a loader task runs inside Ray; never import it here
+    if ray is None or not ray.is_initialized():
+        return "cpu"
+    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+
+
+def check_actor_memory(
+    prepared: Prepared, cfg: RunConfig, reach: Reach | None, image: Path | str
+) -> Estimate:
+    """The subject's estimated peak in its feature actor
+    (:func:`cohort.model.memory.check_memory`): a ``GeometryError`` with the
+    estimate, the limit and the fixes when it exceeds ``--actor-memory``. The
+    hooked layers are ``reach``'s module paths (resolved on the driver), else the
+    configured ones."""
+    index = prepared.region_index
+    d, h, w = (int(n) for n in prepared.image.shape)
+    layers = [r.module_path for r in reach.layers] if reach is not None else cfg.model.layers
+    return check_memory(
+        (d, h, w),
+        prepared.spacing_mm,
+        cfg,
+        layers,
+        actor_device(cfg.execution.device),
+        image,
+        planes=int(index.shape[0]) if index.ndim == 4 else 1,
+    )
