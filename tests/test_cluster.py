@@ -251,21 +251,24 @@ def test_submit_runs_the_analysis_on_the_cluster(
     assert len(features) == 6 * 3 * 3  # subjects x regions x layers
     provenance = json.loads((out / "run.json").read_text())
     assert provenance["counts"] == {"subjects": 6, "done": 6, "cached": 0, "failed": 0}
-    # the numbers: the cluster's run equals a local run with the same options
+    # the numbers: the cluster's run equals a local run with the same options, to float32
+    # rounding (other processes, other thread counts: 2e-7 seen on components near 0)
     key = ["subject_id", "region", "layer"]
     local = pq.read_table(small_run / "features.parquet").to_pandas().sort_values(key)
     remote = features.sort_values(key)
     assert remote[key].to_numpy().tolist() == local[key].to_numpy().tolist()
     np.testing.assert_allclose(
-        np.stack(remote["vector"]), np.stack(local["vector"]), rtol=1e-5, atol=1e-7
+        np.stack(remote["vector"]), np.stack(local["vector"]), rtol=1e-5, atol=1e-6
     )
     pair = ["subject_id", "layer", "region_a", "region_b"]
     sims = [
         pq.read_table(folder / "similarity.parquet").to_pandas().sort_values(pair)
         for folder in (out, small_run)
     ]
-    for column in ("cosine", "cosine_centred"):
-        np.testing.assert_allclose(sims[0][column], sims[1][column], rtol=0, atol=1e-6)
+    # centring removes the shared direction, so the rounding of the vectors weighs more
+    # in the centred cosines (3e-6 seen between the two processes)
+    for column, atol in (("cosine", 1e-6), ("cosine_centred", 1e-5)):
+        np.testing.assert_allclose(sims[0][column], sims[1][column], rtol=0, atol=atol)
 
     job_id = re.search(r"submitted (\S+) \(run (\S+), attempt (\d+)\)", output)
     assert job_id is not None, output

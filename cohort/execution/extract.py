@@ -214,7 +214,3 @@ class FeatureActor:
 
 
 _PASS = ("subject_id", "cohort", "image", "mask", "key", "status", "stage", "error_type", "message")
-
-
-def warm() -> None:
-    """Ray worker setup hook: import the model stack once the worker process starts."""
