@@ -80,42 +80,17 @@ def _spacing(value: tuple[float, float, float] | None) -> str:
 
 # Statistics options default to None: ``cohort stats`` then keeps the run's own
 # setting, and ``cohort run`` takes StatsConfig's default (shown in --help).
+def _kept(flag: str, kind: type, shown: object, text: str) -> Callable[[F], F]:
+    """A statistics option that is None unless given (``cohort stats`` keeps the run's)."""
+    return click.option(flag, type=kind, default=None, show_default=str(shown), help=text)
+
+
 STATS_OPTIONS: list[Callable[[F], F]] = [
-    click.option(
-        "--bootstrap",
-        type=int,
-        default=None,
-        show_default=str(_STATS.bootstrap),
-        help="Bootstrap resamples.",
-    ),
-    click.option(
-        "--permutations",
-        type=int,
-        default=None,
-        show_default=str(_STATS.permutations),
-        help="Permutations of the feature test.",
-    ),
-    click.option(
-        "--stats-seed",
-        type=int,
-        default=None,
-        show_default=str(_STATS.seed),
-        help="Seed of every resampling.",
-    ),
-    click.option(
-        "--min-n",
-        type=int,
-        default=None,
-        show_default=str(_STATS.min_n),
-        help="Fewest subjects per group.",
-    ),
-    click.option(
-        "--ci-level",
-        type=float,
-        default=None,
-        show_default=str(_STATS.ci_level),
-        help="Coverage of every bootstrap percentile interval.",
-    ),
+    _kept("--bootstrap", int, _STATS.bootstrap, "Bootstrap resamples."),
+    _kept("--permutations", int, _STATS.permutations, "Permutations of the feature test."),
+    _kept("--stats-seed", int, _STATS.seed, "Seed of every resampling."),
+    _kept("--min-n", int, _STATS.min_n, "Fewest subjects per group."),
+    _kept("--ci-level", float, _STATS.ci_level, "Coverage of every bootstrap percentile interval."),
     click.option(
         "--centre/--raw",
         default=None,
