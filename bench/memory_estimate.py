@@ -40,15 +40,13 @@ import pickle
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
-from bench.memory import REGIONS, _volume, mark, measure
+from bench.memory import REGIONS, _volume, measure, stage_markers
 from cohort.config import DEFAULT_LAYERS, PoolingConfig, PoolingMode, Precision
 from cohort.inputs.preprocess import Prepared
 from cohort.model.hooks import FeatureExtractor, resolve_layers
@@ -59,7 +57,6 @@ from cohort.model.memory import (
     WORKER_BASE_BYTES,
     Estimate,
     estimate_peak_bytes,
-    stage_of,
 )
 from cohort.model.network import build_network, random_weights
 from cohort.model.pooling import extract
@@ -112,31 +109,6 @@ def measured_forward(
     with stage_markers(ex.network):
         peaks = measure(call(ex, shape, pooling, device, precision), device)
     return peaks.total, peaks.stages
-
-
-@contextmanager
-def stage_markers(network: nn.Module) -> Iterator[None]:
-    """Mark in the profile each time a module of another stage (:func:`stage_of`) starts."""
-    current = [""]
-
-    def pre_hook(stage: str) -> Callable[[nn.Module, object], None]:
-        def hook(_module: nn.Module, _inputs: object) -> None:
-            if stage != current[0]:
-                current[0] = stage
-                mark(stage)
-
-        return hook
-
-    handles = [
-        module.register_forward_pre_hook(pre_hook(stage_of(path)))
-        for path, module in network.named_modules()
-        if path and path != "features"
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 # ------------------------------------------------------------- the whole worker
