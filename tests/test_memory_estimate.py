@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -143,28 +142,6 @@ def test_estimate_follows_precision_device_planes_and_layers() -> None:
 # ------------------------------------------------------------- the check
 
 
-def test_the_loaders_place_the_network_as_the_actor_pool_does(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # auto: cuda when the Ray cluster has a GPU (as plan_pool decides), else and outside
-    # Ray the CPU
-    class FakeRay:
-        def __init__(self, up: bool, gpus: int) -> None:
-            self.up, self.gpus = up, gpus
-
-        def is_initialized(self) -> bool:
-            return self.up
-
-        def cluster_resources(self) -> dict[str, float]:
-            return {"CPU": 2.0, "GPU": float(self.gpus)}
-
-    for ray, expected in [(None, "cpu"), (FakeRay(False, 1), "cpu"), (FakeRay(True, 0), "cpu")]:
-        monkeypatch.setitem(sys.modules, "ray", ray)
-        assert loading.actor_device("auto") == expected
-    monkeypatch.setitem(sys.modules, "ray", FakeRay(True, 1))
-    assert [loading.actor_device(d) for d in ("auto", "cpu", "cuda")] == ["cuda", "cpu", "cuda"]
-
-
 def _cfg(actor_memory_gb: float, **preprocess: object) -> RunConfig:
     return RunConfig(
         execution=ExecutionConfig(device="cpu", actor_memory_gb=actor_memory_gb),
@@ -262,6 +239,12 @@ def test_the_loader_fails_the_subject_at_the_check_stage(tmp_path: Path) -> None
     assert "96x128x128 voxels" in refused["message"]
     assert f"the {limit:g} GB each actor has (--actor-memory)" in refused["message"]
     assert refused["payload"] == b""
+    # on GPU workers (the driver passes the actor pool's device) the maps are not in the
+    # actor's own memory, and the same subject fits
+    row = {**{k: refused[k] for k in ("subject_id", "image", "mask")}}
+    row["labels"] = format_label_map(cfg.regions.labels)
+    on_gpu = loading.load_subject(row, cfg, "identity", frozenset(), device="cuda")
+    assert on_gpu["status"] == loading.READY, on_gpu["message"]
 
 
 @pytest.mark.timeout(300)

@@ -69,7 +69,12 @@ def stream(
     retries = cfg.execution.max_retries
     items = ray.data.from_items(list(rows), override_num_blocks=len(rows))
     loader = functools.partial(
-        load_subject, cfg=cfg, identity=identity, finished=finished, reach=reach
+        load_subject,
+        cfg=cfg,
+        identity=identity,
+        finished=finished,
+        reach=reach,
+        device="cuda" if gpus else "cpu",  # where the actors below hold the network
     )
     weights_ref = ray.put(dict(weights))  # owned by this frame for the whole run
     # counts each subject's attempts, so that one that kills its worker every time

@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import gzip
 import pickle
-import sys
 import time
 import traceback
 from collections.abc import Mapping
@@ -38,7 +37,6 @@ __all__ = [
     "IO_RETRY_DELAY_S",
     "READY",
     "RESAMPLED_NOTE",
-    "actor_device",
     "check_actor_memory",
     "failure_row",
     "is_transient",
@@ -108,13 +106,17 @@ def load_subject(
     identity: str,
     finished: frozenset[str],
     reach: Reach | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Ray Data map function: fingerprint, load, check and preprocess one subject.
 
     ``row`` holds ``subject_id``, ``image``, ``mask`` (file or folder paths),
     ``labels`` (the subject's label map or region names, as text) and
     optionally ``series_uid``. ``reach`` is what the hooked layers need of the
-    model input (checked at the check stage and after cropping). Transient
+    model input (checked at the check stage and after cropping); ``device``
+    (``cpu`` or ``cuda``) is where the run's feature actors hold the network, as
+    the driver decided it for the actor pool (for the memory check; left out:
+    ``--device``, and the CPU for ``auto``). Transient
     I/O errors while reading are retried ``cfg.execution.max_retries`` times
     with a doubling backoff; any other failure becomes an error row. A
     subject whose mask was resampled onto the image grid says so in its
@@ -155,7 +157,8 @@ def load_subject(
         stages.check(pair, labels, cfg.preprocess, reach)
         prepared = stages.preprocess(pair, labels, cfg.regions.background, cfg.preprocess, reach)
         stages.stage = "check"  # memory: a check of the model input, whose size is now final
-        check_actor_memory(prepared, cfg, reach, image)
+        where = device or ("cpu" if cfg.execution.device == "auto" else cfg.execution.device)
+        check_actor_memory(prepared, cfg, reach, image, where)
         out["message"] = RESAMPLED_NOTE if resampled else ""
         out["payload"] = pickle.dumps(prepared, protocol=5)
     except Exception as err:
@@ -170,20 +173,8 @@ def load_subject(
 # ------------------------------------------------------------- the actor's memory
 
 
-def actor_device(requested: str) -> str:
-    """Where the feature actors run the network: ``cpu`` or ``cuda``. ``auto`` is
-    decided as :func:`cohort.execution.session.plan_pool` decides it: ``cuda`` when
-    the Ray cluster this task runs in has a GPU (``cpu`` outside Ray)."""
-    if requested != "auto":
-        return requested
-    ray = sys.modules.get("ray")  # a loader task runs inside Ray; never import it here
-    if ray is None or not ray.is_initialized():
-        return "cpu"
-    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
-
-
 def check_actor_memory(
-    prepared: Prepared, cfg: RunConfig, reach: Reach | None, image: Path | str
+    prepared: Prepared, cfg: RunConfig, reach: Reach | None, image: Path | str, device: str
 ) -> Estimate:
     """The subject's estimated peak in its feature actor
     (:func:`cohort.model.memory.check_memory`): a ``GeometryError`` with the
@@ -198,7 +189,7 @@ def check_actor_memory(
         prepared.spacing_mm,
         cfg,
         layers,
-        actor_device(cfg.execution.device),
+        device,
         image,
         planes=int(index.shape[0]) if index.ndim == 4 else 1,
     )
