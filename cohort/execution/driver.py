@@ -33,12 +33,12 @@ import contextlib
 import dataclasses
 import pickle
 import sys
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from cohort.config import BACKGROUND, RunConfig
 from cohort.errors import CohortError, ExitCode, RunInterruptedError, StalledError
@@ -53,7 +53,6 @@ if TYPE_CHECKING:
     from cohort.execution.plan import Plan
     from cohort.model.pooling import RegionVector
 
-T = TypeVar("T")
 
 __all__ = ["RunResult", "cosine_rows", "run", "vector_rows"]
 
@@ -124,11 +123,12 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
     started = time.perf_counter()
     # the model stack is imported and the run checked in a thread while Ray starts here
     # (Ray's processes must be started by the main thread: they die with the thread)
-    preparing = _Background(_prepare, manifest, cfg, download)
-    try:
-        ensure_ray(cfg.execution.address)
-    finally:
-        plan = preparing.result()  # raises what preparing raised (before any output)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        preparing = pool.submit(_prepare, manifest, cfg, download)
+        try:
+            ensure_ray(cfg.execution.address)
+        finally:
+            plan = preparing.result()  # raises what preparing raised (before any output)
     phases = {"ray_and_plan_s": time.perf_counter() - started}
     from cohort.execution.graph import stream
     from cohort.execution.plan import stream_rows
@@ -271,28 +271,6 @@ def _prepare(manifest: Path, cfg: RunConfig, download: bool) -> Plan:
     from cohort.execution.plan import prepare_run
 
     return prepare_run(manifest, cfg, download=download)
-
-
-class _Background(Generic[T]):
-    """``fn(*args)`` in a daemon thread; :meth:`result` waits and returns or re-raises."""
-
-    def __init__(self, fn: Callable[..., T], *args: Any) -> None:
-        self._value: T | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> None:
-        try:
-            self._value = fn(*args)
-        except BaseException as err:  # handed to the caller of result()
-            self._error = err
-
-    def result(self) -> T:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value  # type: ignore[return-value]
 
 
 def _provenance(
