@@ -163,7 +163,7 @@ class Parts:
         return legacy if legacy.is_file() else target
 
     def has(self, key: str) -> bool:
-        return self.target(key).is_file() or self.legacy(key).is_file()
+        return self.path(key).is_file()
 
     def write(self, key: str, features: pa.Table) -> None:
         """Write one subject's features (under a temporary name, then renamed)."""
