@@ -151,7 +151,6 @@ class Preset:
     """
 
     name: str  # recorded as PreprocessConfig.preset
-    source: str  # where the values are published
     hu_min: float  # HU window: clip, then scale to [0, 1]
     hu_max: float
     normalise: Normalise  # "fixed": (x - mean) / std; "foreground": z-score of voxels > fg HU
@@ -160,52 +159,26 @@ class Preset:
     foreground_hu: float  # "foreground": the statistics use voxels above this HU
     axes: str  # one of AXES
     target_spacing: tuple[float, float, float] | None  # mm along (D, H, W); None keeps
+    source: str  # where the values are published
 
 
-PRESETS: dict[str, Preset] = {
-    "imagenet": Preset(
-        "imagenet",
-        "the origin study: HU window [-1000, 2000] to [0, 1], torchvision's ImageNet "
-        "statistics averaged over RGB (mean 0.449, std 0.226), RAS+ as (D, H, W)",
-        hu_min=-1000.0,
-        hu_max=2000.0,
-        normalise="fixed",
-        mean=0.449,
-        std=0.226,
-        foreground_hu=0.0,
-        axes="SAR",
-        target_spacing=None,
-    ),
-    "medicalnet": Preset(
-        "medicalnet",
-        "Tencent/MedicalNet datasets/brains18.py: the stored volume as (D, H, W), z-score "
-        "over the voxels > 0 (itensity_normalize_one_volume), no clipping, no fixed spacing "
-        "(it resizes to the network's input); here clipped to [-1024, 3071] HU, the 12-bit "
-        "CT range, so padding outside the field of view does not count",
-        hu_min=-1024.0,
-        hu_max=3071.0,
-        normalise="foreground",
-        mean=0.0,
-        std=1.0,
-        foreground_hu=0.0,
-        axes="SAR",
-        target_spacing=None,
-    ),
-    "ct-fm": Preset(
-        "ct-fm",
-        "project-lighter CT-FM (model card and pre-training config): orientation SPL, "
-        "ScaleIntensityRange HU [-1024, 2048] to [0, 1] clipped, spacing 3 x 1 x 1 mm "
-        "(SPL), CropForeground (here: --crop-margin, off by default)",
-        hu_min=-1024.0,
-        hu_max=2048.0,
-        normalise="fixed",
-        mean=0.0,
-        std=1.0,
-        foreground_hu=0.0,
-        axes="SPL",
-        target_spacing=(3.0, 1.0, 1.0),
-    ),
-}
+# fmt: off
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    #      name          HU window         normalise     mean   std    fg HU axes   spacing
+    Preset("imagenet",   -1000.0, 2000.0, "fixed",      0.449, 0.226, 0.0,  "SAR", None,
+           "the origin study: HU window [-1000, 2000] to [0, 1], torchvision's ImageNet "
+           "statistics averaged over RGB (mean 0.449, std 0.226), RAS+ as (D, H, W)"),
+    Preset("medicalnet", -1024.0, 3071.0, "foreground", 0.0,   1.0,   0.0,  "SAR", None,
+           "Tencent/MedicalNet datasets/brains18.py: the stored volume as (D, H, W), z-score "
+           "over the voxels > 0 (itensity_normalize_one_volume), no clipping, no fixed spacing "
+           "(it resizes to the network's input); here clipped to [-1024, 3071] HU, the 12-bit "
+           "CT range, so padding outside the field of view does not count"),
+    Preset("ct-fm",      -1024.0, 2048.0, "fixed",      0.0,   1.0,   0.0,  "SPL", (3.0, 1.0, 1.0),
+           "project-lighter CT-FM (model card and pre-training config): orientation SPL, "
+           "ScaleIntensityRange HU [-1024, 2048] to [0, 1] clipped, spacing 3 x 1 x 1 mm "
+           "(SPL), CropForeground (here: --crop-margin, off by default)"),
+)}
+# fmt: on
 _IMAGENET = PRESETS["imagenet"]
 
 

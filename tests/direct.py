@@ -10,7 +10,7 @@ import torch
 
 from cohort.config import ModelConfig, PoolingConfig, PreprocessConfig
 from cohort.inputs.manifest import read_manifest
-from cohort.inputs.stages import Stages
+from cohort.inputs.stages import prepare
 from cohort.model.hooks import FeatureExtractor, resolve_layers
 from cohort.model.network import build_network, random_weights
 from cohort.model.pooling import extract
@@ -24,7 +24,7 @@ def direct_masked_input(
     """(subject id, its model input, its masked-input vectors) with seed-0 random
     weights; ``air`` replaces the prepared input's own air value when given."""
     subject = read_manifest(manifest)[0]
-    prepared = Stages().prepared(subject.image, subject.mask, LABELS, True, cfg)
+    prepared = prepare(subject.image, subject.mask, LABELS, True, cfg)
     network, _ = build_network(name, random_weights(name, 0).state_dict)
     extractor = FeatureExtractor(network, resolve_layers(network, ModelConfig().layers))
     vectors = extract(

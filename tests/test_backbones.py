@@ -30,7 +30,7 @@ from cohort.errors import ConfigError, InputError, WeightsError
 from cohort.inputs.fingerprint import sha256_file
 from cohort.inputs.manifest import read_manifest
 from cohort.inputs.preprocess import normalise_intensity
-from cohort.inputs.stages import Stages
+from cohort.inputs.stages import prepare
 from cohort.model.hooks import FeatureExtractor, LayerInfo, resolve_layers
 from cohort.model.network import build_network, load_weights, random_weights
 from cohort.synthetic import make_phantom_cohort
@@ -519,16 +519,14 @@ def test_ctfm_preset_gives_ctfm_own_preprocessing(tmp_path: Path) -> None:
     )
     cfg = PreprocessConfig.for_backbone("ct-fm", target_spacing=None)  # CT-FM resamples too
     labels = (("tibia", 1), ("femur", 2))
-    prepared = Stages().prepared(
-        tmp_path / "psl.nii.gz", tmp_path / "psl-mask.nii.gz", labels, True, cfg
-    )
+    prepared = prepare(tmp_path / "psl.nii.gz", tmp_path / "psl-mask.nii.gz", labels, True, cfg)
     image = LoadImage(image_only=True, ensure_channel_first=True)(str(tmp_path / "psl.nii.gz"))
     image = ScaleIntensityRange(a_min=-1024, a_max=2048, b_min=0, b_max=1, clip=True)(
         Orientation(axcodes="SPL", labels=(("L", "R"), ("P", "A"), ("I", "S")))(image)
     )
     np.testing.assert_allclose(prepared.image, np.asarray(image)[0], rtol=0, atol=1e-6)
     # the regions are flipped with the image: the same voxels as in RAS+
-    ras = Stages().prepared(subject.image, subject.mask, labels, True, PreprocessConfig())
+    ras = prepare(subject.image, subject.mask, labels, True, PreprocessConfig())
     np.testing.assert_array_equal(prepared.region_index, ras.region_index[:, ::-1, ::-1])
     assert prepared.voxels == ras.voxels and prepared.air == 0.0
 

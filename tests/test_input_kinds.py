@@ -24,7 +24,7 @@ from cohort.config import LabelMap, PoolingConfig, PreprocessConfig
 from cohort.errors import GeometryError, InputError, ModelError, RegionError
 from cohort.inputs.geometry import LayerReach, Reach
 from cohort.inputs.preprocess import Prepared, air_value
-from cohort.inputs.stages import Stages
+from cohort.inputs.stages import Stages, prepare
 from cohort.model.hooks import FeatureExtractor, resolve_layers
 from cohort.model.network import build_network, random_weights
 from cohort.model.pooling import extract
@@ -101,7 +101,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def reference(extractor: FeatureExtractor, pair: tuple[Path, Path]) -> Vectors:
-    return vectors(extractor, Stages().prepared(*pair, LABELS, True, CFG))
+    return vectors(extractor, prepare(*pair, LABELS, True, CFG))
 
 
 # ---------------------------------------------------------------- file formats
@@ -114,9 +114,7 @@ def test_nrrd_and_mha_copies_give_the_nifti_vectors(
     hu, labels, affine = anatomy()
     image = write_itk(tmp_path / f"image{suffix}", hu.astype(np.int16), affine)
     mask = write_itk(tmp_path / f"labels{suffix}", labels, affine)
-    assert_same_vectors(
-        vectors(extractor, Stages().prepared(image, mask, LABELS, True, CFG)), reference
-    )
+    assert_same_vectors(vectors(extractor, prepare(image, mask, LABELS, True, CFG)), reference)
 
 
 def test_label_map_split_into_one_file_per_structure_gives_the_same_vectors(
@@ -128,7 +126,7 @@ def test_label_map_split_into_one_file_per_structure_gives_the_same_vectors(
     save_nifti(folder / "tibia.nii.gz", (labels == 1).astype(np.uint8), affine)
     write_itk(folder / "femur.nrrd", (labels == 2).astype(np.uint8) * 255, affine)
     (folder / "README.txt").write_text("one mask per structure\n")
-    prepared = Stages().prepared(pair[0], folder, NAMES, True, CFG)
+    prepared = prepare(pair[0], folder, NAMES, True, CFG)
     assert prepared.region_index.shape == prepared.image.shape  # disjoint: one plane
     assert_same_vectors(vectors(extractor, prepared), reference)
 
@@ -144,13 +142,13 @@ def test_overlapping_regions_from_files_each_get_their_own_voxels(
     save_nifti(both / "tibia.nii.gz", (labels == 1).astype(np.uint8), affine)
     save_nifti(both / "bone.nii.gz", (labels > 0).astype(np.uint8), affine)
     save_nifti(alone / "bone.nii.gz", (labels > 0).astype(np.uint8), affine)
-    prepared = Stages().prepared(pair[0], both, (("tibia", None), ("bone", None)), True, CFG)
+    prepared = prepare(pair[0], both, (("tibia", None), ("bone", None)), True, CFG)
     assert prepared.region_index.shape == (2, *prepared.image.shape)  # a second plane
     bone = int(np.count_nonzero(labels))
     assert prepared.voxels == (int(np.count_nonzero(labels == 1)), bone, labels.size - bone)
     got = vectors(extractor, prepared)
     assert_same_vectors(got, reference, ("tibia",))  # as in the label map
-    bone_alone = Stages().prepared(pair[0], alone, (("bone", None),), True, CFG)
+    bone_alone = prepare(pair[0], alone, (("bone", None),), True, CFG)
     assert_same_vectors(got, vectors(extractor, bone_alone), ("bone", "background"))
 
 
@@ -162,9 +160,9 @@ def test_slicer_segmentation_gives_the_label_map_vectors_by_segment_name(
     fields = segment(0, "femur", 0, 7) + segment(1, "tibia", 1, 1) + segment(2, "Segment_3", 1, 9)
     seg = write_seg_nrrd(tmp_path / "knee.seg.nrrd", layers, affine, fields)
     femur_first: LabelMap = (("femur", 2), ("tibia", 1))
-    expected = vectors(extractor, Stages().prepared(pair[0], pair[1], femur_first, True, CFG))
+    expected = vectors(extractor, prepare(pair[0], pair[1], femur_first, True, CFG))
     by_name = (("femur", None), ("tibia", None))
-    got = vectors(extractor, Stages().prepared(pair[0], seg, by_name, True, CFG))
+    got = vectors(extractor, prepare(pair[0], seg, by_name, True, CFG))
     assert_same_vectors(got, expected)
 
 
@@ -191,7 +189,7 @@ def test_other_storage_of_the_same_grid_gives_the_same_vectors(
     s_hu, s_image_affine = stored_as(hu, affine, *image_storage)
     s_labels, s_mask_affine = stored_as(labels, affine, *mask_storage)
     assert not np.allclose(s_image_affine, s_mask_affine)  # the stored affines differ
-    prepared = Stages().prepared(
+    prepared = prepare(
         save_nifti(tmp_path / "i.nii.gz", s_hu, s_image_affine),
         save_nifti(tmp_path / "m.nii.gz", s_labels, s_mask_affine),
         LABELS,
@@ -219,13 +217,13 @@ def test_mask_on_a_larger_grid_needs_the_option_then_matches_the_cropped_mask(
     big_affine[:3, 3] -= affine[:3, :3] @ np.array([3.0, 4.0, 6.0])
     big = save_nifti(tmp_path / "big.nii.gz", padded, big_affine)
     with pytest.raises(GeometryError) as info:
-        Stages().checked(pair[0], big, LABELS, CFG)
+        Stages(LABELS, CFG).checked(pair[0], big)
     assert "does not match image grid" in str(info.value)
     assert "--mask-resample nearest" in str(info.value)
-    prepared = Stages().prepared(pair[0], big, LABELS, True, NEAREST)
+    prepared = prepare(pair[0], big, LABELS, True, NEAREST)
     assert prepared.mask_resampled
     assert_same_vectors(vectors(extractor, prepared), reference)
-    on_grid = Stages().prepared(*pair, LABELS, True, NEAREST)  # the option changes nothing here
+    on_grid = prepare(*pair, LABELS, True, NEAREST)  # the option changes nothing here
     assert not on_grid.mask_resampled
     assert_same_vectors(vectors(extractor, on_grid), reference)
 
@@ -263,9 +261,9 @@ def test_mask_on_a_finer_grid_is_resampled_by_nearest_neighbour(
     expected = nearest_by_hand(fine, fine_affine, hu.shape, affine)
     assert {int(v) for v in np.unique(expected)} == {0, 1, 2}
     by_hand = save_nifti(tmp_path / "by_hand.nii.gz", expected, affine)
-    got = Stages().prepared(pair[0], mask, LABELS, True, NEAREST)
+    got = prepare(pair[0], mask, LABELS, True, NEAREST)
     assert got.mask_resampled
-    want = Stages().prepared(pair[0], by_hand, LABELS, True, CFG)
+    want = prepare(pair[0], by_hand, LABELS, True, CFG)
     np.testing.assert_array_equal(got.region_index, want.region_index)
     assert_same_vectors(vectors(extractor, got), vectors(extractor, want))
 
@@ -280,9 +278,9 @@ def test_region_reaching_outside_the_image_is_an_error(
     big_affine = affine.copy()
     big_affine[0, 3] -= 2 * affine[0, 0]
     big = save_nifti(tmp_path / "big.nii.gz", padded, big_affine)
-    stages = Stages()
+    stages = Stages(LABELS, NEAREST)
     with pytest.raises(RegionError) as info:
-        stages.checked(pair[0], big, LABELS, NEAREST)
+        stages.checked(pair[0], big)
     assert stages.stage == "check"
     assert "region 'tibia'" in str(info.value) and "has 8 of" in str(info.value)
     assert "outside the image" in str(info.value)
@@ -296,14 +294,14 @@ def test_labels_of_the_wrong_kind_for_the_mask_say_which_kind_it_needs(
 ) -> None:
     _hu, labels, affine = anatomy()
     folder = mask_folder(tmp_path, affine, tibia=labels == 1)
-    stages = Stages()
+    stages = Stages(LABELS, CFG)
     with pytest.raises(InputError) as info:
-        stages.checked(pair[0], folder, LABELS, CFG)
+        stages.checked(pair[0], folder)
     assert stages.stage == "load"
     assert "mask folder" in str(info.value) and "bare" in str(info.value)
     assert "'tibia,femur'" in str(info.value)
     with pytest.raises(InputError, match=r"label-map file .*bare names.*tibia=1,femur=2"):
-        Stages().checked(*pair, NAMES, CFG)
+        Stages(NAMES, CFG).checked(*pair)
 
 
 # ------------------------------------------------------------------ thin slabs
@@ -321,9 +319,9 @@ def test_thin_slab_fails_at_check_with_the_minimum_and_the_fixes(
     hu, labels, affine = anatomy()  # 22 slices of 1.5 mm
     image = save_nifti(tmp_path / "i.nii.gz", hu, affine)
     mask = save_nifti(tmp_path / "m.nii.gz", labels, affine)
-    stages = Stages()
+    stages = Stages(LABELS, CFG, default_reach)
     with pytest.raises(GeometryError) as info:
-        stages.checked(image, mask, LABELS, CFG, reach=default_reach)
+        stages.checked(image, mask)
     assert stages.stage == "check"
     message = str(info.value)
     assert "model input of 22x30x26 voxels" in message
@@ -333,7 +331,7 @@ def test_thin_slab_fails_at_check_with_the_minimum_and_the_fixes(
     assert "--spacing 1.157,0.7,0.729" in message  # 33 mm / 1.157 mm = 28.52 -> 29 slices
     assert "this input reaches features.denseblock3 (from 13x13x13 voxels)" in message
     finer = PreprocessConfig(target_spacing=(1.157, 0.7, 0.729))
-    Stages().checked(image, mask, LABELS, finer, reach=default_reach)  # the fix works
+    Stages(LABELS, finer, default_reach).checked(image, mask)  # the fix works
 
 
 def test_crop_that_leaves_a_thin_slab_fails_after_cropping(
@@ -344,12 +342,10 @@ def test_crop_that_leaves_a_thin_slab_fails_after_cropping(
     image = save_nifti(tmp_path / "i.nii.gz", tall, affine)
     low = np.concatenate([labels, np.zeros_like(labels)], axis=2)  # tibia: 8 slices
     mask = save_nifti(tmp_path / "m.nii.gz", low, affine)
-    stages = Stages()
+    cropped = PreprocessConfig(crop_margin_mm=0.0)
+    stages = Stages((("tibia", 1),), cropped, Reach((LayerReach("conv-1", "x", (29, 1, 1)),)))
     with pytest.raises(GeometryError, match=r"after cropping .*a larger --crop-margin"):
-        stages.prepared(
-            image, mask, (("tibia", 1),), True, PreprocessConfig(crop_margin_mm=0.0),
-            reach=Reach((LayerReach("conv-1", "x", (29, 1, 1)),)),
-        )  # fmt: skip
+        stages.prepared(image, mask, True)
     assert stages.stage == "preprocess"
 
 

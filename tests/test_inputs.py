@@ -27,7 +27,7 @@ from cohort.inputs.preprocess import (
 )
 from cohort.inputs.readers import VolumePair, load_pair
 from cohort.inputs.segmentation import LabelRegions
-from cohort.inputs.stages import Stages
+from cohort.inputs.stages import prepare
 from cohort.inputs.volume import Volume
 from tests.nifti_helpers import lps_from_ras, save_nifti, zyx_from_xyz
 
@@ -78,7 +78,7 @@ def assert_same(a: Prepared, b: Prepared) -> None:
 
 
 def test_cube_region_counts_and_names(ras_files: tuple[Path, Path]) -> None:
-    prepared = Stages().prepared(*ras_files, LABELS, True, CFG)
+    prepared = prepare(*ras_files, LABELS, True, CFG)
     assert prepared.region_names == ("tibia", "femur", "background")
     assert prepared.voxels == (1000, 24, 8000 - 1000 - 24)
     assert prepared.image.dtype == np.float32
@@ -89,7 +89,7 @@ def test_cube_region_counts_and_names(ras_files: tuple[Path, Path]) -> None:
 
 
 def test_background_off_leaves_no_region_marker(ras_files: tuple[Path, Path]) -> None:
-    prepared = Stages().prepared(*ras_files, LABELS, False, CFG)
+    prepared = prepare(*ras_files, LABELS, False, CFG)
     assert prepared.region_names == ("tibia", "femur")
     assert prepared.voxels == (1000, 24)
     assert int(np.count_nonzero(prepared.region_index == NO_REGION)) == 8000 - 1024
@@ -98,14 +98,14 @@ def test_background_off_leaves_no_region_marker(ras_files: tuple[Path, Path]) ->
 def test_unnamed_label_counts_as_background(tmp_path: Path) -> None:
     hu, mask = cube_anatomy()
     mask[0:2, 0:2, 0:2] = 7  # a label the map does not name: 8 voxels
-    prepared = Stages().prepared(
+    prepared = prepare(
         save_nifti(tmp_path / "i.nii", hu), save_nifti(tmp_path / "m.nii", mask), LABELS, True, CFG
     )
     assert prepared.voxels == (1000, 24, 8000 - 1024)
 
 
 def test_label_map_order_sets_region_order(ras_files: tuple[Path, Path]) -> None:
-    prepared = Stages().prepared(*ras_files, (("femur", 2), ("tibia", 1)), True, CFG)
+    prepared = prepare(*ras_files, (("femur", 2), ("tibia", 1)), True, CFG)
     assert prepared.region_names == ("femur", "tibia", "background")
     assert prepared.voxels == (24, 1000, 6976)
 
@@ -118,14 +118,14 @@ def test_ras_and_lps_storage_give_identical_results(tmp_path: Path) -> None:
     affine = np.diag([0.8, 0.9, 1.5, 1.0])
     lps_hu, lps_affine = lps_from_ras(hu, affine)
     lps_mask, _ = lps_from_ras(mask, affine)
-    ras = Stages().prepared(
+    ras = prepare(
         save_nifti(tmp_path / "ri.nii.gz", hu, affine),
         save_nifti(tmp_path / "rm.nii.gz", mask, affine),
         LABELS,
         True,
         CFG,
     )
-    lps = Stages().prepared(
+    lps = prepare(
         save_nifti(tmp_path / "li.nii.gz", lps_hu, lps_affine),
         save_nifti(tmp_path / "lm.nii.gz", lps_mask, lps_affine),
         LABELS,
@@ -141,14 +141,14 @@ def test_axis_permuted_storage_gives_identical_results(tmp_path: Path) -> None:
     affine = np.diag([0.8, 0.9, 1.5, 1.0])
     zyx_hu, zyx_affine = zyx_from_xyz(hu, affine)
     zyx_mask, _ = zyx_from_xyz(mask, affine)
-    ras = Stages().prepared(
+    ras = prepare(
         save_nifti(tmp_path / "ri.nii", hu, affine),
         save_nifti(tmp_path / "rm.nii", mask, affine),
         LABELS,
         True,
         CFG,
     )
-    sar = Stages().prepared(
+    sar = prepare(
         save_nifti(tmp_path / "si.nii", zyx_hu, zyx_affine),
         save_nifti(tmp_path / "sm.nii", zyx_mask, zyx_affine),
         LABELS,
@@ -162,14 +162,14 @@ def test_axis_permuted_storage_gives_identical_results(tmp_path: Path) -> None:
 def test_float32_and_scaled_int16_storage_give_identical_results(tmp_path: Path) -> None:
     hu, mask = cube_anatomy()
     raw = ((hu + 1024.0) * 2.0).astype(np.int16)  # hu = raw * 0.5 - 1024 exactly
-    as_float = Stages().prepared(
+    as_float = prepare(
         save_nifti(tmp_path / "f.nii.gz", hu),
         save_nifti(tmp_path / "m.nii.gz", mask),
         LABELS,
         True,
         CFG,
     )
-    as_int = Stages().prepared(
+    as_int = prepare(
         save_nifti(tmp_path / "i.nii.gz", raw, slope=0.5, inter=-1024.0),
         tmp_path / "m.nii.gz",
         LABELS,
@@ -193,7 +193,7 @@ def test_marker_lands_at_superior_anterior_left(tmp_path: Path) -> None:
     assert lps_hu[6 - 1 - 1, 7 - 1 - 5, 6] == 500.0  # where the marker is stored in LPS
     pairs = {"ras": (hu, mask, affine), "lps": (lps_hu, lps_mask, lps_affine)}
     for name, (image_data, mask_data, aff) in pairs.items():
-        prepared = Stages().prepared(
+        prepared = prepare(
             save_nifti(tmp_path / f"{name}_i.nii", image_data, aff),
             save_nifti(tmp_path / f"{name}_m.nii", mask_data, aff),
             (("marker", 1),),
@@ -227,7 +227,7 @@ def test_window_applies_through_prepare(tmp_path: Path) -> None:
     hu, mask = cube_anatomy()
     hu[:] = 1500.0
     hu[0, 0, 0] = -2000.0  # stored (x, y, z) = (0, 0, 0) -> (D, H, W) = (0, 0, 0)
-    prepared = Stages().prepared(
+    prepared = prepare(
         save_nifti(tmp_path / "i.nii", hu), save_nifti(tmp_path / "m.nii", mask), LABELS, True, CFG
     )
     assert float(prepared.image[0, 0, 0]) == pytest.approx((0.0 - 0.449) / 0.226, abs=1e-6)
@@ -244,7 +244,7 @@ def test_resampling_halves_shape_and_samples_linearly(tmp_path: Path) -> None:
     mask = np.zeros((20, 20, 20), dtype=np.uint8)
     mask[5:15, 5:15, 5:15] = 1
     cfg = PreprocessConfig(hu_min=0.0, hu_max=1000.0, mean=0.0, std=1.0, target_spacing=(2, 2, 2))
-    prepared = Stages().prepared(
+    prepared = prepare(
         save_nifti(tmp_path / "i.nii", hu),
         save_nifti(tmp_path / "m.nii", mask),
         (("bone", 1),),
@@ -263,7 +263,7 @@ def test_resampling_halves_shape_and_samples_linearly(tmp_path: Path) -> None:
 def test_resampling_anisotropic_target(tmp_path: Path) -> None:
     hu, mask = cube_anatomy()  # spacing 1 mm; D = z
     cfg = PreprocessConfig(target_spacing=(4.0, 1.0, 0.5))
-    prepared = Stages().prepared(
+    prepared = prepare(
         save_nifti(tmp_path / "i.nii", hu),
         save_nifti(tmp_path / "m.nii", mask),
         (("tibia", 1),),
@@ -282,7 +282,7 @@ def test_region_lost_by_resampling_is_a_region_error(tmp_path: Path) -> None:
     mask[4, 4, 16] = 3  # one voxel at even indices: halving samples odd indices only
     cfg = PreprocessConfig(target_spacing=(2.0, 2.0, 2.0))
     with pytest.raises(RegionError, match=r"region 'dot' of mask .*m\.nii has no voxels"):
-        Stages().prepared(
+        prepare(
             save_nifti(tmp_path / "i.nii", hu),
             save_nifti(tmp_path / "m.nii", mask),
             (("tibia", 1), ("dot", 3)),
@@ -303,7 +303,7 @@ def test_crop_margin_exact(tmp_path: Path, margin: float, side: int) -> None:
     hu = np.zeros((20, 20, 20), dtype=np.float32)
     mask = np.zeros((20, 20, 20), dtype=np.uint8)
     mask[5:15, 5:15, 5:15] = 1
-    prepared = Stages().prepared(
+    prepared = prepare(
         save_nifti(tmp_path / "i.nii", hu),
         save_nifti(tmp_path / "m.nii", mask),
         (("bone", 1),),
@@ -317,7 +317,7 @@ def test_crop_margin_exact(tmp_path: Path, margin: float, side: int) -> None:
 def test_crop_margin_in_mm_per_axis(tmp_path: Path) -> None:
     hu, mask = cube_anatomy()  # tibia x 5..14, y 5..14, z 2..11; femur x 2..3, y 15..17, z 14..17
     affine = np.diag([0.5, 1.0, 2.0, 1.0])
-    prepared = Stages().prepared(
+    prepared = prepare(
         save_nifti(tmp_path / "i.nii", hu, affine),
         save_nifti(tmp_path / "m.nii", mask, affine),
         LABELS,
@@ -335,7 +335,7 @@ def test_crop_to_labels_without_margin_empties_background(tmp_path: Path) -> Non
     mask = np.zeros((20, 20, 20), dtype=np.uint8)
     mask[5:15, 5:15, 5:15] = 1
     with pytest.raises(RegionError, match="'background'"):
-        Stages().prepared(
+        prepare(
             save_nifti(tmp_path / "i.nii", hu),
             save_nifti(tmp_path / "m.nii", mask),
             (("bone", 1),),
@@ -410,10 +410,10 @@ def test_mask_stored_flipped_over_the_same_grid_is_the_same_pair(tmp_path: Path)
     hu, mask = cube_anatomy()
     lps_mask, lps_affine = lps_from_ras(mask, np.eye(4))
     image = save_nifti(tmp_path / "i.nii", hu)
-    flipped = Stages().prepared(
+    flipped = prepare(
         image, save_nifti(tmp_path / "m.nii", lps_mask, lps_affine), LABELS, True, CFG
     )
-    alike = Stages().prepared(image, save_nifti(tmp_path / "r.nii", mask), LABELS, True, CFG)
+    alike = prepare(image, save_nifti(tmp_path / "r.nii", mask), LABELS, True, CFG)
     assert_same(flipped, alike)
 
 
@@ -531,9 +531,7 @@ def test_knee_real_lps_header_tibia_inferior_counts(
 ) -> None:
     if not (KNEE / seg).is_file():
         pytest.skip(f"real data not found at {KNEE}")
-    prepared = Stages().prepared(
-        knee_image, KNEE / seg, labels, True, PreprocessConfig(crop_margin_mm=10.0)
-    )
+    prepared = prepare(knee_image, KNEE / seg, labels, True, PreprocessConfig(crop_margin_mm=10.0))
     assert prepared.original_orientation == "LPS"
     assert prepared.region_names == ("tibia", "femur", "background")
     assert prepared.voxels[0] == tibia_voxels
@@ -545,7 +543,7 @@ def test_knee_wrong_label_map_puts_tibia_above_femur(knee_image: Path) -> None:
     """seg_b read with seg_a's numbering: the 'tibia' is superior, which is how a user spots it."""
     if not (KNEE / "seg_b.nii.gz").is_file():
         pytest.skip(f"real data not found at {KNEE}")
-    prepared = Stages().prepared(
+    prepared = prepare(
         knee_image, KNEE / "seg_b.nii.gz", LABELS, False, PreprocessConfig(crop_margin_mm=0.0)
     )
     assert prepared.voxels == (244_063, 245_349)

@@ -24,7 +24,7 @@ from click.testing import CliRunner, Result
 from cohort.cli.main import main
 from cohort.config import PreprocessConfig
 from cohort.execution.load import RESAMPLED_NOTE
-from cohort.inputs.stages import Stages
+from cohort.inputs.stages import prepare
 from tests.nifti_helpers import save_nifti
 from tests.test_dicom import SERIES, edited_copy, position_order, pydicom_reference
 from tests.test_formats import segment, write_itk, write_seg_nrrd
@@ -247,7 +247,7 @@ def test_per_row_label_map_fixes_the_swapped_numbering_of_a_real_mask(
     assert set(vectors) == {"a", "b", "b-renumbered"}
     assert max_relative_difference(vectors["b"], vectors["b-renumbered"]) == 0.0
     assert max_relative_difference(vectors["a"], vectors["b"]) > 1e-3  # other annotations
-    prepared = Stages().prepared(
+    prepared = prepare(
         files["image"], files["b"], (("tibia", 2), ("femur", 1)), False, PreprocessConfig()
     )
     depth = np.arange(prepared.image.shape[0])

@@ -12,7 +12,7 @@ from scipy import ndimage
 from cohort.config import PreprocessConfig
 from cohort.errors import ConfigError
 from cohort.inputs.manifest import read_manifest
-from cohort.inputs.stages import Stages
+from cohort.inputs.stages import prepare
 from cohort.synthetic import (
     FEMUR,
     TIBIA,
@@ -120,7 +120,7 @@ def test_cohort_files_manifest_and_preprocessing(tmp_path: Path) -> None:
         np.testing.assert_allclose(
             np.linalg.norm(img.affine[:3, :3], axis=0), SMALL_SPACING[::-1], rtol=1e-6
         )
-        prepared = Stages().prepared(
+        prepared = prepare(
             subject.image, subject.mask, (("tibia", 1), ("femur", 2)), True, PreprocessConfig()
         )
         assert prepared.image.shape == SMALL

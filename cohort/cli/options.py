@@ -28,6 +28,7 @@ from cohort.config import (
     PoolingMode,
     Precision,
     PreprocessConfig,
+    Preset,
     RegionConfig,
     RunConfig,
     StatsConfig,
@@ -110,163 +111,139 @@ _STATS_FIELDS: Mapping[str, str] = {
     "centre": "centre",
 }
 
+
+def _shown(flag: str, default: Any, text: str | None = None, **extra: Any) -> Callable[[F], F]:
+    """An option whose default ``--help`` shows."""
+    return click.option(flag, default=default, show_default=True, help=text, **extra)
+
+
+def _choice(flag: str, literal: Any, default: str, text: str | None = None) -> Callable[[F], F]:
+    """An option that takes one value of the Literal type ``literal``."""
+    return _shown(flag, default, text, type=click.Choice(get_args(literal)))
+
+
+def _preset(flag: str, show: Callable[[Preset], str], text: str, **extra: Any) -> Callable[[F], F]:
+    """An option that defaults to the backbone's preset (None until given)."""
+    return click.option(flag, default=None, show_default=_by_preset(show), help=text, **extra)
+
+
 # Options that `cohort validate` shares with `cohort run`.
-LABELS = click.option(
+LABELS = _shown(
     "--labels",
-    default=format_label_map(_REG.labels),
-    show_default=True,
-    help="Regions: NAME=INT,... for label-map masks, bare names (liver,spleen) for mask "
+    format_label_map(_REG.labels),
+    "Regions: NAME=INT,... for label-map masks, bare names (liver,spleen) for mask "
     "folders and .seg.nrrd; a manifest 'labels' cell overrides per row.",
 )
-MASK_RESAMPLE = click.option(
+MASK_RESAMPLE = _choice(
     "--mask-resample",
-    type=click.Choice(get_args(MaskResample)),
-    default=_PRE.mask_resample,
-    show_default=True,
-    help="nearest: put a mask on another grid onto the image grid (each region by nearest "
+    MaskResample,
+    _PRE.mask_resample,
+    "nearest: put a mask on another grid onto the image grid (each region by nearest "
     "neighbour in world coordinates); off: such a pair is an error.",
+)
+_WEIGHTS_HELP = (
+    "imagenet (torchvision's cache; inflated backbones), pretrained (the published file of a "
+    "3D backbone, cached like torchvision's), random (seeded) or PATH to a weights file (.pth "
+    "state dict, bare or under 'state_dict'; .safetensors)."
+)
+_VERBOSE_HELP = (
+    "A line per finished subject (by default: a bar on a terminal, a line every 30 s and 1 % "
+    "of the subjects in a log)."
 )
 
 RUN_OPTIONS: list[Callable[[F], F]] = [
     LABELS,
-    click.option(
+    _shown(
         "--background/--no-background",
-        default=_REG.background,
-        show_default=True,
-        help="Add the region 'background' (every voxel in no named label).",
+        _REG.background,
+        "Add the region 'background' (every voxel in no named label).",
     ),
-    click.option(
+    _shown(
         "--layers",
-        default=",".join(_MODEL.layers),
-        show_default=True,
-        help="conv-K (K-th conv from the end, in execution order) or module paths.",
+        ",".join(_MODEL.layers),
+        "conv-K (K-th conv from the end, in execution order) or module paths.",
     ),
-    click.option(
+    _choice(
         "--pooling",
-        type=click.Choice(get_args(PoolingMode)),
-        default=_POOL.mode,
-        show_default=True,
-        help="masked-pool: one pass, mask-weighted mean; masked-input: origin protocol.",
+        PoolingMode,
+        _POOL.mode,
+        "masked-pool: one pass, mask-weighted mean; masked-input: origin protocol.",
     ),
-    click.option("--gem-p", default=_POOL.gem_p, show_default=True, help="GeM exponent."),
-    click.option(
+    _shown("--gem-p", _POOL.gem_p, "GeM exponent."),
+    _shown(
         "--min-coverage",
-        default=_POOL.min_coverage,
-        show_default=True,
-        help="Least region weight, in grid cells, a hooked layer must see.",
+        _POOL.min_coverage,
+        "Least region weight, in grid cells, a hooked layer must see.",
     ),
     click.option(
         "--weights",
         default=None,
         show_default="imagenet for the inflated backbones, pretrained for the 3D ones",
-        help="imagenet (torchvision's cache; inflated backbones), pretrained (the published "
-        "file of a 3D backbone, cached like torchvision's), random (seeded) or PATH to a "
-        "weights file (.pth state dict, bare or under 'state_dict'; .safetensors).",
+        help=_WEIGHTS_HELP,
     ),
     click.option("--weights-sha256", default=None, help="Expected sha256 of the weights file."),
-    click.option(
+    _shown(
         "--backbone",
+        _MODEL.backbone,
+        "Inflated torchvision networks (ImageNet) or 3D "
+        "networks pretrained on CT (MedicalNet, CT-FM); each brings its preprocessing preset.",
         type=click.Choice(BACKBONES),
-        default=_MODEL.backbone,
-        show_default=True,
-        help="Inflated torchvision networks (ImageNet) or 3D networks pretrained on CT "
-        "(MedicalNet, CT-FM); each brings its preprocessing preset.",
     ),
-    click.option("--seed", default=_MODEL.seed, show_default=True, help="Seed of random weights."),
-    click.option(
-        "--inflation",
-        type=click.Choice(get_args(Inflation)),
-        default=_MODEL.inflation,
-        show_default=True,
-    ),
-    click.option(
+    _shown("--seed", _MODEL.seed, "Seed of random weights."),
+    _choice("--inflation", Inflation, _MODEL.inflation),
+    _choice(
         "--precision",
-        type=click.Choice(get_args(Precision)),
-        default=_MODEL.precision,
-        show_default=True,
-        help="bf16: autocast the network on CUDA (faster; vectors differ from fp32 by about "
-        "1e-2 relative). CUDA only.",
+        Precision,
+        _MODEL.precision,
+        "bf16: autocast the network on CUDA "
+        "(faster; vectors differ from fp32 by about 1e-2 relative). CUDA only.",
     ),
-    click.option(
-        "--hu-window",
-        default=None,
-        show_default=_by_preset(lambda p: f"{p.hu_min:g},{p.hu_max:g}"),
-        help="HU clip LOW,HIGH, scaled to [0, 1].",
+    _preset(
+        "--hu-window", lambda p: f"{p.hu_min:g},{p.hu_max:g}", "HU clip LOW,HIGH, scaled to [0, 1]."
     ),
-    click.option(
+    _preset(
         "--normalise",
+        lambda p: p.normalise,
+        "fixed: (x - mean) / std with --mean-std; "
+        "foreground: z-score of each volume's foreground voxels (MedicalNet's).",
         type=click.Choice(get_args(Normalise)),
-        default=None,
-        show_default=_by_preset(lambda p: p.normalise),
-        help="fixed: (x - mean) / std with --mean-std; foreground: z-score of each volume's "
-        "foreground voxels (MedicalNet's).",
     ),
-    click.option(
+    _preset(
         "--mean-std",
-        default=None,
-        show_default=_by_preset(lambda p: f"{p.mean:g},{p.std:g}"),
-        help="MEAN,STD of --normalise fixed, after scaling the window to [0, 1].",
+        lambda p: f"{p.mean:g},{p.std:g}",
+        "MEAN,STD of --normalise fixed, after scaling the window to [0, 1].",
     ),
-    click.option(
+    _preset(
         "--axes",
+        lambda p: p.axes,
+        "Where the model input's D, H, W axes point (SAR: RAS+ as D,H,W; SPL: CT-FM's).",
         type=click.Choice(AXES),
-        default=None,
-        show_default=_by_preset(lambda p: p.axes),
-        help="Where the model input's D, H, W axes point (SAR: RAS+ as D,H,W; SPL: CT-FM's).",
     ),
-    click.option(
+    _preset(
         "--spacing",
-        default=None,
-        show_default=_by_preset(lambda p: _spacing(p.target_spacing)),
-        help="Resample to D,H,W mm, or 'keep' the stored grid.",
+        lambda p: _spacing(p.target_spacing),
+        "Resample to D,H,W mm, or 'keep' the stored grid.",
     ),
     click.option("--crop-margin", type=float, default=None, help="Crop to labels + mm margin."),
     MASK_RESAMPLE,
-    click.option(
-        "--max-voxels",
-        default=_PRE.max_voxels,
-        show_default=True,
-        help="Refuse larger volumes before reading them.",
-    ),
-    click.option(
-        "--device",
-        type=click.Choice(get_args(Device)),
-        default=_EXEC.device,
-        show_default=True,
-    ),
+    _shown("--max-voxels", _PRE.max_voxels, "Refuse larger volumes before reading them."),
+    _choice("--device", Device, _EXEC.device),
     click.option("--address", default=None, help="Ray cluster address (default: local)."),
     click.option("--actors", type=int, default=None, help="Feature actors (default: GPUs or 1)."),
-    click.option("--actor-cpus", default=_EXEC.actor_cpus, show_default=True, help="CPUs/actor."),
-    click.option(
-        "--loader-cpus", default=_EXEC.loader_cpus, show_default=True, help="CPUs per load task."
-    ),
+    _shown("--actor-cpus", _EXEC.actor_cpus, "CPUs/actor."),
+    _shown("--loader-cpus", _EXEC.loader_cpus, "CPUs per load task."),
     click.option("--threads", type=int, default=None, help="Torch threads per CPU actor."),
-    click.option(
+    _shown(
         "--actor-memory",
-        default=_EXEC.actor_memory_gb,
-        show_default=True,
-        help="GB of memory each actor reserves; a subject whose estimated peak needs more "
-        "fails at the check stage, naming the value it needs.",
+        _EXEC.actor_memory_gb,
+        "GB of memory each actor reserves; a "
+        "subject whose estimated peak needs more fails at the check stage, naming the value "
+        "it needs.",
     ),
-    click.option(
-        "--stall-timeout",
-        type=float,
-        default=None,
-        help="Abort after this many s without progress.",
-    ),
-    click.option(
-        "--retries",
-        default=_EXEC.max_retries,
-        show_default=True,
-        help="Retries after a worker dies or a transient I/O error.",
-    ),
+    click.option("--stall-timeout", type=float, help="Abort after this many s without progress."),
+    _shown("--retries", _EXEC.max_retries, "Retries after a worker dies or a transient I/O error."),
     click.option("--quiet", is_flag=True, help="No progress (errors and the summary only)."),
-    click.option(
-        "--verbose",
-        is_flag=True,
-        help="A line per finished subject (by default: a bar on a terminal, a line every "
-        "30 s and 1 % of the subjects in a log).",
-    ),
+    click.option("--verbose", is_flag=True, help=_VERBOSE_HELP),
     *STATS_OPTIONS,
 ]
 

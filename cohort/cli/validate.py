@@ -37,15 +37,9 @@ def validate(manifest: Path, labels: str, mask_resample: str) -> None:
         cfg = PreprocessConfig(mask_resample=cast(MaskResample, mask_resample))
     problems: list[tuple[str, str, str]] = []
     for subject in subjects:
-        stages = Stages()
+        stages = Stages(subject.labels or default_labels, cfg)
         try:
-            stages.checked(
-                subject.image,
-                subject.mask,
-                subject.labels or default_labels,
-                cfg,
-                series_uid=subject.series_uid,
-            )
+            stages.checked(subject.image, subject.mask, subject.series_uid)
         except InputError as err:
             problems.append((subject.subject_id, stages.stage, str(err)))
         except Exception as err:

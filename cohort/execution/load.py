@@ -124,7 +124,7 @@ def load_subject(
     """
     out = {**row, "key": "", "status": READY, "stage": "", "error_type": "", "message": ""}
     out["payload"] = b""
-    stages = Stages()
+    stages = Stages((), cfg.preprocess, reach)  # the labels once parsed
     series_uid = str(row.get("series_uid") or "") or None
     resampled = False
     try:
@@ -135,7 +135,7 @@ def load_subject(
                     f"{role} {path} of subject {row['subject_id']} does not exist; "
                     "fix the path in the manifest (relative paths start at its folder)"
                 )
-        labels = parse_label_map(row["labels"])
+        stages.labels = parse_label_map(row["labels"])
         attempts = cfg.execution.max_retries + 1
         for attempt in range(attempts):
             try:
@@ -145,7 +145,7 @@ def load_subject(
                 if out["key"] in finished:
                     out["status"] = CACHED
                     return out
-                pair = stages.loaded(image, mask, labels, cfg.preprocess, series_uid=series_uid)
+                pair = stages.loaded(image, mask, series_uid)
                 break
             except Exception as err:
                 if attempt + 1 == attempts or not is_transient(err):
@@ -154,8 +154,7 @@ def load_subject(
                     raise
                 time.sleep(IO_RETRY_DELAY_S * 2**attempt)
         resampled = mask_resampled(pair, cfg.preprocess)
-        stages.check(pair, labels, cfg.preprocess, reach)
-        prepared = stages.preprocess(pair, labels, cfg.regions.background, cfg.preprocess, reach)
+        prepared = stages.preprocess(stages.check(pair), cfg.regions.background)
         stages.stage = "check"  # memory: a check of the model input, whose size is now final
         where = device or ("cpu" if cfg.execution.device == "auto" else cfg.execution.device)
         check_actor_memory(prepared, cfg, reach, image, where)

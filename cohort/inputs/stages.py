@@ -15,76 +15,57 @@ from cohort.inputs.geometry import Reach, check_pair
 from cohort.inputs.preprocess import Prepared, preprocess_pair
 from cohort.inputs.readers import VolumePair, load_pair
 
-__all__ = ["STAGES", "Stage", "Stages"]
+__all__ = ["STAGES", "Stage", "Stages", "prepare"]
 
 Stage = Literal["load", "check", "preprocess"]
 STAGES: Final[tuple[Stage, ...]] = ("load", "check", "preprocess")
 
 
 class Stages:
-    """Runs a subject's stages in order; :attr:`stage` is the one running (or that failed)."""
+    """One subject's stages under one configuration, run in order.
 
-    def __init__(self) -> None:
+    ``labels`` are the regions to read, ``cfg`` the preprocessing and ``reach``
+    what the hooked layers need of the model input (None: not checked).
+    :attr:`stage` is the stage running, or the one that failed.
+    """
+
+    def __init__(self, labels: LabelMap, cfg: PreprocessConfig, reach: Reach | None = None):
+        self.labels, self.cfg, self.reach = labels, cfg, reach
         self.stage: Stage = "load"
 
-    def loaded(
-        self,
-        image: Path,
-        mask: Path,
-        labels: LabelMap,
-        cfg: PreprocessConfig,
-        *,
-        series_uid: str | None = None,
-    ) -> VolumePair:
+    def loaded(self, image: Path, mask: Path, series_uid: str | None = None) -> VolumePair:
         """Stage load: the pair as stored (only the named regions of a mask folder)."""
         self.stage = "load"
-        return load_pair(image, mask, cfg, labels, series_uid=series_uid)
+        return load_pair(image, mask, self.cfg, self.labels, series_uid=series_uid)
 
-    def checked(
-        self,
-        image: Path,
-        mask: Path,
-        labels: LabelMap,
-        cfg: PreprocessConfig,
-        *,
-        series_uid: str | None = None,
-        reach: Reach | None = None,
-    ) -> VolumePair:
-        """Stages load and check; returns the pair as stored."""
-        pair = self.loaded(image, mask, labels, cfg, series_uid=series_uid)
-        return self.check(pair, labels, cfg, reach)
-
-    def check(
-        self, pair: VolumePair, labels: LabelMap, cfg: PreprocessConfig, reach: Reach | None
-    ) -> VolumePair:
+    def check(self, pair: VolumePair) -> VolumePair:
         """Stage check of a loaded pair; returns it."""
         self.stage = "check"
-        check_pair(pair, labels, cfg, reach)
+        check_pair(pair, self.labels, self.cfg, self.reach)
         return pair
 
-    def preprocess(
-        self,
-        pair: VolumePair,
-        labels: LabelMap,
-        background: bool,
-        cfg: PreprocessConfig,
-        reach: Reach | None,
-    ) -> Prepared:
-        """Stage preprocess of a checked pair; returns the model's input."""
-        self.stage = "preprocess"
-        return preprocess_pair(pair, labels, background, cfg, reach)
+    def checked(self, image: Path, mask: Path, series_uid: str | None = None) -> VolumePair:
+        """Stages load and check; returns the pair as stored."""
+        return self.check(self.loaded(image, mask, series_uid))
 
-    def prepared(
-        self,
-        image: Path,
-        mask: Path,
-        labels: LabelMap,
-        background: bool,
-        cfg: PreprocessConfig,
-        *,
-        series_uid: str | None = None,
-        reach: Reach | None = None,
-    ) -> Prepared:
+    def preprocess(self, pair: VolumePair, background: bool) -> Prepared:
+        """Stage preprocess of a checked pair (``background``: add that region); returns the
+        model's input."""
+        self.stage = "preprocess"
+        return preprocess_pair(pair, self.labels, background, self.cfg, self.reach)
+
+    def prepared(self, image: Path, mask: Path, background: bool) -> Prepared:
         """All three stages; returns the model's input."""
-        pair = self.checked(image, mask, labels, cfg, series_uid=series_uid, reach=reach)
-        return self.preprocess(pair, labels, background, cfg, reach)
+        return self.preprocess(self.checked(image, mask), background)
+
+
+def prepare(
+    image: Path,
+    mask: Path,
+    labels: LabelMap,
+    background: bool,
+    cfg: PreprocessConfig,
+    reach: Reach | None = None,
+) -> Prepared:
+    """All three stages of one subject, for scripts and tests; returns the model's input."""
+    return Stages(labels, cfg, reach).prepared(image, mask, background)

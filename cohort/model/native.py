@@ -86,13 +86,11 @@ NATIVE: dict[str, Native] = {
 
 
 def native(name: str) -> Native:
-    try:
-        return NATIVE[name]
-    except KeyError:
-        raise ModelError(
-            f"{name!r} is not a 3D backbone pretrained on CT; choose one of "
-            f"{', '.join(sorted(NATIVE))}"
-        ) from None
+    """The entry of the 3D backbone ``name``; a ModelError names the ones there are."""
+    if name not in NATIVE:
+        known = ", ".join(sorted(NATIVE))
+        raise ModelError(f"{name!r} is not a 3D backbone pretrained on CT; choose one of {known}")
+    return NATIVE[name]
 
 
 def architecture(name: str) -> str:
