@@ -319,14 +319,15 @@ def _check_same(
     counts = Counter(tuple(np.round(np.asarray(key(s), dtype=np.float64), 4)) for s in slices)
     reference = np.asarray(counts.most_common(1)[0][0], dtype=np.float64)
     usual = [s for s in slices if np.max(np.abs(np.asarray(key(s)) - reference)) <= _SAME_TOLERANCE]
+    if len(usual) == len(slices):
+        return
     odd = [s for s in slices if s not in usual]
-    if odd:
-        raise GeometryError(
-            f"{where} mixes slice {what}: {show(key(usual[0]))} in {len(usual)} file(s) (e.g. "
-            f"{usual[0].path.name}), {show(key(odd[0]))} in {len(odd)} (e.g. "
-            f"{odd[0].path.name}); a series must be one volume: remove the odd files from "
-            "the folder, or give them a series of their own"
-        )
+    raise GeometryError(
+        f"{where} mixes slice {what}: {show(key(usual[0]))} in {len(usual)} file(s) (e.g. "
+        f"{usual[0].path.name}), {show(key(odd[0]))} in {len(odd)} (e.g. {odd[0].path.name}); "
+        "a series must be one volume: remove the odd files from the folder, or give them a "
+        "series of their own"
+    )
 
 
 def _fmt(value: _Numbers) -> str:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ITK_SUFFIXES",
+    "header_reader",
     "is_itk_file",
     "itk_error_reason",
     "open_itk",
@@ -64,14 +65,27 @@ def itk_error_reason(exc: RuntimeError) -> str:
     return " ".join(kept) or type(exc).__name__
 
 
+def header_reader(path: Path, image_io: str, what: str, fix: str) -> sitk.ImageFileReader:
+    """A reader of ``path`` through ITK's ``image_io`` with the header read; an
+    InputError says ``what`` failed, ITK's reason and the ``fix`` otherwise."""
+    import SimpleITK as sitk  # noqa: N813 (here: a NIfTI-only run never imports it)
+
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO(image_io)
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(f"{what} ({itk_error_reason(exc)}); {fix}") from None
+    return reader
+
+
 def read_itk_header(path: Path, role: str, max_voxels: int = _MAX_VOXELS) -> sitk.ImageFileReader:
     """Open a NRRD/MetaImage file and check its header; no voxel data are read.
 
     ``role`` names the file in messages ("image", "mask"). Returns the reader,
     ready for ``Execute()``.
     """
-    import SimpleITK as sitk  # noqa: N813 (here: a NIfTI-only run never imports it)
-
     path = Path(path)
     if not path.is_file():
         raise InputError(
@@ -83,16 +97,10 @@ def read_itk_header(path: Path, role: str, max_voxels: int = _MAX_VOXELS) -> sit
             "MetaImage file with its usual extension, or convert it to NIfTI"
         )
     fmt, image_io = ITK_SUFFIXES[path.suffix.lower()]
-    reader = sitk.ImageFileReader()
-    reader.SetImageIO(image_io)
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise InputError(
-            f"{role} file {path} is not a readable {fmt} file ({itk_error_reason(exc)}); "
-            "export it again, or convert it to NIfTI"
-        ) from None
+    reader = header_reader(
+        path, image_io, f"{role} file {path} is not a readable {fmt} file",
+        "export it again, or convert it to NIfTI",
+    )  # fmt: skip
     shape = tuple(int(n) for n in reader.GetSize())
     components = int(reader.GetNumberOfComponents())
     if components != 1:

@@ -27,7 +27,7 @@ import numpy as np
 
 from cohort.config import BACKGROUND, LabelMap, PreprocessConfig, names_only
 from cohort.errors import GeometryError, InputError, RegionError
-from cohort.inputs.itk import is_itk_file, itk_error_reason, open_itk
+from cohort.inputs.itk import header_reader, is_itk_file, itk_error_reason, open_itk
 from cohort.inputs.nifti import as_labels, is_nifti_file, open_nifti, read_nifti
 from cohort.inputs.volume import Volume, fmt_affine, fmt_shape, volume_from_sitk
 
@@ -366,16 +366,10 @@ def open_slicer_segmentation(
             f"segmentation file {path} does not exist or is not a file; fix the path in the "
             "manifest"
         )
-    reader = sitk.ImageFileReader()
-    reader.SetImageIO("NrrdImageIO")
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise InputError(
-            f"segmentation file {path} is not a readable NRRD file ({itk_error_reason(exc)}); "
-            "save the segmentation again from 3D Slicer (.seg.nrrd)"
-        ) from None
+    reader = header_reader(
+        path, "NrrdImageIO", f"segmentation file {path} is not a readable NRRD file",
+        "save the segmentation again from 3D Slicer (.seg.nrrd)",
+    )  # fmt: skip
     size = tuple(int(n) for n in reader.GetSize())
     layers = int(reader.GetNumberOfComponents())
     count = int(np.prod(size))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import pandas as pd
@@ -86,6 +86,13 @@ def _key(test: str, cohort: str, layer: str, pair: str) -> str:
     return f"{_TESTS[test][0]}|{cohort}|{layer}|{pair}|{test}"
 
 
+def _resampled(cfg: StatsConfig, test: str, cohort: str, layer: str, pair: str) -> dict[str, Any]:
+    """What a bootstrapped test takes from ``cfg``: fewest subjects, resamples, level and
+    a generator seeded for this test alone (:func:`_key`)."""
+    rng = rng_for(cfg.seed, _key(test, cohort, layer, pair))
+    return {"min_n": cfg.min_n, "bootstrap": cfg.bootstrap, "rng": rng, "level": cfg.ci_level}
+
+
 def _flag_text(flags: Sequence[Flag], scope: _Scope, below_min_n: bool) -> str:
     names: set[str] = {FLAG_BELOW_MIN_N} if below_min_n else set()
     for flag in flags:
@@ -126,10 +133,7 @@ def _within_pairs(cos: _Cosines, cfg: StatsConfig) -> list[_Row]:
                 result = wilcoxon_pairs(
                     both[:, 0],
                     both[:, 1],
-                    min_n=cfg.min_n,
-                    bootstrap=cfg.bootstrap,
-                    rng=rng_for(cfg.seed, _key("wilcoxon", cohort, layer, label)),
-                    level=cfg.ci_level,
+                    **_resampled(cfg, "wilcoxon", cohort, layer, label),
                 )
                 scope = _Scope(
                     frozenset({cohort}), frozenset({layer}), frozenset({p1, p2}), frozenset(p1 + p2)
@@ -149,10 +153,7 @@ def _within_depth(cos: _Cosines, cfg: StatsConfig) -> list[_Row]:
             layer_label, label = "|".join(present), pair_label(*pair)
             result = friedman_depth(
                 matrix,
-                min_n=cfg.min_n,
-                bootstrap=cfg.bootstrap,
-                rng=rng_for(cfg.seed, _key("friedman", cohort, layer_label, label)),
-                level=cfg.ci_level,
+                **_resampled(cfg, "friedman", cohort, layer_label, label),
             )
             scope = _Scope(
                 frozenset({cohort}), frozenset(present), frozenset({pair}), frozenset(pair)
@@ -187,11 +188,8 @@ def _between_pairs(cos: _Cosines, cfg: StatsConfig) -> list[_Row]:
                 result = mann_whitney(
                     cos.values(c1, layer, pair),
                     cos.values(c2, layer, pair),
-                    min_n=cfg.min_n,
-                    bootstrap=cfg.bootstrap,
-                    rng=rng_for(cfg.seed, _key("mannwhitneyu", joined, layer, label)),
                     names=(c1, c2),
-                    level=cfg.ci_level,
+                    **_resampled(cfg, "mannwhitneyu", joined, layer, label),
                 )
                 rows.append(
                     _make_row("mannwhitneyu", joined, layer, label, result, scope([c1, c2]))
@@ -200,11 +198,8 @@ def _between_pairs(cos: _Cosines, cfg: StatsConfig) -> list[_Row]:
                 joined = "|".join(cos.cohorts)
                 result = kruskal_wallis(
                     [cos.values(c, layer, pair) for c in cos.cohorts],
-                    min_n=cfg.min_n,
-                    bootstrap=cfg.bootstrap,
-                    rng=rng_for(cfg.seed, _key("kruskal", joined, layer, label)),
                     names=cos.cohorts,
-                    level=cfg.ci_level,
+                    **_resampled(cfg, "kruskal", joined, layer, label),
                 )
                 rows.append(_make_row("kruskal", joined, layer, label, result, scope(cos.cohorts)))
     return rows
