@@ -43,87 +43,57 @@ __all__ = [
     "typed_frame",
 ]
 
-FEATURES_SCHEMA: Final = pa.schema(
-    [
-        ("subject_id", pa.string()),
-        ("cohort", pa.string()),
-        ("region", pa.string()),
-        ("layer", pa.string()),  # stable id: "conv-1" or a module path
-        ("layer_name", pa.string()),  # module path
-        ("channels", pa.int32()),
-        ("voxels", pa.int64()),  # region voxels on the model's input grid
-        ("vector", pa.list_(pa.float32())),
-    ]
+_TYPES: Final = {
+    "string": pa.string(),
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "float64": pa.float64(),
+    "list<float32>": pa.list_(pa.float32()),
+}
+
+
+def _schema(*runs: str) -> pa.Schema:
+    """A schema from runs of columns of one type, in order: ``"name name ...: type"``."""
+    fields = []
+    for run in runs:
+        names, kind = run.rsplit(":", 1)
+        fields += [pa.field(name, _TYPES[kind.strip()]) for name in names.split()]
+    return pa.schema(fields)
+
+
+# layer: a stable id, "conv-1" or a module path; layer_name: the module path;
+# voxels: the region's voxels on the model's input grid.
+FEATURES_SCHEMA: Final = _schema(
+    "subject_id cohort region layer layer_name: string",
+    "channels: int32",
+    "voxels: int64",
+    "vector: list<float32>",
 )
-SIMILARITY_SCHEMA: Final = pa.schema(
-    [
-        ("subject_id", pa.string()),
-        ("cohort", pa.string()),
-        ("layer", pa.string()),
-        ("region_a", pa.string()),
-        ("region_b", pa.string()),
-        ("cosine", pa.float64()),  # of the pooled vectors as they are (the origin study's)
-        ("cosine_centred", pa.float64()),  # after subtracting the run's mean vector per layer
-    ]
+# cosine: of the pooled vectors as they are (the origin study's); cosine_centred: after
+# subtracting the run's mean vector per layer.
+SIMILARITY_SCHEMA: Final = _schema(
+    "subject_id cohort layer region_a region_b: string", "cosine cosine_centred: float64"
 )
-ERRORS_SCHEMA: Final = pa.schema(
-    [
-        ("subject_id", pa.string()),
-        ("cohort", pa.string()),
-        ("stage", pa.string()),  # load, check, preprocess, extract or pipeline
-        ("error_type", pa.string()),
-        ("message", pa.string()),
-        ("image", pa.string()),
-        ("mask", pa.string()),
-    ]
+# stage: load, check, preprocess, extract or pipeline.
+ERRORS_SCHEMA: Final = _schema("subject_id cohort stage error_type message image mask: string")
+# cohort: one cohort, or the cohorts compared joined by "|"; layer: likewise for layers;
+# pair: a region pair "a-b", two pairs "a-b|c-d", or a region; q_value: Benjamini-Hochberg
+# within the family; q_value_run: Benjamini-Hochberg over every test that ran; status:
+# "ok" or "skipped".
+TESTS_SCHEMA: Final = _schema(
+    "family cohort layer pair test: string",
+    "n: int64",
+    "statistic p_value q_value q_value_run effect_size: float64",
+    "effect_name: string",
+    "ci_low ci_high: float64",
+    "status reason flag: string",
 )
-TESTS_SCHEMA: Final = pa.schema(
-    [
-        ("family", pa.string()),
-        ("cohort", pa.string()),  # one cohort, or the cohorts compared joined by "|"
-        ("layer", pa.string()),  # one layer, or the layers compared joined by "|"
-        ("pair", pa.string()),  # a region pair "a-b", two pairs "a-b|c-d", or a region
-        ("test", pa.string()),
-        ("n", pa.int64()),
-        ("statistic", pa.float64()),
-        ("p_value", pa.float64()),
-        ("q_value", pa.float64()),  # Benjamini-Hochberg within the family
-        ("q_value_run", pa.float64()),  # Benjamini-Hochberg over every test that ran
-        ("effect_size", pa.float64()),
-        ("effect_name", pa.string()),
-        ("ci_low", pa.float64()),
-        ("ci_high", pa.float64()),
-        ("status", pa.string()),  # "ok" or "skipped"
-        ("reason", pa.string()),
-        ("flag", pa.string()),
-    ]
+SUMMARY_SCHEMA: Final = _schema(
+    "cohort layer region_a region_b pair: string",
+    "n n_nan: int64",
+    "mean sd median ci_low ci_high: float64",
 )
-SUMMARY_SCHEMA: Final = pa.schema(
-    [
-        ("cohort", pa.string()),
-        ("layer", pa.string()),
-        ("region_a", pa.string()),
-        ("region_b", pa.string()),
-        ("pair", pa.string()),
-        ("n", pa.int64()),
-        ("n_nan", pa.int64()),
-        ("mean", pa.float64()),
-        ("sd", pa.float64()),
-        ("median", pa.float64()),
-        ("ci_low", pa.float64()),
-        ("ci_high", pa.float64()),
-    ]
-)
-FLAGS_SCHEMA: Final = pa.schema(
-    [
-        ("flag", pa.string()),
-        ("subject_id", pa.string()),
-        ("cohort", pa.string()),
-        ("layer", pa.string()),
-        ("region", pa.string()),
-        ("detail", pa.string()),
-    ]
-)
+FLAGS_SCHEMA: Final = _schema("flag subject_id cohort layer region detail: string")
 
 FEATURES_COLUMNS: Final = tuple(FEATURES_SCHEMA.names)
 SIMILARITY_COLUMNS: Final = tuple(SIMILARITY_SCHEMA.names)
