@@ -29,6 +29,14 @@ def save_nifti(
     return path
 
 
+def save_pair(
+    folder: Path, hu: np.ndarray, mask: np.ndarray, affine: np.ndarray | None = None, stem: str = ""
+) -> tuple[Path, Path]:
+    """``hu`` and ``mask`` saved with one ``affine``: ``{stem}i.nii.gz``, ``{stem}m.nii.gz``."""
+    image = save_nifti(folder / f"{stem}i.nii.gz", hu, affine)
+    return image, save_nifti(folder / f"{stem}m.nii.gz", mask, affine)
+
+
 def lps_from_ras(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The same physical volume stored LPS: first two axes flipped, affine to match.
 

@@ -7,6 +7,7 @@ written with pydicom into tmp_path (pixel data kept compressed as they are).
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -96,6 +97,13 @@ def edited_copy(source: Path, target: Path, edit: Edit) -> Path:
     return target
 
 
+def refusal(source: Path, target: Path, edit: Edit) -> str:
+    """The GeometryError's message on reading ``source`` copied through ``edit``."""
+    with pytest.raises(GeometryError) as info:
+        read_dicom_series(edited_copy(source, target, edit))
+    return str(info.value)
+
+
 def position_order(folder: Path) -> list[str]:
     """File names sorted by z (this series is axial, IOP (1,0,0,0,1,0))."""
     files = [p for p in folder.iterdir() if p.name.startswith("CT.")]
@@ -171,13 +179,10 @@ def test_readme_and_dicomdir_in_the_folder_are_ignored(series: Path, tmp_path: P
 def test_missing_slice_is_named_with_its_neighbours(series: Path, tmp_path: Path) -> None:
     names = position_order(series)
     dropped = names[7]
-    out = edited_copy(
+    message = refusal(
         series, tmp_path / "gap", lambda n, ds: None if ds.filename.endswith(dropped) else ds
     )
-    with pytest.raises(GeometryError) as info:
-        read_dicom_series(out)
-    message = str(info.value)
-    assert str(out) in message
+    assert str(tmp_path / "gap") in message
     assert "a gap of 4 mm where the other slices are 2 mm apart: a missing slice" in message
     assert names[6] in message and names[8] in message
     assert "copy the whole series again" in message
@@ -194,10 +199,7 @@ def test_moved_slice_is_uneven_spacing_with_positions_and_files(
             ds.ImagePositionPatient = [x, y, z + 0.5]  # -790.5 -> -790.0 mm
         return ds
 
-    out = edited_copy(series, tmp_path / "moved", move)
-    with pytest.raises(GeometryError) as info:
-        read_dicom_series(out)
-    message = str(info.value)
+    message = refusal(series, tmp_path / "moved", move)
     assert "not evenly spaced" in message
     assert f"from -792.5 mm (file {names[6]}) to -790 mm (file {names[7]})" in message
     assert "a gap of 2.5 mm where the other slices are 2 mm apart" in message
@@ -253,10 +255,7 @@ def test_tilted_orientation_is_refused_as_gantry_tilt(series: Path, tmp_path: Pa
         ds.ImageOrientationPatient = rotate_about_x(15.0)  # positions still step along z
         return ds
 
-    out = edited_copy(series, tmp_path / "tilt", tilt)
-    with pytest.raises(GeometryError) as info:
-        read_dicom_series(out)
-    message = str(info.value)
+    message = refusal(series, tmp_path / "tilt", tilt)
     assert "not stacked along the slice normal" in message
     assert "15 degrees off the normal" in message
     assert "dcm2niix corrects gantry tilt" in message
@@ -267,9 +266,8 @@ def test_non_orthogonal_orientation_is_refused(series: Path, tmp_path: Path) -> 
         ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.1, 0.99498744, 0.0]  # unit, not orthogonal
         return ds
 
-    out = edited_copy(series, tmp_path / "shear", shear)
-    with pytest.raises(GeometryError, match=r"not two orthogonal unit vectors .*dot product 0\.1"):
-        read_dicom_series(out)
+    message = refusal(series, tmp_path / "shear", shear)
+    assert re.search(r"not two orthogonal unit vectors .*dot product 0\.1", message)
 
 
 def test_mixed_orientations_are_refused(series: Path, tmp_path: Path) -> None:
@@ -280,10 +278,7 @@ def test_mixed_orientations_are_refused(series: Path, tmp_path: Path) -> None:
             ds.ImageOrientationPatient = rotate_about_x(10.0)
         return ds
 
-    out = edited_copy(series, tmp_path / "mixed", one_tilted)
-    with pytest.raises(GeometryError) as info:
-        read_dicom_series(out)
-    message = str(info.value)
+    message = refusal(series, tmp_path / "mixed", one_tilted)
     assert "mixes slice orientations (ImageOrientationPatient)" in message
     assert f"in 1 (e.g. {name})" in message
     assert "remove the odd files" in message
@@ -301,10 +296,7 @@ def test_mixed_slice_sizes_are_refused(series: Path, tmp_path: Path) -> None:
             ds.PixelData = small.tobytes()
         return ds
 
-    out = edited_copy(series, tmp_path / "sizes", one_small)
-    with pytest.raises(GeometryError) as info:
-        read_dicom_series(out)
-    message = str(info.value)
+    message = refusal(series, tmp_path / "sizes", one_small)
     assert "mixes slice sizes (Rows x Columns): 512x512 in 19 file(s)" in message
     assert f"256x256 in 1 (e.g. {name})" in message
 

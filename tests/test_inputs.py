@@ -7,6 +7,7 @@ tests use the two real masks (real LPS header) with synthetic HU on their grid.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -29,7 +30,7 @@ from cohort.inputs.readers import VolumePair, load_pair
 from cohort.inputs.segmentation import LabelRegions
 from cohort.inputs.stages import prepare
 from cohort.inputs.volume import Volume
-from tests.nifti_helpers import lps_from_ras, save_nifti, zyx_from_xyz
+from tests.nifti_helpers import lps_from_ras, save_nifti, save_pair, zyx_from_xyz
 
 LABELS: LabelMap = (("tibia", 1), ("femur", 2))
 CFG = PreprocessConfig()
@@ -113,50 +114,23 @@ def test_label_map_order_sets_region_order(ras_files: tuple[Path, Path]) -> None
 # ------------------------------------------------------- orientation and axes
 
 
-def test_ras_and_lps_storage_give_identical_results(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("restore", "orientation"), [(lps_from_ras, "LPS"), (zyx_from_xyz, "SAR")], ids=["lps", "zyx"]
+)
+def test_storage_order_gives_identical_results(
+    restore: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
+    orientation: str,
+    tmp_path: Path,
+) -> None:
+    """The same anatomy stored RAS and stored flipped (LPS) or with axes permuted (z, y, x)."""
     hu, mask = cube_anatomy()
     affine = np.diag([0.8, 0.9, 1.5, 1.0])
-    lps_hu, lps_affine = lps_from_ras(hu, affine)
-    lps_mask, _ = lps_from_ras(mask, affine)
-    ras = prepare(
-        save_nifti(tmp_path / "ri.nii.gz", hu, affine),
-        save_nifti(tmp_path / "rm.nii.gz", mask, affine),
-        LABELS,
-        True,
-        CFG,
-    )
-    lps = prepare(
-        save_nifti(tmp_path / "li.nii.gz", lps_hu, lps_affine),
-        save_nifti(tmp_path / "lm.nii.gz", lps_mask, lps_affine),
-        LABELS,
-        True,
-        CFG,
-    )
-    assert (ras.original_orientation, lps.original_orientation) == ("RAS", "LPS")
-    assert_same(ras, lps)
-
-
-def test_axis_permuted_storage_gives_identical_results(tmp_path: Path) -> None:
-    hu, mask = cube_anatomy()
-    affine = np.diag([0.8, 0.9, 1.5, 1.0])
-    zyx_hu, zyx_affine = zyx_from_xyz(hu, affine)
-    zyx_mask, _ = zyx_from_xyz(mask, affine)
-    ras = prepare(
-        save_nifti(tmp_path / "ri.nii", hu, affine),
-        save_nifti(tmp_path / "rm.nii", mask, affine),
-        LABELS,
-        True,
-        CFG,
-    )
-    sar = prepare(
-        save_nifti(tmp_path / "si.nii", zyx_hu, zyx_affine),
-        save_nifti(tmp_path / "sm.nii", zyx_mask, zyx_affine),
-        LABELS,
-        True,
-        CFG,
-    )
-    assert sar.original_orientation == "SAR"
-    assert_same(ras, sar)
+    other_hu, other_affine = restore(hu, affine)
+    other_mask, _ = restore(mask, affine)
+    ras = prepare(*save_pair(tmp_path, hu, mask, affine, stem="r"), LABELS, True, CFG)
+    other = prepare(*save_pair(tmp_path, other_hu, other_mask, other_affine), LABELS, True, CFG)
+    assert (ras.original_orientation, other.original_orientation) == ("RAS", orientation)
+    assert_same(ras, other)
 
 
 def test_float32_and_scaled_int16_storage_give_identical_results(tmp_path: Path) -> None:
@@ -244,13 +218,7 @@ def test_resampling_halves_shape_and_samples_linearly(tmp_path: Path) -> None:
     mask = np.zeros((20, 20, 20), dtype=np.uint8)
     mask[5:15, 5:15, 5:15] = 1
     cfg = PreprocessConfig(hu_min=0.0, hu_max=1000.0, mean=0.0, std=1.0, target_spacing=(2, 2, 2))
-    prepared = prepare(
-        save_nifti(tmp_path / "i.nii", hu),
-        save_nifti(tmp_path / "m.nii", mask),
-        (("bone", 1),),
-        True,
-        cfg,
-    )
+    prepared = prepare(*save_pair(tmp_path, hu, mask), (("bone", 1),), True, cfg)
     assert prepared.image.shape == (10, 10, 10)
     assert prepared.spacing_mm == (2.0, 2.0, 2.0)
     # output voxel i covers input voxels 2i, 2i+1: its centre is input index 2i + 0.5
@@ -263,13 +231,7 @@ def test_resampling_halves_shape_and_samples_linearly(tmp_path: Path) -> None:
 def test_resampling_anisotropic_target(tmp_path: Path) -> None:
     hu, mask = cube_anatomy()  # spacing 1 mm; D = z
     cfg = PreprocessConfig(target_spacing=(4.0, 1.0, 0.5))
-    prepared = prepare(
-        save_nifti(tmp_path / "i.nii", hu),
-        save_nifti(tmp_path / "m.nii", mask),
-        (("tibia", 1),),
-        True,
-        cfg,
-    )
+    prepared = prepare(*save_pair(tmp_path, hu, mask), (("tibia", 1),), True, cfg)
     assert prepared.image.shape == (5, 20, 40)
     assert prepared.spacing_mm == (4.0, 1.0, 0.5)
     # tibia z 2..11: output d takes input 4d + 2 -> d = 0, 1, 2 (inputs 2, 6, 10): 3 slices;
@@ -281,14 +243,8 @@ def test_region_lost_by_resampling_is_a_region_error(tmp_path: Path) -> None:
     hu, mask = cube_anatomy()
     mask[4, 4, 16] = 3  # one voxel at even indices: halving samples odd indices only
     cfg = PreprocessConfig(target_spacing=(2.0, 2.0, 2.0))
-    with pytest.raises(RegionError, match=r"region 'dot' of mask .*m\.nii has no voxels"):
-        prepare(
-            save_nifti(tmp_path / "i.nii", hu),
-            save_nifti(tmp_path / "m.nii", mask),
-            (("tibia", 1), ("dot", 3)),
-            True,
-            cfg,
-        )
+    with pytest.raises(RegionError, match=r"region 'dot' of mask .*m\.nii\.gz has no voxels"):
+        prepare(*save_pair(tmp_path, hu, mask), (("tibia", 1), ("dot", 3)), True, cfg)
 
 
 # -------------------------------------------------------------------- cropping
@@ -304,8 +260,7 @@ def test_crop_margin_exact(tmp_path: Path, margin: float, side: int) -> None:
     mask = np.zeros((20, 20, 20), dtype=np.uint8)
     mask[5:15, 5:15, 5:15] = 1
     prepared = prepare(
-        save_nifti(tmp_path / "i.nii", hu),
-        save_nifti(tmp_path / "m.nii", mask),
+        *save_pair(tmp_path, hu, mask),
         (("bone", 1),),
         False,
         PreprocessConfig(crop_margin_mm=margin),
@@ -336,8 +291,7 @@ def test_crop_to_labels_without_margin_empties_background(tmp_path: Path) -> Non
     mask[5:15, 5:15, 5:15] = 1
     with pytest.raises(RegionError, match="'background'"):
         prepare(
-            save_nifti(tmp_path / "i.nii", hu),
-            save_nifti(tmp_path / "m.nii", mask),
+            *save_pair(tmp_path, hu, mask),
             (("bone", 1),),
             True,
             PreprocessConfig(crop_margin_mm=0.0),
