@@ -268,6 +268,13 @@ def test_mask_on_a_finer_grid_is_resampled_by_nearest_neighbour(
     assert_same_vectors(vectors(extractor, got), vectors(extractor, want))
 
 
+def failure(stages: Stages, image: Path, mask: Path, error: type[Exception]) -> tuple[str, str]:
+    """The stage at which loading and checking the pair fails with ``error``, and its message."""
+    with pytest.raises(error) as info:
+        stages.checked(image, mask)
+    return stages.stage, str(info.value)
+
+
 def test_region_reaching_outside_the_image_is_an_error(
     pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -278,12 +285,10 @@ def test_region_reaching_outside_the_image_is_an_error(
     big_affine = affine.copy()
     big_affine[0, 3] -= 2 * affine[0, 0]
     big = save_nifti(tmp_path / "big.nii.gz", padded, big_affine)
-    stages = Stages(LABELS, NEAREST)
-    with pytest.raises(RegionError) as info:
-        stages.checked(pair[0], big)
-    assert stages.stage == "check"
-    assert "region 'tibia'" in str(info.value) and "has 8 of" in str(info.value)
-    assert "outside the image" in str(info.value)
+    stage, message = failure(Stages(LABELS, NEAREST), pair[0], big, RegionError)
+    assert stage == "check"
+    assert "region 'tibia'" in message and "has 8 of" in message
+    assert "outside the image" in message
 
 
 # ------------------------------------------------------ labels of the wrong kind
@@ -294,12 +299,10 @@ def test_labels_of_the_wrong_kind_for_the_mask_say_which_kind_it_needs(
 ) -> None:
     _hu, labels, affine = anatomy()
     folder = mask_folder(tmp_path, affine, tibia=labels == 1)
-    stages = Stages(LABELS, CFG)
-    with pytest.raises(InputError) as info:
-        stages.checked(pair[0], folder)
-    assert stages.stage == "load"
-    assert "mask folder" in str(info.value) and "bare" in str(info.value)
-    assert "'tibia,femur'" in str(info.value)
+    stage, message = failure(Stages(LABELS, CFG), pair[0], folder, InputError)
+    assert stage == "load"
+    assert "mask folder" in message and "bare" in message
+    assert "'tibia,femur'" in message
     with pytest.raises(InputError, match=r"label-map file .*bare names.*tibia=1,femur=2"):
         Stages(NAMES, CFG).checked(*pair)
 
@@ -319,11 +322,8 @@ def test_thin_slab_fails_at_check_with_the_minimum_and_the_fixes(
     hu, labels, affine = anatomy()  # 22 slices of 1.5 mm
     image = save_nifti(tmp_path / "i.nii.gz", hu, affine)
     mask = save_nifti(tmp_path / "m.nii.gz", labels, affine)
-    stages = Stages(LABELS, CFG, default_reach)
-    with pytest.raises(GeometryError) as info:
-        stages.checked(image, mask)
-    assert stages.stage == "check"
-    message = str(info.value)
+    stage, message = failure(Stages(LABELS, CFG, default_reach), image, mask, GeometryError)
+    assert stage == "check"
     assert "model input of 22x30x26 voxels" in message
     assert "at least 29 voxels along D" in message and "22 here, 33 mm" in message
     assert "hooked layers conv-1, conv-3, conv-5" in message

@@ -93,19 +93,17 @@ def _maps(
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("slices", CHUNKS)
-def test_lean_densenet_equals_plain(densenet: nn.Module, slices: int) -> None:
+@pytest.mark.parametrize(
+    ("network", "specs"), [("densenet", DENSENET_SPECS), ("resnet", RESNET_SPECS)]
+)
+def test_lean_equals_plain(
+    network: str, specs: list[str], slices: int, request: pytest.FixtureRequest
+) -> None:
+    """DenseNet121 and a ResNet, streamed in chunks of ``slices`` slices, against one pass."""
+    model = request.getfixturevalue(network)
     x = _volume()
-    ref = _maps(densenet, DENSENET_SPECS, x, lean=False)
-    got = _maps(densenet, DENSENET_SPECS, x, chunk_voxels=slices * PLANE[0] * PLANE[1])
-    _assert_same_maps(got, ref)
-
-
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("slices", CHUNKS)
-def test_lean_resnet_equals_plain(resnet: nn.Module, slices: int) -> None:
-    x = _volume()
-    ref = _maps(resnet, RESNET_SPECS, x, lean=False)
-    got = _maps(resnet, RESNET_SPECS, x, chunk_voxels=slices * PLANE[0] * PLANE[1])
+    ref = _maps(model, specs, x, lean=False)
+    got = _maps(model, specs, x, chunk_voxels=slices * PLANE[0] * PLANE[1])
     _assert_same_maps(got, ref)
 
 

@@ -8,9 +8,9 @@ over the run.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import combinations
+from itertools import combinations, product
 from typing import Any, Final
 
 import numpy as np
@@ -53,6 +53,15 @@ class _Scope:
     layers: frozenset[str]
     pairs: frozenset[tuple[str, str]]
     regions: frozenset[str]
+
+
+def _scope(
+    cohorts: Iterable[str], layers: Iterable[str], pairs: Iterable[tuple[str, str]]
+) -> _Scope:
+    """The scope of a test on region ``pairs``: it touches their regions too."""
+    kept = frozenset(pairs)
+    regions = frozenset(region for pair in kept for region in pair)
+    return _Scope(frozenset(cohorts), frozenset(layers), kept, regions)
 
 
 @dataclass(frozen=True)
@@ -122,22 +131,22 @@ class _Cosines:
         return self.get(cohort, layer, pair).to_numpy(dtype=np.float64)
 
 
+def _aligned(columns: list[pd.Series]) -> FloatArray:
+    """Series of one subject's cosines side by side: a row per subject, in subject order."""
+    table = pd.concat(columns, axis=1).sort_index() if columns else pd.DataFrame()
+    return table.to_numpy(dtype=np.float64).reshape(len(table), len(columns))
+
+
 def _within_pairs(cos: _Cosines, cfg: StatsConfig) -> list[_Row]:
     rows: list[_Row] = []
     for cohort in cos.cohorts:
         for layer in cos.layers:
             for p1, p2 in combinations(cos.pairs, 2):
-                frame = pd.concat([cos.get(cohort, layer, p1), cos.get(cohort, layer, p2)], axis=1)
-                both = frame.sort_index().to_numpy(dtype=np.float64).reshape(-1, 2)
+                both = _aligned([cos.get(cohort, layer, p1), cos.get(cohort, layer, p2)])
                 label = f"{pair_label(*p1)}|{pair_label(*p2)}"
-                result = wilcoxon_pairs(
-                    both[:, 0],
-                    both[:, 1],
-                    **_resampled(cfg, "wilcoxon", cohort, layer, label),
-                )
-                scope = _Scope(
-                    frozenset({cohort}), frozenset({layer}), frozenset({p1, p2}), frozenset(p1 + p2)
-                )
+                settings = _resampled(cfg, "wilcoxon", cohort, layer, label)
+                result = wilcoxon_pairs(both[:, 0], both[:, 1], **settings)
+                scope = _scope([cohort], [layer], [p1, p2])
                 rows.append(_make_row("wilcoxon", cohort, layer, label, result, scope))
     return rows
 
@@ -147,61 +156,51 @@ def _within_depth(cos: _Cosines, cfg: StatsConfig) -> list[_Row]:
     for cohort in cos.cohorts:
         for pair in cos.pairs:
             present = [layer for layer in cos.layers if (cohort, layer, pair) in cos.series]
-            columns = [cos.get(cohort, layer, pair) for layer in present]
-            table = pd.concat(columns, axis=1).sort_index() if columns else pd.DataFrame()
-            matrix = table.to_numpy(dtype=np.float64).reshape(len(table), len(present))
-            layer_label, label = "|".join(present), pair_label(*pair)
+            joined, label = "|".join(present), pair_label(*pair)
             result = friedman_depth(
-                matrix,
-                **_resampled(cfg, "friedman", cohort, layer_label, label),
+                _aligned([cos.get(cohort, layer, pair) for layer in present]),
+                **_resampled(cfg, "friedman", cohort, joined, label),
             )
-            scope = _Scope(
-                frozenset({cohort}), frozenset(present), frozenset({pair}), frozenset(pair)
-            )
-            rows.append(_make_row("friedman", cohort, layer_label, label, result, scope))
+            scope = _scope([cohort], present, [pair])
+            rows.append(_make_row("friedman", cohort, joined, label, result, scope))
     return rows
 
 
 def _between_pairs(cos: _Cosines, cfg: StatsConfig) -> list[_Row]:
     rows: list[_Row] = []
-    for layer in cos.layers:
-        for pair in cos.pairs:
-            label = pair_label(*pair)
+    for layer, pair in product(cos.layers, cos.pairs):
+        label = pair_label(*pair)
 
-            def scope(
-                cohorts: Sequence[str], layer: str = layer, pair: tuple[str, str] = pair
-            ) -> _Scope:
-                return _Scope(
-                    frozenset(cohorts), frozenset({layer}), frozenset({pair}), frozenset(pair)
-                )
+        def scope(
+            cohorts: Sequence[str], layer: str = layer, pair: tuple[str, str] = pair
+        ) -> _Scope:
+            return _scope(cohorts, [layer], [pair])
 
-            if len(cos.cohorts) < 2:
-                for cohort in cos.cohorts:
-                    n = int(np.count_nonzero(~np.isnan(cos.values(cohort, layer, pair))))
-                    result = skipped(n, "one cohort")
-                    rows.append(
-                        _make_row("mannwhitneyu", cohort, layer, label, result, scope([cohort]))
-                    )
-                continue
-            for c1, c2 in combinations(cos.cohorts, 2):
-                joined = f"{c1}|{c2}"
-                result = mann_whitney(
-                    cos.values(c1, layer, pair),
-                    cos.values(c2, layer, pair),
-                    names=(c1, c2),
-                    **_resampled(cfg, "mannwhitneyu", joined, layer, label),
-                )
+        if len(cos.cohorts) < 2:
+            for cohort in cos.cohorts:
+                n = int(np.count_nonzero(~np.isnan(cos.values(cohort, layer, pair))))
+                result = skipped(n, "one cohort")
                 rows.append(
-                    _make_row("mannwhitneyu", joined, layer, label, result, scope([c1, c2]))
+                    _make_row("mannwhitneyu", cohort, layer, label, result, scope([cohort]))
                 )
-            if len(cos.cohorts) >= 3:
-                joined = "|".join(cos.cohorts)
-                result = kruskal_wallis(
-                    [cos.values(c, layer, pair) for c in cos.cohorts],
-                    names=cos.cohorts,
-                    **_resampled(cfg, "kruskal", joined, layer, label),
-                )
-                rows.append(_make_row("kruskal", joined, layer, label, result, scope(cos.cohorts)))
+            continue
+        for c1, c2 in combinations(cos.cohorts, 2):
+            joined = f"{c1}|{c2}"
+            result = mann_whitney(
+                cos.values(c1, layer, pair),
+                cos.values(c2, layer, pair),
+                names=(c1, c2),
+                **_resampled(cfg, "mannwhitneyu", joined, layer, label),
+            )
+            rows.append(_make_row("mannwhitneyu", joined, layer, label, result, scope([c1, c2])))
+        if len(cos.cohorts) >= 3:
+            joined = "|".join(cos.cohorts)
+            result = kruskal_wallis(
+                [cos.values(c, layer, pair) for c in cos.cohorts],
+                names=cos.cohorts,
+                **_resampled(cfg, "kruskal", joined, layer, label),
+            )
+            rows.append(_make_row("kruskal", joined, layer, label, result, scope(cos.cohorts)))
     return rows
 
 
