@@ -69,9 +69,19 @@ def _shortcut_a(x: torch.Tensor, planes: int, stride: int) -> torch.Tensor:
     return torch.cat([out, pad], dim=1)
 
 
-class _Basic(nn.Module):
-    expansion = 1
+class _Residual(nn.Module):
+    """What both blocks share: the shortcut, added before the last ReLU."""
 
+    expansion = 1
+    relu: nn.ReLU
+    downsample: object
+
+    def join(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        residual = self.downsample(x) if callable(self.downsample) else x
+        return self.relu(out + residual)
+
+
+class _Basic(_Residual):
     def __init__(
         self, cin: int, planes: int, stride: int = 1, dilation: int = 1, downsample: object = None
     ) -> None:
@@ -84,12 +94,10 @@ class _Basic(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        residual = self.downsample(x) if callable(self.downsample) else x
-        return self.relu(out + residual)
+        return self.join(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))), x)
 
 
-class _Bottleneck(nn.Module):
+class _Bottleneck(_Residual):
     expansion = 4
 
     def __init__(
@@ -110,9 +118,7 @@ class _Bottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        residual = self.downsample(x) if callable(self.downsample) else x
-        return self.relu(out + residual)
+        return self.join(self.bn3(self.conv3(out)), x)
 
 
 class MedicalNetResNet(nn.Module):

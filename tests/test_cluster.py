@@ -208,14 +208,9 @@ def ray_head(request: pytest.FixtureRequest) -> Iterator[Head]:
 
 def _cohort(args: list[str], env: dict[str, str], timeout: float = 280) -> tuple[int, str]:
     """Run the ``cohort`` command line in a subprocess; returns (exit status, output)."""
+    command = [sys.executable, "-c", "from cohort.cli.main import main; main()", *args]
     done = subprocess.run(
-        [sys.executable, "-c", "from cohort.cli.main import main; main()", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
+        command, env=env, cwd=ROOT, timeout=timeout, capture_output=True, text=True, check=False
     )
     return done.returncode, done.stdout + done.stderr
 

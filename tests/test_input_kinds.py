@@ -10,8 +10,6 @@ convolutions, so the numbers are real network features at a small cost.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,7 @@ from cohort.model.pooling import extract
 from cohort.model.reach import layer_reach
 from cohort.report.figures import fig_overlays, load_slice
 from tests.nifti_helpers import save_nifti
+from tests.processes import python_stdout
 from tests.test_formats import segment, write_itk, write_seg_nrrd
 from tests.test_inputs import stored_as
 
@@ -400,10 +399,7 @@ def test_a_nifti_only_loader_never_imports_simpleitk(pair: tuple[Path, Path]) ->
         "out = load_subject(row, RunConfig(), 'id', frozenset())\n"
         "print(out['status'], 'SimpleITK' in sys.modules, 'torch' in sys.modules)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=100, check=True
-    )
-    assert done.stdout.split() == ["ready", "False", "False"], done.stderr
+    assert python_stdout(code).split() == ["ready", "False", "False"]
 
 
 # ------------------------------------------------------ validate and the report

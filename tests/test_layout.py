@@ -10,8 +10,6 @@ from __future__ import annotations
 import ast
 import json
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import pytest
 
 from cohort.config import StatsConfig
 from cohort.synthetic import synthetic_results
+from tests.processes import python_stdout
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -140,10 +139,7 @@ def modules_after(*argv: str) -> set[str]:
         "    pass\n"
         "print('MODULES', sorted({m.split('.')[0] for m in sys.modules}))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=100, check=True
-    )
-    line = next(x for x in done.stdout.splitlines() if x.startswith("MODULES"))
+    line = next(x for x in python_stdout(code).splitlines() if x.startswith("MODULES"))
     return set(json.loads(line.removeprefix("MODULES ").replace("'", '"')))
 
 

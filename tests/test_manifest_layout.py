@@ -16,8 +16,13 @@ from cohort.inputs.manifest import read_manifest
 pytestmark = pytest.mark.timeout(60)
 
 
-def touch(root: Path, *paths: str) -> None:
-    for relative in paths:
+def touch(root: Path, listing: str) -> None:
+    """Create the files (with one byte) and folders (ending in ``/``) that ``listing``
+    names, one a line; ``#`` starts a comment."""
+    for line in listing.splitlines():
+        relative = line.split("#", 1)[0].strip()
+        if not relative:
+            continue
         path = root / relative
         if relative.endswith("/"):
             path.mkdir(parents=True, exist_ok=True)
@@ -32,16 +37,18 @@ def tree(tmp_path: Path) -> Path:
     root = tmp_path / "study"
     touch(
         root,
-        "control/s01/ct.nii.gz",
-        "control/s01/seg.nii.gz",
-        "control/s02/ct.nii.gz",
-        "control/s02/seg.nii.gz",
-        "control/s03/ct.nii.gz",  # no mask
-        "osteo/s04/ct.nii.gz",
-        "osteo/s04/seg.nii.gz",
-        "osteo/s04/notes.txt",
-        "osteo/s09/seg.nii.gz",  # no image
-        ".hidden/s05/ct.nii.gz",
+        """
+        control/s01/ct.nii.gz
+        control/s01/seg.nii.gz
+        control/s02/ct.nii.gz
+        control/s02/seg.nii.gz
+        control/s03/ct.nii.gz  # no mask
+        osteo/s04/ct.nii.gz
+        osteo/s04/seg.nii.gz
+        osteo/s04/notes.txt
+        osteo/s09/seg.nii.gz  # no image
+        .hidden/s05/ct.nii.gz
+        """,
     )
     return root
 
@@ -83,14 +90,16 @@ def test_flat_layout_with_globs_folders_and_a_cohort_table(tmp_path: Path) -> No
     root = tmp_path / "data"
     touch(
         root,
-        "images/case_001_0000.nii.gz",
-        "images/case_002_0000.nii.gz",
-        "dicom/case_003/",  # a DICOM series folder as the image
-        "dicom/case_003/IM0001",
-        "labels/case_001.nii.gz",
-        "labels/case_002.nii.gz",
-        "masks/case_003/",  # a mask folder
-        "masks/case_003/liver.nii.gz",
+        """
+        images/case_001_0000.nii.gz
+        images/case_002_0000.nii.gz
+        dicom/case_003/  # a DICOM series folder as the image
+        dicom/case_003/IM0001
+        labels/case_001.nii.gz
+        labels/case_002.nii.gz
+        masks/case_003/  # a mask folder
+        masks/case_003/liver.nii.gz
+        """,
     )
     table = tmp_path / "groups.csv"
     table.write_text("subject_id,cohort\ncase_001,a\ncase_002,b\n", encoding="utf-8")

@@ -44,6 +44,7 @@ from cohort.model.network import load_weights
 from cohort.outputs import store
 from cohort.synthetic import make_phantom_cohort
 
+Patch = pytest.MonkeyPatch
 SHAPE = (32, 64, 64)  # (D, H, W): DenseNet121's block 4 sees a 1x2x2 grid; ~1 s a subject
 FAST = [
     "--device", "cpu", "--actors", "1", "--weights", "random", "--stall-timeout", "240",
@@ -99,6 +100,12 @@ def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Ten good phantom subjects in two cohorts; returns the manifest."""
     folder = tmp_path_factory.mktemp("good")
     return make_phantom_cohort(folder, n_per_cohort=5, shape=SHAPE, seed=23)
+
+
+@pytest.fixture(scope="module")
+def four(good: Path) -> list[Subject]:
+    """The first four good subjects."""
+    return list(read_manifest(good))[:4]
 
 
 @pytest.fixture(scope="module")
@@ -263,14 +270,9 @@ def test_unusable_manifest_exits_2_before_any_work(tmp_path: Path, text: str, sa
 
 @pytest.mark.timeout(600)
 def test_killed_actor_is_restarted_and_its_subject_retried(
-    ray_session: None,
-    good: Path,
-    reference: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    ray_session: None, four: list[Subject], reference: Path, tmp_path: Path, monkeypatch: Patch
 ) -> None:
-    subset = list(read_manifest(good))[:4]
-    manifest = write_manifest(subset, tmp_path / "four.csv")
+    subset, manifest = four, write_manifest(four, tmp_path / "four.csv")
     victim = subset[1].subject_id
     marker = tmp_path / "killed"
     monkeypatch.setenv(extraction.FAULT_SUBJECT_ENV, victim)
@@ -291,15 +293,11 @@ def test_killed_actor_is_restarted_and_its_subject_retried(
 
 @pytest.mark.timeout(600)
 def test_worker_death_beyond_the_retries_fails_that_subject_alone(
-    ray_session: None,
-    good: Path,
-    reference: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    ray_session: None, four: list[Subject], reference: Path, tmp_path: Path, monkeypatch: Patch
 ) -> None:
     """--retries 0 and one death: that subject is an error row naming the death; the
     others are done with the reference's vectors."""
-    subset = list(read_manifest(good))[:3]
+    subset = four[:3]
     manifest = write_manifest(subset, tmp_path / "three.csv")
     victim = subset[1].subject_id
     monkeypatch.setenv(extraction.FAULT_SUBJECT_ENV, victim)
@@ -502,16 +500,11 @@ def test_permission_error_is_not_retried(good: Path, monkeypatch: pytest.MonkeyP
 
 @pytest.mark.timeout(600)
 def test_a_stalled_run_keeps_what_finished_and_names_the_stall(
-    ray_session: None,
-    good: Path,
-    reference: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    ray_session: None, four: list[Subject], reference: Path, tmp_path: Path, monkeypatch: Patch
 ) -> None:
     """--stall-timeout: a hung worker stops the run; the finished subjects are written,
     the others are error rows of type Stalled, and the exit status is 1."""
-    subset = list(read_manifest(good))[:4]
-    manifest = write_manifest(subset, tmp_path / "four.csv")
+    subset, manifest = four, write_manifest(four, tmp_path / "four.csv")
     victim = subset[-1].subject_id
     monkeypatch.setenv(extraction.FAULT_SUBJECT_ENV, victim)
     monkeypatch.setenv(extraction.FAULT_MARKER_ENV, str(tmp_path / "hung"))
