@@ -44,7 +44,7 @@ from cohort.config import BACKGROUND, RunConfig
 from cohort.errors import CohortError, ExitCode, RunInterruptedError, StalledError
 from cohort.execution.load import DONE, FAILED, RESAMPLED_NOTE
 from cohort.execution.progress import Progress, pick_mode
-from cohort.execution.session import ensure_ray
+from cohort.execution.session import ActorMemory, actor_memory, ensure_ray, plan_pool
 from cohort.outputs import schemas, store
 
 if TYPE_CHECKING:
@@ -106,6 +106,7 @@ class RunResult:
     seconds: float = 0.0
     resampled: list[str] = field(default_factory=list)  # subjects whose mask was resampled
     phases: dict[str, float] = field(default_factory=dict)  # seconds from the start
+    memory: ActorMemory | None = None  # what each feature actor requested of Ray
 
     @property
     def exit_code(self) -> ExitCode:
@@ -148,6 +149,7 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
     seen: set[str] = set()
     broken: BaseException | None = None  # why the Ray graph stopped early, if it did
     try:
+        result.memory = _actor_memory(plan, cfg)
         rows = stream(
             stream_rows(plan.subjects, cfg),
             plan.weights.state_dict,
@@ -155,6 +157,7 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
             plan.identity,
             finished,
             reach=plan.reach,
+            memory=result.memory,
         )
         with contextlib.closing(rows):
             try:
@@ -267,6 +270,14 @@ def _write_part(parts: store.Parts, row: Mapping[str, Any]) -> None:
     parts.write(str(row["key"]), store.table(features, schemas.FEATURES_SCHEMA))
 
 
+def _actor_memory(plan: Plan, cfg: RunConfig) -> ActorMemory:
+    """Each actor's memory request and the loaders' queue, from the largest input."""
+    actors, gpus, _ = plan_pool(cfg)
+    reach = plan.reach
+    layers = [r.module_path for r in reach.layers] if reach else list(cfg.model.layers)
+    return actor_memory(plan.sizes, cfg, layers, "cuda" if gpus else "cpu", actors)
+
+
 def _prepare(manifest: Path, cfg: RunConfig, download: bool) -> Plan:
     from cohort.execution.plan import prepare_run
 
@@ -312,4 +323,16 @@ def _provenance(
             "subjects_per_s": round(result.done / result.seconds, 4) if result.seconds else None,
         },
         "background": BACKGROUND if cfg.regions.background else None,
+        "resources": _resources(result.memory),
+    }
+
+
+def _resources(memory: ActorMemory | None) -> dict[str, Any] | None:
+    if memory is None:
+        return None
+    queue = memory.queue_bytes
+    return {
+        "actor_memory_gb": round(memory.request_bytes / 2**30, 3),
+        "queue_mib": None if queue is None else round(queue / 2**20, 1),
+        "basis": memory.basis,
     }

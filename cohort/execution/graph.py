@@ -25,7 +25,7 @@ from cohort.config import RunConfig
 from cohort.execution.extract import FaultHook, FeatureActor
 from cohort.execution.ledger import AttemptLedger
 from cohort.execution.load import load_subject
-from cohort.execution.session import plan_pool
+from cohort.execution.session import ActorMemory, plan_pool
 from cohort.inputs.geometry import Reach
 
 __all__ = ["stream"]
@@ -38,6 +38,7 @@ def stream(
     identity: str,
     finished: frozenset[str],
     reach: Reach | None = None,
+    memory: ActorMemory | None = None,
 ) -> Generator[dict[str, Any], None, None]:
     """Run the Ray Data graph on manifest ``rows`` and yield one result row per subject
     as it finishes (in the order they finish).
@@ -46,10 +47,12 @@ def stream(
     ``identity`` and ``finished`` let the loaders recognise subjects that an
     earlier run finished (they come back with status ``cached``); ``reach``
     (what the hooked layers need of the model input) lets them refuse a volume
-    that is too small at the check stage.
+    that is too small at the check stage; ``memory`` is what each actor requests and
+    how much the loaders may hold ahead of the actors (default: ``--actor-memory``
+    and Ray Data's own budget).
     """
     import ray
-    from ray.data import ActorPoolStrategy, DataContext, Dataset
+    from ray.data import ActorPoolStrategy, DataContext, Dataset, ExecutionResources
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     context = DataContext.get_current()
@@ -66,6 +69,12 @@ def stream(
     stall = cfg.execution.stall_timeout_s
     context.execution_no_progress_timeout_s = -1 if stall is None else stall
     actors, gpus, threads = plan_pool(cfg)
+    request = memory.request_bytes if memory else int(cfg.execution.actor_memory_gb * 2**30)
+    queue = memory.queue_bytes if memory else None
+    # set on every run: the context outlives a run in a process that makes several
+    context.execution_options.resource_limits = ExecutionResources.for_limits(
+        object_store_memory=queue
+    )
     retries = cfg.execution.max_retries
     items = ray.data.from_items(list(rows), override_num_blocks=len(rows))
     loader = functools.partial(
@@ -116,7 +125,7 @@ def stream(
             compute=ActorPoolStrategy(min_size=1, max_size=actors),
             num_cpus=cfg.execution.actor_cpus,
             num_gpus=gpus,
-            memory=cfg.execution.actor_memory_gb * 2**30,
+            memory=request,
             ray_remote_args_fn=functools.partial(
                 _remote_args, max_restarts=-1, max_task_retries=-1
             ),

@@ -7,6 +7,7 @@ thread while Ray starts.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from cohort.config import LabelMap, RunConfig, format_label_map
 from cohort.inputs.fingerprint import options_identity
 from cohort.inputs.geometry import Reach
+from cohort.inputs.headers import InputSizes, scan_sizes
 from cohort.inputs.manifest import Subject, read_manifest
 from cohort.model.hooks import LayerInfo, resolve_layers
 from cohort.model.network import Weights, architecture, build_network, load_weights
@@ -37,14 +39,18 @@ class Plan:
     identity: str
     reach: Reach | None = None  # least model input of each hooked layer (for the loaders)
     architecture: str = ""  # the library and version that define the network
+    sizes: InputSizes | None = None  # the largest model inputs, from the image headers
 
 
 def prepare_run(manifest: Path, cfg: RunConfig, *, download: bool = True) -> Plan:
     """Everything checked on the driver before Ray starts: manifest, weights, layers."""
     subjects = read_manifest(manifest)
-    weights = load_weights(cfg.model, download=download)
-    network, _ = build_network(cfg.model.backbone, weights.state_dict, cfg.model.inflation)
-    layers = resolve_layers(network, cfg.model.layers)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # headers read while the network is built
+        sizing = pool.submit(scan_sizes, [s.image for s in subjects], cfg.preprocess)
+        weights = load_weights(cfg.model, download=download)
+        network, _ = build_network(cfg.model.backbone, weights.state_dict, cfg.model.inflation)
+        layers = resolve_layers(network, cfg.model.layers)
+        sizes = sizing.result()
     return Plan(
         Path(manifest).resolve(),
         subjects,
@@ -53,6 +59,7 @@ def prepare_run(manifest: Path, cfg: RunConfig, *, download: bool = True) -> Pla
         options_identity(cfg, weights.sha256),
         layer_reach(network, layers),
         architecture(cfg.model.backbone),
+        sizes,
     )
 
 

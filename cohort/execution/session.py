@@ -7,12 +7,21 @@ imports the model and checks the run (:mod:`cohort.execution.driver`).
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from cohort.config import RunConfig
 from cohort.errors import ConfigError
+from cohort.inputs.headers import InputSizes
+from cohort.model.memory import GIB, WORKER_BASE_BYTES, estimate_peak_bytes
 
-__all__ = ["ensure_ray", "plan_pool"]
+__all__ = ["ActorMemory", "actor_memory", "ensure_ray", "plan_pool"]
+
+MARGIN = 1.25  # requested over the estimate (measured peaks were 0.95-1.06 of it)
+QUEUE_PER_ACTOR = 4  # model inputs Ray Data may hold ahead of each actor ...
+QUEUE_FLOOR_BYTES = 512 * 2**20  # ... and at least this much, for small inputs
 
 
 def ensure_ray(address: str | None) -> None:
@@ -57,3 +66,48 @@ def plan_pool(cfg: RunConfig) -> tuple[int, float, int | None]:
     if threads is None and not use_gpu:
         threads = max(1, int(cpus // actors))
     return actors, (1.0 if use_gpu else 0.0), threads
+
+
+@dataclass(frozen=True)
+class ActorMemory:
+    """What each feature actor asks Ray for, and how far the loaders may run ahead."""
+
+    request_bytes: int  # Ray's ``memory`` resource of each actor
+    queue_bytes: int | None  # Ray Data's object-store budget (None: Ray Data's default)
+    basis: str  # how it was decided, in words (run.json, --verbose)
+
+
+def actor_memory(
+    sizes: InputSizes | None, cfg: RunConfig, layers: Sequence[str], device: str, actors: int
+) -> ActorMemory:
+    """Size the actors from the largest model input the header scan found.
+
+    With every image sized: each actor requests the largest estimated peak
+    (:func:`cohort.model.memory.estimate_peak_bytes`, plus the worker process)
+    times :data:`MARGIN`, at most ``--actor-memory`` (a subject above that fails
+    at its check stage); the loaders may hold :data:`QUEUE_PER_ACTOR` of the
+    largest inputs per actor in the object store (at least
+    :data:`QUEUE_FLOOR_BYTES`), so a long run of small volumes does not fill
+    the store ahead of the actors. Otherwise: ``--actor-memory`` and Ray Data's
+    own budget.
+    """
+    limit = int(cfg.execution.actor_memory_gb * GIB)
+    if sizes is None or not sizes.complete or not sizes.largest:
+        scanned = "no headers read" if sizes is None else f"{sizes.sized} of {sizes.total} sized"
+        return ActorMemory(limit, None, f"--actor-memory ({scanned} by their headers)")
+    model, pooling = cfg.model, cfg.pooling.mode
+    estimates = [
+        estimate_peak_bytes(shape, model.backbone, layers, pooling, model.precision, device)
+        for shape in sizes.largest
+    ]
+    peak = max(estimates, key=lambda e: e.host)
+    wanted = math.ceil((peak.host + WORKER_BASE_BYTES) * MARGIN)
+    dims = "x".join(str(n) for n in peak.shape)
+    queue = max(QUEUE_FLOOR_BYTES, actors * QUEUE_PER_ACTOR * max(e.inputs for e in estimates))
+    if wanted >= limit:
+        return ActorMemory(limit, queue, f"--actor-memory (the largest input, {dims}, needs more)")
+    return ActorMemory(
+        wanted,
+        queue,
+        f"the largest input's estimate ({dims}) x {MARGIN:g}, all {sizes.total} sized",
+    )

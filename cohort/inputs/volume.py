@@ -30,6 +30,7 @@ and back: ``spacing`` = the column norms of ``affine[:3, :3]``,
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,6 +47,7 @@ __all__ = [
     "Volume",
     "fmt_affine",
     "fmt_shape",
+    "itk_affine",
     "volume_from_sitk",
     "volume_to_sitk",
 ]
@@ -106,13 +108,21 @@ def volume_from_sitk(image: sitk.Image, path: Path, description: str) -> Volume:
         )
     array = sitk.GetArrayFromImage(image)  # (..., k, j, i)
     data = array.reshape(array.shape[-3:]).transpose(2, 1, 0)
-    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
-    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)[:3]
-    origin = np.asarray(image.GetOrigin(), dtype=np.float64)[:3]
-    affine = np.eye(4)
-    affine[:3, :3] = LPS_TO_RAS @ direction @ np.diag(spacing)
-    affine[:3, 3] = LPS_TO_RAS @ origin
+    affine = itk_affine(image.GetDirection(), image.GetSpacing(), image.GetOrigin())
     return Volume(data=data, affine=affine, path=path, description=description)
+
+
+def itk_affine(
+    direction: Sequence[float], spacing: Sequence[float], origin: Sequence[float]
+) -> np.ndarray:
+    """The voxel -> RAS+ affine of an ITK image (LPS world) of any dimension: its first
+    three axes, placed by the top-left 3x3 block of the direction matrix."""
+    dim = len(spacing)
+    rotation = np.asarray(direction, dtype=np.float64).reshape(dim, dim)[:3, :3]
+    affine = np.eye(4)
+    affine[:3, :3] = LPS_TO_RAS @ rotation @ np.diag(np.asarray(spacing, dtype=np.float64)[:3])
+    affine[:3, 3] = LPS_TO_RAS @ np.asarray(origin, dtype=np.float64)[:3]
+    return affine
 
 
 def volume_to_sitk(volume: Volume) -> sitk.Image:

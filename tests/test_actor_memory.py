@@ -1,0 +1,116 @@
+"""Sizing the feature actors from the image headers: the largest model input, its
+estimate, the Ray memory request and the loaders' queue in the object store."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cohort.config import ExecutionConfig, PreprocessConfig, RunConfig
+from cohort.execution import session
+from cohort.execution.session import actor_memory
+from cohort.inputs.headers import InputSizes, header_grid, scan_sizes
+from cohort.inputs.stages import prepare
+from cohort.model.memory import GIB, WORKER_BASE_BYTES, estimate_peak_bytes
+from tests.nifti_helpers import save_nifti
+from tests.test_formats import write_itk
+from tests.test_input_kinds import LABELS, anatomy
+from tests.test_inputs import stored_as
+
+pytestmark = pytest.mark.timeout(120)
+
+STORAGES = [((0, 1, 2), (False, False, False)), ((2, 0, 1), (True, False, True))]
+SPACINGS = [None, (1.157, 0.7, 0.729), (3.0, 1.0, 1.0)]
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+@pytest.mark.parametrize("storage", STORAGES, ids=["ras", "permuted-flipped"])
+@pytest.mark.parametrize("spacing", SPACINGS, ids=["kept", "fine", "coarse"])
+def test_header_size_is_the_prepared_input_size(
+    suffix: str,
+    storage: tuple[tuple[int, ...], tuple[bool, ...]],
+    spacing: tuple[float, float, float] | None,
+    tmp_path: Path,
+) -> None:
+    """The size from the header alone equals the model input the loaders prepare."""
+    hu, labels, affine = anatomy()
+    s_hu, s_affine = stored_as(hu, affine, *storage)
+    s_labels, _ = stored_as(labels, affine, *storage)
+    write = save_nifti if suffix == ".nii.gz" else write_itk
+    image = write(tmp_path / f"i{suffix}", s_hu, s_affine)
+    mask = write(tmp_path / f"m{suffix}", s_labels, s_affine)
+    cfg = PreprocessConfig(target_spacing=spacing)
+    prepared = prepare(image, mask, LABELS, True, cfg)
+    sizes = scan_sizes([image], cfg)
+    assert sizes == InputSizes(1, 1, (tuple(int(n) for n in prepared.image.shape),))
+
+
+def test_scan_keeps_the_largest_and_counts_what_it_could_not_size(tmp_path: Path) -> None:
+    shapes = [(10, 12, 14), (30, 20, 10), (8, 8, 8), (30, 20, 10)]
+    images = [
+        save_nifti(tmp_path / f"{n}.nii.gz", np.zeros(s, np.float32)) for n, s in enumerate(shapes)
+    ]
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a NIfTI file")
+    folder = tmp_path / "dicom"
+    folder.mkdir()  # a DICOM folder: sized by its own load stage, not here
+    sizes = scan_sizes([*images, broken, folder], PreprocessConfig())
+    # stored (x, y, z) with an identity affine: the model input is (z, y, x)
+    assert sizes == InputSizes(4, 6, ((10, 20, 30), (14, 12, 10), (8, 8, 8)))
+    assert not sizes.complete
+    assert header_grid(folder, 10**9) is None
+    assert scan_sizes(images, PreprocessConfig(), seconds=0.0).sized < len(images)
+
+
+def _cfg(actor_memory_gb: float = 3.0) -> RunConfig:
+    return RunConfig(execution=ExecutionConfig(actor_memory_gb=actor_memory_gb))
+
+
+LAYERS = ["features.denseblock4.denselayer16.conv2"]
+
+
+def test_request_is_the_largest_estimate_with_its_margin() -> None:
+    largest = ((96, 128, 128), (64, 64, 64))
+    got = actor_memory(InputSizes(5, 5, largest), _cfg(), LAYERS, "cpu", actors=2)
+    big = estimate_peak_bytes(largest[0], "densenet121", LAYERS)
+    assert got.request_bytes == math.ceil((big.host + WORKER_BASE_BYTES) * session.MARGIN)
+    assert got.request_bytes < 3 * GIB
+    assert got.queue_bytes == max(
+        session.QUEUE_FLOOR_BYTES, 2 * session.QUEUE_PER_ACTOR * big.inputs
+    )
+    assert "96x128x128" in got.basis and "all 5 sized" in got.basis
+
+
+def test_queue_grows_with_large_inputs_and_actors() -> None:
+    whole_body = ((1000, 512, 512),)
+    got = actor_memory(InputSizes(1, 1, whole_body), _cfg(24.0), LAYERS, "cuda", actors=3)
+    inputs = estimate_peak_bytes(whole_body[0], "densenet121", LAYERS, device="cuda").inputs
+    assert got.queue_bytes == 3 * session.QUEUE_PER_ACTOR * inputs > session.QUEUE_FLOOR_BYTES
+
+
+def test_request_never_exceeds_actor_memory_and_falls_back_when_unsized() -> None:
+    large = InputSizes(2, 2, ((512, 512, 512),))
+    capped = actor_memory(large, _cfg(2.0), LAYERS, "cpu", actors=1)
+    assert capped.request_bytes == 2 * GIB and "needs more" in capped.basis
+    for partial in (None, InputSizes(3, 4, ((8, 8, 8),)), InputSizes(0, 0, ())):
+        got = actor_memory(partial, _cfg(), LAYERS, "cpu", actors=1)
+        assert (got.request_bytes, got.queue_bytes) == (3 * GIB, None)
+        assert got.basis.startswith("--actor-memory")
+
+
+def test_run_requests_the_sized_memory(small_run: Path) -> None:
+    """The actors of a real run were granted the request run.json records (below the
+    default --actor-memory of 3 GB for 64^3 inputs)."""
+    run = json.loads((small_run / "run.json").read_text())
+    resources = run["resources"]
+    assert 0.5 < resources["actor_memory_gb"] < 3.0
+    assert resources["queue_mib"] == session.QUEUE_FLOOR_BYTES / 2**20
+    assert "all 6 sized" in resources["basis"]
+    (device,) = run["device"]
+    granted = float(re.search(r"memory=([0-9.e+]+)", device).group(1))  # type: ignore[union-attr]
+    assert granted == pytest.approx(resources["actor_memory_gb"] * GIB, rel=1e-3)
