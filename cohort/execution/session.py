@@ -21,7 +21,7 @@ __all__ = ["ActorMemory", "actor_memory", "ensure_ray", "plan_pool"]
 
 MARGIN = 1.25  # requested over the estimate (measured peaks were 0.95-1.06 of it)
 QUEUE_PER_ACTOR = 4  # model inputs Ray Data may hold ahead of each actor ...
-QUEUE_FLOOR_BYTES = 512 * 2**20  # ... and at least this much, for small inputs
+QUEUE_FLOOR_BYTES = 256 * 2**20  # ... and at least this much, for small inputs
 
 
 def ensure_ray(address: str | None) -> None:
