@@ -97,10 +97,16 @@ def test_request_never_exceeds_actor_memory_and_falls_back_when_unsized() -> Non
     large = InputSizes(2, 2, ((512, 512, 512),))
     capped = actor_memory(large, _cfg(2.0), LAYERS, "cpu", actors=1)
     assert capped.request_bytes == 2 * GIB and "needs more" in capped.basis
-    for partial in (None, InputSizes(3, 4, ((8, 8, 8),)), InputSizes(0, 0, ())):
-        got = actor_memory(partial, _cfg(), LAYERS, "cpu", actors=1)
+    for unsized in (None, InputSizes(0, 4, ()), InputSizes(0, 0, ())):
+        got = actor_memory(unsized, _cfg(), LAYERS, "cpu", actors=1)
         assert (got.request_bytes, got.queue_bytes) == (3 * GIB, None)
         assert got.basis.startswith("--actor-memory")
+    # some sized (a DICOM folder among files, or more headers than the scan's time):
+    # the request stays --actor-memory, the queue follows the largest sized input
+    partial = actor_memory(InputSizes(3, 4, ((900, 512, 512),)), _cfg(), LAYERS, "cpu", actors=2)
+    inputs = estimate_peak_bytes((900, 512, 512), "densenet121", LAYERS).inputs
+    assert (partial.request_bytes, partial.queue_bytes) == (3 * GIB, 2 * 4 * inputs)
+    assert "3 of 4 sized" in partial.basis
 
 
 def test_run_requests_the_sized_memory(small_run: Path) -> None:

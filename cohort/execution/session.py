@@ -23,7 +23,7 @@ __all__ = ["ActorMemory", "actor_memory", "ensure_ray", "plan_pool"]
 # when an actor's peak (unique memory) comes within 1 / 1.25 of its request
 MARGIN = 1.4
 QUEUE_PER_ACTOR = 4  # model inputs Ray Data may hold ahead of each actor ...
-QUEUE_FLOOR_BYTES = 256 * 2**20  # ... and at least this much, for small inputs
+QUEUE_FLOOR_BYTES = 128 * 2**20  # ... and at least this much, for small inputs
 
 
 def ensure_ray(address: str | None) -> None:
@@ -84,17 +84,17 @@ def actor_memory(
 ) -> ActorMemory:
     """Size the actors from the largest model input the header scan found.
 
-    With every image sized: each actor requests the largest estimated peak
+    With every image sized, each actor requests the largest estimated peak
     (:func:`cohort.model.memory.estimate_peak_bytes`, plus the worker process)
     times :data:`MARGIN`, at most ``--actor-memory`` (a subject above that fails
-    at its check stage); the loaders may hold :data:`QUEUE_PER_ACTOR` of the
-    largest inputs per actor in the object store (at least
-    :data:`QUEUE_FLOOR_BYTES`), so a long run of small volumes does not fill
-    the store ahead of the actors. Otherwise: ``--actor-memory`` and Ray Data's
-    own budget.
+    at its check stage); otherwise ``--actor-memory``. The loaders may hold
+    :data:`QUEUE_PER_ACTOR` of the largest sized inputs per actor in the object
+    store (at least :data:`QUEUE_FLOOR_BYTES`), so a long run of small volumes
+    does not fill the store ahead of the actors; with none sized, Ray Data keeps
+    its own budget. An input larger than the queue still passes, one at a time.
     """
     limit = int(cfg.execution.actor_memory_gb * GIB)
-    if sizes is None or not sizes.complete or not sizes.largest:
+    if sizes is None or not sizes.largest:
         scanned = "no headers read" if sizes is None else f"{sizes.sized} of {sizes.total} sized"
         return ActorMemory(limit, None, f"--actor-memory ({scanned} by their headers)")
     model, pooling = cfg.model, cfg.pooling.mode
@@ -102,14 +102,14 @@ def actor_memory(
         estimate_peak_bytes(shape, model.backbone, layers, pooling, model.precision, device)
         for shape in sizes.largest
     ]
+    queue = max(QUEUE_FLOOR_BYTES, actors * QUEUE_PER_ACTOR * max(e.inputs for e in estimates))
+    if not sizes.complete:
+        basis = f"--actor-memory ({sizes.sized} of {sizes.total} sized by their headers)"
+        return ActorMemory(limit, queue, basis)
     peak = max(estimates, key=lambda e: e.host)
     wanted = math.ceil((peak.host + WORKER_BASE_BYTES) * MARGIN)
     dims = "x".join(str(n) for n in peak.shape)
-    queue = max(QUEUE_FLOOR_BYTES, actors * QUEUE_PER_ACTOR * max(e.inputs for e in estimates))
     if wanted >= limit:
         return ActorMemory(limit, queue, f"--actor-memory (the largest input, {dims}, needs more)")
-    return ActorMemory(
-        wanted,
-        queue,
-        f"the largest input's estimate ({dims}) x {MARGIN:g}, all {sizes.total} sized",
-    )
+    basis = f"the largest input's estimate ({dims}) x {MARGIN:g}, all {sizes.total} sized"
+    return ActorMemory(wanted, queue, basis)
