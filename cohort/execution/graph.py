@@ -93,10 +93,12 @@ def stream(
         .options(
             # no restarts: it lives on the driver's node, and when that node is lost
             # the run is lost with it (a restart would also need its constructor's
-            # object again, which Ray warns about on every run)
+            # object again, which Ray warns about on every run). Pinned there (not
+            # soft): with a soft affinity Ray sometimes placed it on a worker node, and
+            # losing that node then failed every actor built after it
             num_cpus=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(
-                ray.get_runtime_context().get_node_id(), soft=True
+                ray.get_runtime_context().get_node_id(), soft=False
             ),
         )
         .remote([weights_ref])  # nested: the ledger borrows the reference
