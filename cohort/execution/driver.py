@@ -149,15 +149,15 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
     seen: set[str] = set()
     broken: BaseException | None = None  # why the Ray graph stopped early, if it did
     try:
-        result.memory = _actor_memory(plan, cfg)
+        result.memory = memory = _actor_memory(plan, cfg)
         rows = stream(
             stream_rows(plan.subjects, cfg),
             plan.weights.state_dict,
             cfg,
             plan.identity,
             finished,
+            memory,
             reach=plan.reach,
-            memory=result.memory,
         )
         with contextlib.closing(rows):
             try:

@@ -37,8 +37,8 @@ def stream(
     cfg: RunConfig,
     identity: str,
     finished: frozenset[str],
+    memory: ActorMemory,
     reach: Reach | None = None,
-    memory: ActorMemory | None = None,
 ) -> Generator[dict[str, Any], None, None]:
     """Run the Ray Data graph on manifest ``rows`` and yield one result row per subject
     as it finishes (in the order they finish).
@@ -48,8 +48,8 @@ def stream(
     earlier run finished (they come back with status ``cached``); ``reach``
     (what the hooked layers need of the model input) lets them refuse a volume
     that is too small at the check stage; ``memory`` is what each actor requests and
-    how much the loaders may hold ahead of the actors (default: ``--actor-memory``
-    and Ray Data's own budget).
+    how much the loaders may hold ahead of the actors
+    (:func:`cohort.execution.session.actor_memory`).
     """
     import ray
     from ray.data import ActorPoolStrategy, DataContext, Dataset, ExecutionResources
@@ -69,11 +69,9 @@ def stream(
     stall = cfg.execution.stall_timeout_s
     context.execution_no_progress_timeout_s = -1 if stall is None else stall
     actors, gpus, threads = plan_pool(cfg)
-    request = memory.request_bytes if memory else int(cfg.execution.actor_memory_gb * 2**30)
-    queue = memory.queue_bytes if memory else None
     # set on every run: the context outlives a run in a process that makes several
     context.execution_options.resource_limits = ExecutionResources.for_limits(
-        object_store_memory=queue
+        object_store_memory=memory.queue_bytes
     )
     retries = cfg.execution.max_retries
     items = ray.data.from_items(list(rows), override_num_blocks=len(rows))
@@ -127,7 +125,7 @@ def stream(
             compute=ActorPoolStrategy(min_size=1, max_size=actors),
             num_cpus=cfg.execution.actor_cpus,
             num_gpus=gpus,
-            memory=request,
+            memory=memory.request_bytes,
             ray_remote_args_fn=functools.partial(
                 _remote_args, max_restarts=-1, max_task_retries=-1
             ),
