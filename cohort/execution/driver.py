@@ -272,10 +272,9 @@ def _write_part(parts: store.Parts, row: Mapping[str, Any]) -> None:
 
 def _actor_memory(plan: Plan, cfg: RunConfig) -> ActorMemory:
     """Each actor's memory request and the loaders' queue, from the largest input."""
-    actors, gpus, _ = plan_pool(cfg)
-    reach = plan.reach
-    layers = [r.module_path for r in reach.layers] if reach else list(cfg.model.layers)
-    return actor_memory(plan.sizes, cfg, layers, "cuda" if gpus else "cpu", actors)
+    pool = plan_pool(cfg)
+    layers = [info.module_path for info in plan.layers]
+    return actor_memory(plan.sizes, cfg, layers, pool.device, pool.actors)
 
 
 def _prepare(manifest: Path, cfg: RunConfig, download: bool) -> Plan:

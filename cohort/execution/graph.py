@@ -68,7 +68,8 @@ def stream(
     # without the option
     stall = cfg.execution.stall_timeout_s
     context.execution_no_progress_timeout_s = -1 if stall is None else stall
-    actors, gpus, threads = plan_pool(cfg)
+    pool = plan_pool(cfg)
+    actors, gpus, threads = pool
     # set on every run: the context outlives a run in a process that makes several
     context.execution_options.resource_limits = ExecutionResources.for_limits(
         object_store_memory=memory.queue_bytes
@@ -81,7 +82,7 @@ def stream(
         identity=identity,
         finished=finished,
         reach=reach,
-        device="cuda" if gpus else "cpu",  # where the actors below hold the network
+        device=pool.device,  # where the actors below hold the network
     )
     weights_ref = ray.put(dict(weights))  # owned by this frame for the whole run
     # counts each subject's attempts, so that one that kills its worker every time

@@ -11,13 +11,14 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from cohort.config import RunConfig
 from cohort.errors import ConfigError
 from cohort.inputs.headers import InputSizes
 from cohort.model.memory import GIB, WORKER_BASE_BYTES, estimate_peak_bytes
 
-__all__ = ["ActorMemory", "actor_memory", "ensure_ray", "plan_pool"]
+__all__ = ["ActorMemory", "Pool", "actor_memory", "ensure_ray", "plan_pool"]
 
 # requested over the estimate: measured peaks were 0.95-1.10 of it, and Ray Data warns
 # when an actor's peak (unique memory) comes within 1 / 1.25 of its request
@@ -44,7 +45,20 @@ def ensure_ray(address: str | None) -> None:
         )
 
 
-def plan_pool(cfg: RunConfig) -> tuple[int, float, int | None]:
+class Pool(NamedTuple):
+    """The feature actors of a run."""
+
+    actors: int
+    gpus: float  # per actor: 1.0 on GPU workers, else 0.0
+    threads: int | None  # torch threads per actor (None: torch's own choice)
+
+    @property
+    def device(self) -> str:
+        """Where the actors hold the network: ``cuda`` or ``cpu``."""
+        return "cuda" if self.gpus else "cpu"
+
+
+def plan_pool(cfg: RunConfig) -> Pool:
     """Actors, GPUs per actor and torch threads per actor, from the cluster's resources."""
     import ray
 
@@ -67,7 +81,7 @@ def plan_pool(cfg: RunConfig) -> tuple[int, float, int | None]:
     threads = cfg.execution.torch_threads
     if threads is None and not use_gpu:
         threads = max(1, int(cpus // actors))
-    return actors, (1.0 if use_gpu else 0.0), threads
+    return Pool(actors, 1.0 if use_gpu else 0.0, threads)
 
 
 @dataclass(frozen=True)

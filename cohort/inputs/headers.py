@@ -73,12 +73,10 @@ def scan_sizes(
     """Read the headers of ``images`` (in threads, for at most ``seconds``); returns
     how many were sized and the largest model inputs before any crop."""
     started = time.monotonic()
-    shapes: list[Shape] = []
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = [pool.submit(_model_input, Path(p), cfg) for p in images]
-        done, pending = wait(futures, timeout=max(0.0, seconds - (time.monotonic() - started)))
-        for future in pending:
-            future.cancel()
+        done, _ = wait(futures, timeout=max(0.0, seconds - (time.monotonic() - started)))
+        pool.shutdown(cancel_futures=True)  # those not started; running ones finish
         shapes = [s for s in (f.result() for f in done) if s is not None]
     largest = sorted(set(shapes), key=lambda s: (math.prod(s), s), reverse=True)[:_KEEP]
     return InputSizes(len(shapes), len(images), tuple(largest))

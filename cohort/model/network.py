@@ -203,11 +203,9 @@ def _read_state_file(path: Path) -> StateDict:
 
 def _imagenet_weights(name: str, download: bool) -> Weights:
     entry = backbone(name).imagenet
+    cache = imagenet_cache_path(name)
     path = cached_or_downloaded(
-        imagenet_cache_path(name),
-        entry.url,
-        lambda why: _missing_imagenet(name, imagenet_cache_path(name), why),
-        download=download,
+        cache, entry.url, lambda why: _missing_imagenet(name, cache, why), download=download
     )
     digest = sha256_file(path)
     # torchvision names its files <arch>-<first hex digits of the sha256>.pth
