@@ -18,13 +18,21 @@ from cohort.errors import ConfigError
 from cohort.inputs.headers import InputSizes
 from cohort.model.memory import GIB, WORKER_BASE_BYTES, estimate_peak_bytes
 
-__all__ = ["ActorMemory", "Pool", "actor_memory", "ensure_ray", "plan_pool"]
+__all__ = ["LOCAL_SYSTEM_CONFIG", "ActorMemory", "Pool", "actor_memory", "ensure_ray", "plan_pool"]
 
 # requested over the estimate: measured peaks were 0.95-1.10 of it, and Ray Data warns
 # when an actor's peak (unique memory) comes within 1 / 1.25 of its request
 MARGIN = 1.4
 QUEUE_PER_ACTOR = 4  # model inputs Ray Data may hold ahead of each actor ...
 QUEUE_FLOOR_BYTES = 128 * 2**20  # ... and at least this much, for small inputs
+
+# The private instance of a local run lives as long as the run, so its idle worker
+# processes stay for the run (an hour at a time). Ray's default stops an idle worker
+# after 1 s once there are more than CPUs: the loaders, which wait whenever their queue
+# is full, were stopped and started again all through a run, each restart importing
+# Ray Data, pandas and nibabel anew (bench/SCALING.md: 14-15 worker processes instead
+# of 9 for 22 subjects; 12.1-12.5 s -> 8.3-10.4 s from the first result to the last).
+LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 3_600_000}
 
 
 def ensure_ray(address: str | None) -> None:
@@ -40,6 +48,7 @@ def ensure_ray(address: str | None) -> None:
         ray.init(
             address="local",
             include_dashboard=False,
+            _system_config=LOCAL_SYSTEM_CONFIG,
             logging_level=logging.WARNING,
             log_to_driver=False,
         )
