@@ -7,9 +7,12 @@ conftest, not by :func:`cohort.execution.session.ensure_ray`.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from cohort.synthetic import make_phantom_cohort
+from tests.conftest import SMALL_SHAPE
 from tests.processes import python_stdout
 
 # Six tasks of half a CPU at a time on 2 CPUs need more worker processes than CPUs;
@@ -45,3 +48,37 @@ def test_private_instance_keeps_idle_workers_between_rounds() -> None:
     out = json.loads(python_stdout(_ROUNDS, timeout=110).strip().splitlines()[-1])
     assert len(out["first"]) > 2, out  # more worker processes than CPUs were needed
     assert set(out["second"]) <= set(out["first"]), out  # no process was started anew
+
+
+_RUN = """
+import json, os, sys
+from pathlib import Path
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.pop("RAY_ADDRESS", None)
+import ray
+from cohort.config import ExecutionConfig, ModelConfig, RunConfig, StatsConfig
+from cohort.execution import driver
+
+cfg = RunConfig(
+    model=ModelConfig(weights="random"),
+    execution=ExecutionConfig(device="cpu", progress="quiet", stall_timeout_s=240),
+    stats=StatsConfig(bootstrap=20, permutations=9),
+)
+result = driver.run(Path(sys.argv[1]), Path(sys.argv[2]), cfg, download=False)
+print(json.dumps({"done": result.done, "failed": result.failed, "ray_up": ray.is_initialized()}))
+"""
+
+
+@pytest.mark.timeout(240)
+def test_a_run_stops_its_own_instance_and_publishes_everything(tmp_path: Path) -> None:
+    """A run that started its private instance stops it while the reducer works; the
+    results are all published."""
+    manifest = make_phantom_cohort(tmp_path / "cohort", n_per_cohort=1, shape=SMALL_SHAPE, seed=3)
+    out = tmp_path / "out"
+    code = _RUN.replace("sys.argv[1]", repr(str(manifest))).replace("sys.argv[2]", repr(str(out)))
+    outcome = json.loads(python_stdout(code, timeout=230).strip().splitlines()[-1])
+    assert outcome == {"done": 2, "failed": 0, "ray_up": False}
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"]["done"] == 2
+    for table in ("features", "similarity", "stats"):
+        assert (out / f"{table}.parquet").is_file(), table

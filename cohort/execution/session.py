@@ -35,23 +35,26 @@ QUEUE_FLOOR_BYTES = 128 * 2**20  # ... and at least this much, for small inputs
 LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 3_600_000}
 
 
-def ensure_ray(address: str | None) -> None:
+def ensure_ray(address: str | None) -> bool:
+    """Join the Ray cluster at ``address`` (or ``RAY_ADDRESS``), or start a private local
+    instance; True when this call started the private instance (the run owns it)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-    else:
-        # "local": a private instance, never one a `ray start` on this machine left running
-        ray.init(
-            address="local",
-            include_dashboard=False,
-            _system_config=LOCAL_SYSTEM_CONFIG,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-        )
+        return False
+    # "local": a private instance, never one a `ray start` on this machine left running
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        _system_config=LOCAL_SYSTEM_CONFIG,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
+    return True
 
 
 class Pool(NamedTuple):
