@@ -9,6 +9,9 @@ bench.baseline`` (the origin protocol written plainly, bench/baseline.py),
 seeded random weights, on the same phantom cohort. Prints the seconds and the
 ratios to the loop (the issue's goals: masked-pool >= 2.5x, masked-input >= 1.3x),
 and where cohort's time went (run.json's timings).
+
+``--address auto`` measures cohort joining a Ray instance that is already running
+(``ray start --head`` beforehand) instead of starting its private one.
 """
 
 from __future__ import annotations
@@ -43,35 +46,43 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--subjects", type=int, default=22)
     p.add_argument("--shape", default="96,128,128")
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--address", help="join this running Ray (e.g. auto) instead of a private one")
     args = p.parse_args(argv)
     d, h, w = (int(x) for x in args.shape.split(","))
     folder = Path(tempfile.mkdtemp(prefix="startup-"))
     manifest = phantom_cohort(folder, args.subjects, (d, h, w))
     cohort = [sys.executable, "-m", "cohort", "run", str(manifest), "--weights", "random"]
     cohort += ["--quiet", "--no-report"]
-    rows: dict[str, list[float]] = {}
-    timings: dict[str, dict[str, float]] = {}
+    if args.address:
+        cohort += ["--address", args.address]
+    rounds: list[dict[str, tuple[float, dict[str, float]]]] = []
     for r in range(args.rounds):
-        masked_input = [*cohort, "--pooling", "masked-input", "--out", str(folder / f"mi{r}")]
-        for name, command in (
-            ("plain loop", [sys.executable, "-m", "bench.baseline", str(manifest)]),
-            ("cohort masked-input", masked_input),
-            ("cohort masked-pool", [*cohort, "--out", str(folder / f"mp{r}")]),
-        ):
-            seconds, _ = timed(command)
-            rows.setdefault(name, []).append(seconds)
-            out = folder / ("mi" if "input" in name else "mp") / ""
-            run_json = Path(str(out).rstrip("/") + str(r)) / "run.json"
-            if run_json.is_file():
-                timings[name] = json.loads(run_json.read_text())["timings"]
-            print(f"round {r + 1}: {name}: {seconds:.1f} s", flush=True)
-    base = min(rows["plain loop"])
-    print(f"\n{args.subjects} subjects of {args.shape}, whole processes, best of {args.rounds}:")
-    for name, values in rows.items():
-        best = min(values)
-        print(f"  {name:<22} {best:7.1f} s  {base / best:5.2f}x the plain loop")
-    for name, t in timings.items():
-        print(f"  {name} run.json timings: {t}")
+        outs = {"cohort masked-input": folder / f"mi{r}", "cohort masked-pool": folder / f"mp{r}"}
+        contenders = {
+            "plain loop": [sys.executable, "-m", "bench.baseline", str(manifest)],
+            "cohort masked-input": [*cohort, "--pooling", "masked-input"],
+            "cohort masked-pool": cohort,
+        }
+        measured: dict[str, tuple[float, dict[str, float]]] = {}
+        for name, command in contenders.items():
+            out = outs.get(name)
+            seconds, _ = timed(command if out is None else [*command, "--out", str(out)])
+            run_json = None if out is None else out / "run.json"
+            timings = json.loads(run_json.read_text())["timings"] if run_json else {}
+            measured[name] = (seconds, timings)
+        rounds.append(measured)
+        loop = measured["plain loop"][0]
+        said = ", ".join(f"{n} {t:.1f} s ({loop / t:.2f}x)" for n, (t, _) in measured.items())
+        print(f"round {r + 1}: {said}", flush=True)
+    ray = f"joined Ray at {args.address}" if args.address else "a private Ray per run"
+    print(f"\n{args.subjects} subjects of {args.shape}, whole processes ({ray}), ", end="")
+    print(f"best of {args.rounds}:")
+    base = min(m["plain loop"][0] for m in rounds)
+    for name in rounds[0]:
+        seconds, timings = min((m[name] for m in rounds), key=lambda st: st[0])
+        print(f"  {name:<22} {seconds:7.1f} s  {base / seconds:5.2f}x the plain loop")
+        if timings:
+            print(f"    its run.json timings: {timings}")
 
 
 if __name__ == "__main__":
