@@ -124,3 +124,17 @@ def test_gpu_check_dry_run_on_the_cpu_writes_its_table(tmp_path: Path) -> None:
     assert variants == {(True, True), (True, False), (False, True), (False, False)}
     assert all(r["best_s"] > 0 and r["shape"] == "64x64x64" for r in report["model"])
     assert report["pipeline"] == {"skipped": "--no-pipeline"}
+
+
+@pytest.mark.parametrize("mode", ["masked-pool", "masked-input"])
+def test_startup_floor_actor_does_the_whole_extraction(mode: str) -> None:
+    """The floor's actor runs cohort's network and pooling (three regions at three
+    layers); a floor that skipped the model would bound nothing."""
+    from bench.startup_floor import Extract
+
+    actor = Extract((64, 64, 64), mode)
+    calls = []
+    original = actor.extractor.forward
+    actor.extractor.forward = lambda x: calls.append(x.shape) or original(x)  # type: ignore[method-assign]
+    assert actor({"subject": [0]})["vectors"] == [9]
+    assert len(calls) == (3 if mode == "masked-input" else 1)
