@@ -70,6 +70,15 @@ def peak_rss_mib() -> float:
     return kib / 1024.0
 
 
+def _unique_kib(pid: int) -> float | None:
+    """A process's private pages (clean and dirty), KiB, from /proc/PID/smaps_rollup."""
+    try:
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+    except OSError:
+        return None
+    return float(sum(int(x.split()[1]) for x in lines if x.startswith("Private_")))
+
+
 def _status_kib(pid: int, field: str) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -81,15 +90,18 @@ def _status_kib(pid: int, field: str) -> float | None:
 
 
 class ProcessPeak:
-    """Samples the peak RSS (VmHWM) of processes whose command line contains ``needle``.
+    """Samples the peak RSS (VmHWM) of processes whose command line contains ``needle``,
+    or with ``unique=True`` the largest unique memory seen (private pages, what Ray
+    Data's memory warning compares with an actor's request; sampled, so a lower bound).
 
     Ray names an actor's process after its class (``ray::MapWorker(...FeatureActor)``),
     so this finds the feature actors without asking Ray. Linux only; 0 elsewhere.
     """
 
-    def __init__(self, needle: str, interval: float = 0.5) -> None:
+    def __init__(self, needle: str, interval: float = 0.5, *, unique: bool = False) -> None:
         self.needle = needle.encode()
         self.interval = interval
+        self.unique = unique
         self.peak_kib: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -119,9 +131,9 @@ class ProcessPeak:
             except OSError:
                 continue
             if self.needle in cmdline:
-                kib = _status_kib(int(entry.name), "VmHWM")
+                pid = int(entry.name)
+                kib = _unique_kib(pid) if self.unique else _status_kib(pid, "VmHWM")
                 if kib is not None:
-                    pid = int(entry.name)
                     self.peak_kib[pid] = max(self.peak_kib.get(pid, 0.0), kib)
 
     @property
