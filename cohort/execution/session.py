@@ -20,8 +20,10 @@ from cohort.model.memory import GIB, WORKER_BASE_BYTES, estimate_peak_bytes
 
 __all__ = ["LOCAL_SYSTEM_CONFIG", "ActorMemory", "Pool", "actor_memory", "ensure_ray", "plan_pool"]
 
-# requested over the estimate: measured peaks were 0.95-1.10 of it, and Ray Data warns
-# when an actor's peak (unique memory) comes within 1 / 1.25 of its request
+# requested over the estimate (the largest input's, plus the worker process): a feature
+# actor's peak unique memory in real runs was 0.73-1.04x it from 64^3 to 192x256x256
+# (python -m bench.actor_peak), and Ray Data warns at the end of a run when 1.25x an
+# actor's peak is above its request
 MARGIN = 1.4
 QUEUE_PER_ACTOR = 4  # model inputs Ray Data may hold ahead of each actor ...
 QUEUE_FLOOR_BYTES = 128 * 2**20  # ... and at least this much, for small inputs
