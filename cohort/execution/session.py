@@ -28,13 +28,15 @@ MARGIN = 1.4
 QUEUE_PER_ACTOR = 4  # model inputs Ray Data may hold ahead of each actor ...
 QUEUE_FLOOR_BYTES = 128 * 2**20  # ... and at least this much, for small inputs
 
-# The private instance of a local run lives as long as the run, so its idle worker
-# processes stay for the run (an hour at a time). Ray's default stops an idle worker
-# after 1 s once there are more than CPUs: the loaders, which wait whenever their queue
-# is full, were stopped and started again all through a run, each restart importing
-# Ray Data, pandas and nibabel anew (bench/SCALING.md: 14-15 worker processes instead
-# of 9 for 22 subjects; 12.1-12.5 s -> 8.3-10.4 s from the first result to the last).
-LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 3_600_000}
+# The private instance of a local run keeps an idle worker process for a minute. Ray's
+# default stops one after 1 s once there are more workers than CPUs: the loaders, which
+# wait whenever their queue is full, were stopped and started again all through a run,
+# each restart importing Ray Data, pandas and nibabel anew (bench/SCALING.md: 14-15
+# worker processes instead of 9 for 22 subjects; 12.1-12.5 s -> 8.3-10.4 s from the
+# first result to the last). A minute covers a full queue's wait on small volumes; a
+# longer wait (full-size volumes on the CPU) is rare next to its subjects' time, and
+# idle loaders do not keep their memory for long on a many-core machine.
+LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
 
 
 def ensure_ray(address: str | None) -> bool:
