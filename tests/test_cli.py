@@ -87,6 +87,7 @@ def test_demo_runs_offline_and_finds_the_planted_difference(
     assert "seeded random" in result.output
     assert "cohort control" in result.output
     assert "tibia-background" in result.output
+    assert "on the running Ray at" in result.output  # the test session's instance, joined
     assert (out / "results" / "report" / "report.html").is_file()
     run = json.loads((out / "results" / "run.json").read_text())
     assert run["weights"]["source"] == "random"

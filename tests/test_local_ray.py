@@ -7,6 +7,7 @@ conftest, not by :func:`cohort.execution.session.ensure_ray`.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -80,5 +81,18 @@ def test_a_run_stops_its_own_instance_and_publishes_everything(tmp_path: Path) -
     assert outcome == {"done": 2, "failed": 0, "ray_up": False}
     run = json.loads((out / "run.json").read_text())
     assert run["counts"]["done"] == 2
+    assert run["ray"]["private"] is True
+    assert run["ray"]["cpus"] == os.cpu_count()
     for table in ("features", "similarity", "stats"):
         assert (out / f"{table}.parquet").is_file(), table
+
+
+def test_a_run_in_a_running_ray_says_so(small_run: Path) -> None:
+    """A run that joined a Ray instance (here the test session's) records it as joined,
+    with that instance's resources (conftest: 2 CPUs and one fake GPU)."""
+    import ray
+
+    ran_on = json.loads((small_run / "run.json").read_text())["ray"]
+    assert ran_on["private"] is False
+    assert (ran_on["cpus"], ran_on["gpus"]) == (2.0, 1.0)
+    assert ran_on["address"] == ray.get_runtime_context().gcs_address

@@ -45,7 +45,14 @@ from cohort.config import BACKGROUND, RunConfig
 from cohort.errors import CohortError, ExitCode, RunInterruptedError, StalledError
 from cohort.execution.load import DONE, FAILED, RESAMPLED_NOTE
 from cohort.execution.progress import Progress, pick_mode
-from cohort.execution.session import ActorMemory, actor_memory, ensure_ray, plan_pool
+from cohort.execution.session import (
+    ActorMemory,
+    RayInstance,
+    actor_memory,
+    ensure_ray,
+    plan_pool,
+    ray_instance,
+)
 from cohort.outputs import schemas, store
 
 if TYPE_CHECKING:
@@ -108,6 +115,7 @@ class RunResult:
     resampled: list[str] = field(default_factory=list)  # subjects whose mask was resampled
     phases: dict[str, float] = field(default_factory=dict)  # seconds from the start
     memory: ActorMemory | None = None  # what each feature actor requested of Ray
+    ray: RayInstance | None = None  # the Ray the run started or joined
 
     @property
     def exit_code(self) -> ExitCode:
@@ -144,6 +152,7 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
     result = RunResult(
         out_dir, subjects=len(plan.subjects), weights=plan.weights.detail, phases=phases
     )
+    result.ray = ray_instance(private=owned)
     progress = Progress(len(plan.subjects), pick_mode(*cfg.execution.progress_flags, sys.stderr))
     keys: dict[str, str] = {}
     devices: set[str] = set()
@@ -340,6 +349,7 @@ def _provenance(
         },
         "background": BACKGROUND if cfg.regions.background else None,
         "resources": _resources(result.memory),
+        "ray": None if result.ray is None else dataclasses.asdict(result.ray),
     }
 
 

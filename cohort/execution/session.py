@@ -18,7 +18,16 @@ from cohort.errors import ConfigError
 from cohort.inputs.headers import InputSizes
 from cohort.model.memory import GIB, WORKER_BASE_BYTES, estimate_peak_bytes
 
-__all__ = ["LOCAL_SYSTEM_CONFIG", "ActorMemory", "Pool", "actor_memory", "ensure_ray", "plan_pool"]
+__all__ = [
+    "LOCAL_SYSTEM_CONFIG",
+    "ActorMemory",
+    "Pool",
+    "RayInstance",
+    "actor_memory",
+    "ensure_ray",
+    "plan_pool",
+    "ray_instance",
+]
 
 # requested over the estimate (the largest input's, plus the worker process): a feature
 # actor's peak unique memory in real runs was 0.73-1.04x it from 64^3 to 192x256x256
@@ -59,6 +68,29 @@ def ensure_ray(address: str | None) -> bool:
         log_to_driver=False,
     )
     return True
+
+
+@dataclass(frozen=True)
+class RayInstance:
+    """The Ray a run used: a private local instance it started, or one it joined."""
+
+    private: bool
+    address: str  # the GCS address
+    cpus: float
+    gpus: float
+
+    def describe(self) -> str:
+        where = "a private local Ray" if self.private else f"the running Ray at {self.address}"
+        return f"{where} ({self.cpus:g} CPUs, {self.gpus:g} GPUs)"
+
+
+def ray_instance(private: bool) -> RayInstance:
+    """The connected Ray, for the run's summary and ``run.json``."""
+    import ray
+
+    resources = ray.cluster_resources()
+    address = str(ray.get_runtime_context().gcs_address)
+    return RayInstance(private, address, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
 
 
 class Pool(NamedTuple):
