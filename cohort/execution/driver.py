@@ -159,6 +159,7 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
     extract_seconds: list[float] = []
     seen: set[str] = set()
     broken: BaseException | None = None  # why the Ray graph stopped early, if it did
+    stopping: threading.Thread | None = None  # the private Ray stopping (see below)
     try:
         result.memory = memory = _actor_memory(plan, cfg)
         rows = stream(
@@ -224,9 +225,9 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
                 provenance,
                 cohorts=[s.cohort for s in ordered],
             )
-        finally:
-            if stopping is not None:
-                stopping.join()
+        except BaseException:
+            _joined(stopping)
+            raise
         phases["published_s"] = time.perf_counter() - started
     except KeyboardInterrupt:
         progress.close()
@@ -236,6 +237,8 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
             f"published to {out_dir}, and {result.done} newly finished subject(s) are kept "
             f"({kept} part(s) in {parts.root}); rerun the same command to continue"
         ) from None
+    # after publishing, so that a Ctrl-C while Ray stops cannot say nothing was published
+    _joined(stopping)
     return result
 
 
@@ -247,6 +250,11 @@ def _stop_ray() -> threading.Thread:
     thread = threading.Thread(target=ray.shutdown, name="cohort-ray-shutdown")
     thread.start()
     return thread
+
+
+def _joined(stopping: threading.Thread | None) -> None:
+    if stopping is not None:
+        stopping.join()
 
 
 def _add_lost(plan: Plan, seen: set[str], result: RunResult, broken: BaseException | None) -> None:
