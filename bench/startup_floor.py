@@ -6,7 +6,8 @@ The floor under ``bench.startup``: one process that does only what any design
 that streams subjects through a Ray actor holding the network must do, and
 nothing of cohort's own work around it:
 
-* start a private Ray instance (:func:`cohort.execution.session.ensure_ray`);
+* start a private Ray instance (:func:`cohort.execution.session.ensure_ray`), or
+  with ``--address`` join one that is already running (``ray start --head``);
 * a Ray Data pipeline of one row per subject through one actor (a quarter
   CPU, like cohort's feature actor), which imports torch, builds cohort's
   network (DenseNet121, seeded random weights, factorised, the default hooked
@@ -63,7 +64,9 @@ class Extract:
         return {**batch, "vectors": [len(vectors)]}
 
 
-def child(subjects: int, shape: tuple[int, int, int], mode: str) -> dict[str, float]:
+def child(
+    subjects: int, shape: tuple[int, int, int], mode: str, address: str | None
+) -> dict[str, float]:
     """The measured process: its phases in seconds from its own start."""
     started = time.perf_counter()
     import ray
@@ -71,7 +74,7 @@ def child(subjects: int, shape: tuple[int, int, int], mode: str) -> dict[str, fl
 
     from cohort.execution.session import ensure_ray
 
-    ensure_ray(None)
+    ensure_ray(address)
     up = time.perf_counter() - started
     items = ray.data.from_items([{"subject": i} for i in range(subjects)])
     ds: Dataset = items.map_batches(
@@ -93,19 +96,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shape", default="96,128,128")
     p.add_argument("--modes", default="masked-pool,masked-input")
     p.add_argument("--loop-s", type=float, help="the plain loop's whole-process seconds")
+    p.add_argument("--address", help="join this running Ray (e.g. auto) instead of a private one")
     p.add_argument(_CHILD, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     shape = tuple(int(x) for x in args.shape.split(","))
     if args.child:
-        phases = child(args.subjects, shape, args.child)  # type: ignore[arg-type]
+        phases = child(args.subjects, shape, args.child, args.address)  # type: ignore[arg-type]
         print(json.dumps(phases))
         return
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env["RAY_AUTH_MODE"] = "token"
-    print(f"{args.subjects} subjects of {args.shape}, one actor, a private Ray per process:")
+    ray = f"joined Ray at {args.address}" if args.address else "a private Ray per process"
+    print(f"{args.subjects} subjects of {args.shape}, one actor, {ray}:")
     for mode in args.modes.split(","):
         command = [sys.executable, "-m", "bench.startup_floor", "--subjects", str(args.subjects)]
         command += ["--shape", args.shape, _CHILD, mode]
+        command += ["--address", args.address] if args.address else []
         started = time.perf_counter()
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - started
