@@ -219,24 +219,23 @@ def test_bf16_on_the_cpu_is_refused_before_any_work(
     ],
 )
 def test_device_and_precision_are_checked_against_the_cluster(
-    monkeypatch: pytest.MonkeyPatch, device: str, precision: str, gpus: int, refused: str | None
+    device: str, precision: str, gpus: int, refused: str | None
 ) -> None:
-    import ray
-
     from cohort.config import ExecutionConfig, RunConfig
     from cohort.errors import ConfigError
     from cohort.execution import session
 
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": float(gpus)})
+    cluster = session.RayInstance(False, "head:6379", cpus=8.0, gpus=float(gpus))
     cfg = RunConfig(
         model=ModelConfig(precision=precision),  # type: ignore[arg-type]
         execution=ExecutionConfig(device=device),  # type: ignore[arg-type]
     )
     if refused is None:
-        assert session.plan_pool(cfg) == (gpus, 1.0, None)  # one actor per GPU, one GPU each
+        # one actor per GPU, one GPU each
+        assert session.plan_pool(cfg, cluster) == (gpus, 1.0, None)
     else:
         with pytest.raises(ConfigError, match=refused):
-            session.plan_pool(cfg)
+            session.plan_pool(cfg, cluster)
 
 
 def test_per_row_label_map_swaps_numbering(

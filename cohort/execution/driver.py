@@ -149,10 +149,14 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
     parts = store.Parts(out_dir)
     parts.clean()
     finished = frozenset(parts.keys())
+    instance = ray_instance(private=owned)  # the cluster's resources, read once
     result = RunResult(
-        out_dir, subjects=len(plan.subjects), weights=plan.weights.detail, phases=phases
+        out_dir,
+        subjects=len(plan.subjects),
+        weights=plan.weights.detail,
+        phases=phases,
+        ray=instance,
     )
-    result.ray = ray_instance(private=owned)
     progress = Progress(len(plan.subjects), pick_mode(*cfg.execution.progress_flags, sys.stderr))
     keys: dict[str, str] = {}
     devices: set[str] = set()
@@ -161,13 +165,16 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
     broken: BaseException | None = None  # why the Ray graph stopped early, if it did
     stopping: threading.Thread | None = None  # the private Ray stopping (see below)
     try:
-        result.memory = memory = _actor_memory(plan, cfg)
+        actors = plan_pool(cfg, instance)
+        layers = [info.module_path for info in plan.layers]
+        result.memory = memory = actor_memory(plan.sizes, cfg, layers, actors.device, actors.actors)
         rows = stream(
             stream_rows(plan.subjects, cfg),
             plan.weights.state_dict,
             cfg,
             plan.identity,
             finished,
+            actors,
             memory,
             reach=plan.reach,
         )
@@ -302,13 +309,6 @@ def _write_part(parts: store.Parts, row: Mapping[str, Any]) -> None:
         str(row["subject_id"]), str(row["cohort"]), pickle.loads(row["features"])
     )
     parts.write(str(row["key"]), store.table(features, schemas.FEATURES_SCHEMA))
-
-
-def _actor_memory(plan: Plan, cfg: RunConfig) -> ActorMemory:
-    """Each actor's memory request and the loaders' queue, from the largest input."""
-    pool = plan_pool(cfg)
-    layers = [info.module_path for info in plan.layers]
-    return actor_memory(plan.sizes, cfg, layers, pool.device, pool.actors)
 
 
 def _prepare(manifest: Path, cfg: RunConfig, download: bool) -> Plan:

@@ -25,7 +25,7 @@ from cohort.config import RunConfig
 from cohort.execution.extract import FaultHook, FeatureActor
 from cohort.execution.ledger import AttemptLedger
 from cohort.execution.load import load_subject
-from cohort.execution.session import ActorMemory, plan_pool
+from cohort.execution.session import ActorMemory, Pool
 from cohort.inputs.geometry import Reach
 
 __all__ = ["stream"]
@@ -37,19 +37,21 @@ def stream(
     cfg: RunConfig,
     identity: str,
     finished: frozenset[str],
+    pool: Pool,
     memory: ActorMemory,
     reach: Reach | None = None,
 ) -> Generator[dict[str, Any], None, None]:
     """Run the Ray Data graph on manifest ``rows`` and yield one result row per subject
-    as it finishes (in the order they finish).
+        as it finishes (in the order they finish).
 
-    ``weights`` is the 2D state dict every actor builds its network from;
-    ``identity`` and ``finished`` let the loaders recognise subjects that an
-    earlier run finished (they come back with status ``cached``); ``reach``
-    (what the hooked layers need of the model input) lets them refuse a volume
-    that is too small at the check stage; ``memory`` is what each actor requests and
-    how much the loaders may hold ahead of the actors
-    (:func:`cohort.execution.session.actor_memory`).
+        ``weights`` is the 2D state dict every actor builds its network from;
+        ``identity`` and ``finished`` let the loaders recognise subjects that an
+        earlier run finished (they come back with status ``cached``); ``reach``
+        (what the hooked layers need of the model input) lets them refuse a volume
+        that is too small at the check stage; ``pool`` is the feature actors
+    (:func:`cohort.execution.session.plan_pool`); ``memory`` is what each actor requests and
+        how much the loaders may hold ahead of the actors
+        (:func:`cohort.execution.session.actor_memory`).
     """
     import ray
     from ray.data import ActorPoolStrategy, DataContext, Dataset, ExecutionResources
@@ -68,7 +70,6 @@ def stream(
     # without the option
     stall = cfg.execution.stall_timeout_s
     context.execution_no_progress_timeout_s = -1 if stall is None else stall
-    pool = plan_pool(cfg)
     actors, gpus, threads = pool
     # set on every run: the context outlives a run in a process that makes several
     context.execution_options.resource_limits = ExecutionResources.for_limits(

@@ -106,13 +106,10 @@ class Pool(NamedTuple):
         return "cuda" if self.gpus else "cpu"
 
 
-def plan_pool(cfg: RunConfig) -> Pool:
+def plan_pool(cfg: RunConfig, ray: RayInstance) -> Pool:
     """Actors, GPUs per actor and torch threads per actor, from the cluster's resources."""
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    cpus = float(resources.get("CPU", 1))
+    gpus = int(ray.gpus)
+    cpus = ray.cpus or 1.0
     use_gpu = cfg.execution.device == "cuda" or (cfg.execution.device == "auto" and gpus > 0)
     if cfg.execution.device == "cuda" and gpus == 0:
         raise ConfigError(
