@@ -24,20 +24,22 @@ SMALL_SHAPE = (64, 64, 64)  # DenseNet121's block 4 sees a 2x2x2 grid
 
 
 @pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
+def ray_session() -> Iterator[str]:
+    """The session's Ray instance; its GCS address as ``ray.init`` reported it."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "token")
-    if not ray.is_initialized():
-        ray.init(
-            address="local",  # private: never join a cluster another process left running
-            num_cpus=2,
-            num_gpus=1,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
-    yield
+    if ray.is_initialized():  # a run that failed before the fixture left its own up
+        ray.shutdown()
+    context = ray.init(
+        address="local",  # private: never join a cluster another process left running
+        num_cpus=2,
+        num_gpus=1,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    yield str(context.address_info["gcs_address"])
     ray.shutdown()
 
 

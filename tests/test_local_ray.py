@@ -76,8 +76,8 @@ def test_a_run_stops_its_own_instance_and_publishes_everything(tmp_path: Path) -
     results are all published."""
     manifest = make_phantom_cohort(tmp_path / "cohort", n_per_cohort=1, shape=SMALL_SHAPE, seed=3)
     out = tmp_path / "out"
-    code = _RUN.replace("sys.argv[1]", repr(str(manifest))).replace("sys.argv[2]", repr(str(out)))
-    outcome = json.loads(python_stdout(code, timeout=230).strip().splitlines()[-1])
+    printed = python_stdout(_RUN, str(manifest), str(out), timeout=230)
+    outcome = json.loads(printed.strip().splitlines()[-1])
     assert outcome == {"done": 2, "failed": 0, "ray_up": False}
     run = json.loads((out / "run.json").read_text())
     assert run["counts"]["done"] == 2
@@ -87,12 +87,11 @@ def test_a_run_stops_its_own_instance_and_publishes_everything(tmp_path: Path) -
         assert (out / f"{table}.parquet").is_file(), table
 
 
-def test_a_run_in_a_running_ray_says_so(small_run: Path) -> None:
+def test_a_run_in_a_running_ray_says_so(small_run: Path, ray_session: str) -> None:
     """A run that joined a Ray instance (here the test session's) records it as joined,
-    with that instance's resources (conftest: 2 CPUs and one fake GPU)."""
-    import ray
-
+    with that instance's address (as ray.init gave it) and resources (conftest: 2 CPUs
+    and one fake GPU)."""
     ran_on = json.loads((small_run / "run.json").read_text())["ray"]
     assert ran_on["private"] is False
     assert (ran_on["cpus"], ran_on["gpus"]) == (2.0, 1.0)
-    assert ran_on["address"] == ray.get_runtime_context().gcs_address
+    assert ran_on["address"] == ray_session
