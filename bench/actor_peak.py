@@ -6,7 +6,7 @@ For each shape, a phantom cohort and ``cohort run`` as its own process
 (masked-pool, seeded random weights) while the feature actor's unique memory
 (private pages) is sampled every 0.2 s. Prints the peak; the estimate the
 actor's request is sized from (the largest input's ``Estimate.host`` plus
-``WORKER_BASE_BYTES``: the request in run.json over ``session.MARGIN``); their
+``WORKER_BASE_BYTES``, for the run's hooked layers); their
 ratio; and whether Ray Data's end-of-run check warns (it asks for 1.25 x the
 actor's peak unique memory and warns when that is above the request).
 """
@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from bench import timed
 from bench.measure import ProcessPeak
 from bench.run import phantom_cohort
-from cohort.execution.session import MARGIN
+from cohort.config import PreprocessConfig
+from cohort.inputs.headers import scan_sizes
+from cohort.inputs.manifest import read_manifest
+from cohort.model.memory import WORKER_BASE_BYTES, estimate_peak_bytes
 
 RAY_DATA_HEADROOM = 1.25  # ray.data's high-memory detector: recommended = 1.25 x peak
 
@@ -36,25 +38,25 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     shapes = args.shape or ["64,64,64", "96,128,128", "192,256,256"]
     folder = Path(tempfile.mkdtemp(prefix="actor-peak-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env["RAY_AUTH_MODE"] = "token"
     print("| shape | run | peak unique | estimate | peak / estimate | request | Ray Data warns |")
     print("|---|---|---:|---:|---:|---:|---|")
     for text in shapes:
         d, h, w = (int(x) for x in text.split(","))
         manifest = phantom_cohort(folder / text.replace(",", "x"), args.subjects, (d, h, w))
+        # the model input, as the driver's header scan sizes it
+        images = [subject.image for subject in read_manifest(manifest)]
+        (shape,) = scan_sizes(images, PreprocessConfig()).largest
         for r in range(args.runs):
             out = folder / f"{text.replace(',', 'x')}-{r}"
             command = [sys.executable, "-m", "cohort", "run", str(manifest), "--out", str(out)]
             command += ["--weights", "random", "--quiet", "--no-report"]
             with ProcessPeak("FeatureActor", 0.2, unique=True) as actor:
-                done = subprocess.run(command, env=env, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise SystemExit(f"{command} failed:\n{done.stdout}\n{done.stderr}")
-            resources = json.loads((out / "run.json").read_text())["resources"]
-            request = resources["actor_memory_gb"] * 1024  # MiB
-            sized = f"x {MARGIN:g}" in resources["basis"]
-            estimate = request / MARGIN if sized else float("nan")
+                timed(command)
+            run = json.loads((out / "run.json").read_text())
+            request = run["resources"]["actor_memory_gb"] * 1024  # MiB
+            layers = [layer["module_path"] for layer in run["layers"]]
+            host = estimate_peak_bytes(shape, "densenet121", layers).host
+            estimate = (host + WORKER_BASE_BYTES) / 2**20
             warns = RAY_DATA_HEADROOM * actor.peak_mib > request
             print(
                 f"| {text.replace(',', 'x')} | {r + 1} | {actor.peak_mib:,.0f} MiB "

@@ -18,27 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from bench import timed
 from bench.run import phantom_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def timed(command: list[str]) -> tuple[float, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env["RAY_AUTH_MODE"] = "token"
-    started = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"{command} failed:\n{done.stdout}\n{done.stderr}")
-    return seconds, done.stdout + done.stderr
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,9 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
+
+from bench import timed
 
 _CHILD = "--child"
 
@@ -104,20 +105,14 @@ def main(argv: list[str] | None = None) -> None:
         phases = child(args.subjects, shape, args.child, args.address)  # type: ignore[arg-type]
         print(json.dumps(phases))
         return
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env["RAY_AUTH_MODE"] = "token"
     ray = f"joined Ray at {args.address}" if args.address else "a private Ray per process"
     print(f"{args.subjects} subjects of {args.shape}, one actor, {ray}:")
     for mode in args.modes.split(","):
         command = [sys.executable, "-m", "bench.startup_floor", "--subjects", str(args.subjects)]
         command += ["--shape", args.shape, _CHILD, mode]
         command += ["--address", args.address] if args.address else []
-        started = time.perf_counter()
-        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-        wall = time.perf_counter() - started
-        if done.returncode != 0:
-            raise SystemExit(f"{mode} failed:\n{done.stdout}\n{done.stderr}")
-        phases = json.loads(done.stdout.strip().splitlines()[-1])
+        wall, printed = timed(command)
+        phases = json.loads(printed.strip().splitlines()[-1])
         said = ", ".join(f"{k} {v:.1f}" for k, v in phases.items())
         ratio = f"; at most {args.loop_s / wall:.2f}x the loop" if args.loop_s else ""
         print(f"  {mode:<13} {wall:6.1f} s whole process ({said}){ratio}", flush=True)
