@@ -22,9 +22,11 @@ __all__ = [
     "DEFAULT_LABELS",
     "DEFAULT_LAYERS",
     "INFLATED",
+    "IN_PROCESS_MAX_SUBJECTS",
     "PRESETS",
     "Device",
     "ExecutionConfig",
+    "Executor",
     "Inflation",
     "LabelMap",
     "MaskResample",
@@ -373,6 +375,13 @@ class PoolingConfig:
 
 Device = Literal["auto", "cpu", "cuda"]
 Progress = Literal["auto", "verbose", "quiet"]
+# where the stages run: Ray (a private local instance, or the cluster at --address), or
+# this process without Ray; auto picks (cohort.execution.session.pick_executor)
+Executor = Literal["auto", "ray", "in-process"]
+# the most subjects auto runs in-process: a pilot study or a first try, where starting
+# Ray, its workers and a feature actor (10-12 s on 2 CPUs, bench/SCALING.md) is much of
+# the run; a larger cohort gains Ray's loader processes and worker isolation
+IN_PROCESS_MAX_SUBJECTS = 64
 
 
 @dataclass(frozen=True)
@@ -380,6 +389,7 @@ class ExecutionConfig:
     """Where and how wide the pipeline runs (not part of the results' identity)."""
 
     device: Device = "auto"  # auto = cuda when the actor sees a GPU
+    executor: Executor = "auto"  # auto: in-process for a small local run, else Ray
     address: str | None = None  # Ray cluster address; None starts a local instance
     num_actors: int | None = None  # feature actors; None = GPUs, or 1 on CPU
     actor_cpus: float = 0.25  # CPUs each actor requests (fractional keeps loaders fed)
@@ -398,6 +408,13 @@ class ExecutionConfig:
             raise ConfigError(f"progress must be auto, verbose or quiet, got {self.progress!r}")
         if self.device not in get_args(Device):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.executor not in get_args(Executor):
+            raise ConfigError(f"executor must be auto, ray or in-process, got {self.executor!r}")
+        if self.executor == "in-process" and (self.address or (self.num_actors or 1) > 1):
+            raise ConfigError(
+                "--executor in-process runs one model in this process, without Ray; drop "
+                "--address and --actors, or use --executor ray (or auto)"
+            )
         if self.num_actors is not None and self.num_actors < 1:
             raise ConfigError(f"num actors must be >= 1, got {self.num_actors}")
         if self.actor_cpus < 0 or self.loader_cpus <= 0:

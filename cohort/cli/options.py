@@ -17,9 +17,11 @@ import click
 from cohort.config import (
     AXES,
     BACKBONES,
+    IN_PROCESS_MAX_SUBJECTS,
     PRESETS,
     Device,
     ExecutionConfig,
+    Executor,
     Inflation,
     MaskResample,
     ModelConfig,
@@ -228,6 +230,13 @@ RUN_OPTIONS: list[Callable[[F], F]] = [
     MASK_RESAMPLE,
     _shown("--max-voxels", _PRE.max_voxels, "Refuse larger volumes before reading them."),
     _choice("--device", Device, _EXEC.device),
+    _choice(
+        "--executor",
+        Executor,
+        _EXEC.executor,
+        "Where the stages run: auto runs a local cohort of at most "
+        f"{IN_PROCESS_MAX_SUBJECTS} subjects in this process (no Ray start-up), else on Ray.",
+    ),
     click.option("--address", default=None, help="Ray cluster address (default: local)."),
     click.option("--actors", type=int, default=None, help="Feature actors (default: GPUs or 1)."),
     _shown("--actor-cpus", _EXEC.actor_cpus, "CPUs/actor."),
@@ -330,6 +339,7 @@ def run_config(values: Mapping[str, Any]) -> RunConfig:
             ),
             execution=ExecutionConfig(
                 device=values["device"],
+                executor=values["executor"],
                 address=values["address"],
                 num_actors=values["actors"],
                 actor_cpus=values["actor_cpus"],

@@ -3,7 +3,9 @@
 ::
 
     manifest + weights + layers checked (prepare_run)
-        --> the Ray Data graph (:mod:`cohort.execution.graph`), one row per subject
+        --> the Ray Data graph (:mod:`cohort.execution.graph`), one row per subject,
+            or the same stages in this process (:mod:`cohort.execution.inprocess`,
+            a small local run: session.pick_executor)
         --> a part file per finished subject, an error row per failed one
         --> the reducer (:mod:`cohort.execution.reduce`): tables, tests, run.json
 
@@ -31,11 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import pickle
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,9 +50,12 @@ from cohort.execution.load import DONE, FAILED, RESAMPLED_NOTE
 from cohort.execution.progress import Progress, pick_mode
 from cohort.execution.session import (
     ActorMemory,
+    InProcess,
+    Pool,
     RayInstance,
     actor_memory,
     ensure_ray,
+    pick_executor,
     plan_pool,
     ray_instance,
 )
@@ -115,7 +121,13 @@ class RunResult:
     resampled: list[str] = field(default_factory=list)  # subjects whose mask was resampled
     phases: dict[str, float] = field(default_factory=dict)  # seconds from the start
     memory: ActorMemory | None = None  # what each feature actor requested of Ray
-    ray: RayInstance | None = None  # the Ray the run started or joined
+    ray: RayInstance | None = None  # the Ray the run started or joined ...
+    in_process: InProcess | None = None  # ... or this process, when it ran without Ray
+
+    def where(self) -> str:
+        """Where the stages ran, in words (the summary line's end)."""
+        ran = self.ray or self.in_process
+        return "" if ran is None else ran.describe()
 
     @property
     def exit_code(self) -> ExitCode:
@@ -131,31 +143,40 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
     subjects are kept.
     """
     started = time.perf_counter()
+    executor = pick_executor(
+        cfg, _count(manifest), os.environ, "ray" in sys.modules and _ray_connected()
+    )
+    in_process = executor == "in-process"
     # the model stack is imported and the run checked in a thread while Ray starts here
     # (Ray's processes must be started by the main thread: they die with the thread)
     with ThreadPoolExecutor(max_workers=1) as pool:
         preparing = pool.submit(_prepare, manifest, cfg, download)
         owned = False  # whether this run started (and so stops) its Ray instance
         try:
-            owned = ensure_ray(cfg.execution.address)
+            owned = False if in_process else ensure_ray(cfg.execution.address)
         finally:
-            plan = preparing.result()  # raises what preparing raised (before any output)
-    phases = {"ray_and_plan_s": time.perf_counter() - started}
-    from cohort.execution.graph import stream
-    from cohort.execution.plan import stream_rows
+            try:
+                plan = preparing.result()  # raises what preparing raised (before any output)
+            except BaseException:
+                if owned:  # nothing ran: stop the Ray this run started before saying why
+                    _joined(_stop_ray())
+                raise
+    phases = {("plan_s" if in_process else "ray_and_plan_s"): time.perf_counter() - started}
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = store.Parts(out_dir)
     parts.clean()
     finished = frozenset(parts.keys())
-    instance = ray_instance(private=owned)  # the cluster's resources, read once
+    # the resources the run has, read once: this machine's, or the Ray cluster's
+    where = _this_process() if in_process else ray_instance(private=owned)
     result = RunResult(
         out_dir,
         subjects=len(plan.subjects),
         weights=plan.weights.detail,
         phases=phases,
-        ray=instance,
+        ray=None if isinstance(where, InProcess) else where,
+        in_process=where if isinstance(where, InProcess) else None,
     )
     progress = Progress(len(plan.subjects), pick_mode(*cfg.execution.progress_flags, sys.stderr))
     keys: dict[str, str] = {}
@@ -165,19 +186,10 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
     broken: BaseException | None = None  # why the Ray graph stopped early, if it did
     stopping: threading.Thread | None = None  # the private Ray stopping (see below)
     try:
-        actors = plan_pool(cfg, instance)
+        actors = plan_pool(cfg, where)
         layers = [info.module_path for info in plan.layers]
         result.memory = memory = actor_memory(plan.sizes, cfg, layers, actors.device, actors.actors)
-        rows = stream(
-            stream_rows(plan.subjects, cfg),
-            plan.weights.state_dict,
-            cfg,
-            plan.identity,
-            finished,
-            actors,
-            memory,
-            reach=plan.reach,
-        )
+        rows = _stream(plan, cfg, finished, actors, memory, in_process)
         with contextlib.closing(rows):
             try:
                 for row in rows:
@@ -202,6 +214,8 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
                         else:
                             result.cached += 1
                     progress.update(sid, status)
+            except StalledError as err:  # in-process: keep what finished, name the stall
+                broken = err
             except CohortError:
                 raise
             except Exception as err:  # the Ray graph failed: keep what finished
@@ -247,6 +261,60 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
     # after publishing, so that a Ctrl-C while Ray stops cannot say nothing was published
     _joined(stopping)
     return result
+
+
+def _stream(
+    plan: Plan,
+    cfg: RunConfig,
+    finished: frozenset[str],
+    actors: Pool,
+    memory: ActorMemory,
+    in_process: bool,
+) -> Generator[dict[str, Any], None, None]:
+    """The run's result rows, from the Ray Data graph or from this process."""
+    from cohort.execution.plan import stream_rows
+
+    rows = stream_rows(plan.subjects, cfg)
+    if in_process:
+        from cohort.execution import inprocess
+
+        return inprocess.stream(
+            rows, plan.network, cfg, plan.identity, finished, actors, reach=plan.reach
+        )
+    from cohort.execution import graph
+
+    return graph.stream(
+        rows,
+        plan.weights.state_dict,
+        cfg,
+        plan.identity,
+        finished,
+        actors,
+        memory,
+        reach=plan.reach,
+    )
+
+
+def _count(manifest: Path) -> int | None:
+    """The manifest's subjects, for the choice of executor (None: the plan says why not)."""
+    from cohort.inputs.manifest import read_manifest
+
+    try:
+        return len(read_manifest(manifest))
+    except Exception:
+        return None
+
+
+def _ray_connected() -> bool:
+    import ray
+
+    return bool(ray.is_initialized())
+
+
+def _this_process() -> InProcess:
+    import torch
+
+    return InProcess(float(os.cpu_count() or 1), float(torch.cuda.device_count()))
 
 
 def _stop_ray() -> threading.Thread:
@@ -357,7 +425,9 @@ def _provenance(
         },
         "background": BACKGROUND if cfg.regions.background else None,
         "resources": _resources(result.memory),
+        "executor": "ray" if result.in_process is None else "in-process",
         "ray": None if result.ray is None else dataclasses.asdict(result.ray),
+        "in_process": None if result.in_process is None else dataclasses.asdict(result.in_process),
     }
 
 

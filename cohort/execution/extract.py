@@ -1,9 +1,11 @@
 """Stage two of the pipeline: one model per actor, pooled vectors per subject.
 
 :class:`FeatureActor` is the Ray Data callable class behind ``map_batches``:
-it builds the inflated, hooked network once on its device and turns each
-prepared subject from :mod:`cohort.execution.load` into pooled vectors (or an error
-row naming the subject). The module imports only what an actor needs (torch,
+it builds the inflated, hooked network once and hands it to :class:`Features`, which
+holds it on its device and turns each prepared subject from
+:mod:`cohort.execution.load` into pooled vectors (or an error row naming the
+subject). An in-process run (:mod:`cohort.execution.inprocess`) uses
+:class:`Features` without Ray. The module imports only what an actor needs (torch,
 the model, the pooling), not the driver's tables and statistics, so an actor
 process starts seconds sooner.
 
@@ -46,6 +48,7 @@ __all__ = [
     "FAULT_SUBJECT_ENV",
     "FaultHook",
     "FeatureActor",
+    "Features",
     "autocast",
     "pick_device",
 ]
@@ -119,8 +122,59 @@ class FaultHook:
         os._exit(17)  # like a segfault or an OOM kill: no cleanup, no exception
 
 
+class Features:
+    """One network on its device, and what it makes of each prepared subject (no Ray:
+    the feature actor below wraps it, and an in-process run calls it directly)."""
+
+    def __init__(
+        self, network: torch.nn.Module, cfg: RunConfig, threads: int | None, where: str
+    ) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.cfg = cfg
+        self.device = pick_device(cfg.execution.device)
+        network = network.to(self.device)
+        self.extractor = FeatureExtractor(network, resolve_layers(network, cfg.model.layers))
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.device_name = f"{name} ({where})"
+
+    def __call__(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """A loader's row as a result row: a ready subject becomes ``done`` with its
+        pickled (vector, region voxels) pairs, or an error row of the extract stage;
+        any other row passes through."""
+        started = time.perf_counter()
+        out: dict[str, Any] = {name: row[name] for name in _PASS}
+        out["features"] = b""
+        if out["status"] == READY:
+            try:
+                prepared = pickle.loads(row["payload"])
+                vectors = self._extract(prepared)
+                out["features"] = pickle.dumps(
+                    [
+                        (v, int(prepared.voxels[prepared.region_names.index(v.region)]))
+                        for v in vectors
+                    ],
+                    protocol=5,
+                )
+                out["status"] = DONE
+            except Exception as err:
+                out.update(failure_row("extract", err, row))
+        out["seconds"] = time.perf_counter() - started
+        out["device"] = self.device_name
+        return out
+
+    def _extract(self, prepared: Any) -> list[RegionVector]:
+        image = torch.from_numpy(np.ascontiguousarray(prepared.image)).to(self.device)
+        index = torch.from_numpy(np.ascontiguousarray(prepared.region_index)).to(self.device)
+        with autocast(self.device, self.cfg.model.precision):
+            return extract(
+                self.extractor, image, index, prepared.region_names, self.cfg.pooling, prepared.air
+            )
+
+
 class FeatureActor:
-    """Ray Data callable class: one model, loaded once, on this actor's device."""
+    """Ray Data callable class: one model (:class:`Features`), loaded once, on this
+    actor's device; the run's ledger bounds how often a subject may kill it."""
 
     def __init__(
         self,
@@ -139,58 +193,34 @@ class FeatureActor:
                 "the feature actor found no weights in the run's ledger (its node was lost "
                 "with the driver's?); rerun the same command to continue"
             )
-        if threads is not None:
-            torch.set_num_threads(threads)
         self.cfg = cfg
         self.fault = fault
-        self.device = pick_device(cfg.execution.device)
         network, _ = build_network(cfg.model.backbone, state, cfg.model.inflation)
-        network = network.to(self.device)
-        self.extractor = FeatureExtractor(network, resolve_layers(network, cfg.model.layers))
-        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         granted = ray.get_runtime_context().get_assigned_resources()
         grants = ", ".join(f"{k}={v:g}" for k, v in sorted(granted.items()))
-        self.device_name = f"{name} (Ray resources: {grants})"
+        self.features = Features(network, cfg, threads, f"Ray resources: {grants}")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["subject_id"])
-        columns: dict[str, list[Any]] = {name: list(batch[name]) for name in _PASS}
-        columns.update(features=[], seconds=[], device=[])
-        for i in range(n):
-            started = time.perf_counter()
-            features = b""
-            if columns["status"][i] == READY and self._died_too_often(columns, i):
-                pass
-            elif columns["status"][i] == READY:
-                if self.fault is not None:
-                    self.fault.maybe_fire(str(batch["subject_id"][i]))
-                try:
-                    prepared = pickle.loads(batch["payload"][i])
-                    vectors = self._extract(prepared)
-                    features = pickle.dumps(
-                        [
-                            (v, int(prepared.voxels[prepared.region_names.index(v.region)]))
-                            for v in vectors
-                        ],
-                        protocol=5,
-                    )
-                    columns["status"][i] = DONE
-                except Exception as err:
-                    row = {name: batch[name][i] for name in ("subject_id", "image", "mask")}
-                    for name, value in failure_row("extract", err, row).items():
-                        columns[name][i] = value
-                self.ledger.end.remote(str(columns["key"][i]))
-            columns["features"].append(features)
-            columns["seconds"].append(time.perf_counter() - started)
-            columns["device"].append(self.device_name)
-        return {name: np.asarray(values, dtype=object) for name, values in columns.items()}
+        rows = [{name: batch[name][i] for name in batch} for i in range(len(batch["subject_id"]))]
+        results = []
+        for row in rows:
+            ready = row["status"] == READY
+            if ready and self._died_too_often(row):
+                results.append(self.features(row))  # now an error row: passes through
+                continue
+            if ready and self.fault is not None:
+                self.fault.maybe_fire(str(row["subject_id"]))
+            results.append(self.features(row))
+            if ready:
+                self.ledger.end.remote(str(row["key"]))
+        return {name: np.asarray([r[name] for r in results], dtype=object) for name in results[0]}
 
-    def _died_too_often(self, columns: dict[str, list[Any]], i: int) -> bool:
-        """True (and row ``i`` made an error row) when this subject's earlier attempts
+    def _died_too_often(self, row: dict[str, Any]) -> bool:
+        """True (and ``row`` made an error row) when this subject's earlier attempts
         killed their worker ``max_retries`` + 1 times."""
         import ray
 
-        key = str(columns["key"][i])
+        key = str(row["key"])
         try:
             deaths = int(ray.get(self.ledger.begin.remote(key))) - 1
         except ray.exceptions.RayError:  # the ledger's node was lost: go on without counting
@@ -198,19 +228,13 @@ class FeatureActor:
         if deaths <= self.cfg.execution.max_retries:
             return False
         self.ledger.end.remote(key)
-        columns["status"][i] = FAILED
-        columns["stage"][i] = "extract"
-        columns["error_type"][i] = "WorkerDied"
-        columns["message"][i] = died_message(str(columns["subject_id"][i]), deaths)
+        row.update(
+            status=FAILED,
+            stage="extract",
+            error_type="WorkerDied",
+            message=died_message(str(row["subject_id"]), deaths),
+        )
         return True
-
-    def _extract(self, prepared: Any) -> list[RegionVector]:
-        image = torch.from_numpy(np.ascontiguousarray(prepared.image)).to(self.device)
-        index = torch.from_numpy(np.ascontiguousarray(prepared.region_index)).to(self.device)
-        with autocast(self.device, self.cfg.model.precision):
-            return extract(
-                self.extractor, image, index, prepared.region_names, self.cfg.pooling, prepared.air
-            )
 
 
 _PASS = ("subject_id", "cohort", "image", "mask", "key", "status", "stage", "error_type", "message")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ class Plan:
     reach: Reach | None = None  # least model input of each hooked layer (for the loaders)
     architecture: str = ""  # the library and version that define the network
     sizes: InputSizes | None = None  # the largest model inputs, from the image headers
+    # the network the layers were resolved on: an in-process run computes with it
+    network: Any = field(default=None, repr=False, compare=False)
 
 
 def prepare_run(manifest: Path, cfg: RunConfig, *, download: bool = True) -> Plan:
@@ -60,6 +62,7 @@ def prepare_run(manifest: Path, cfg: RunConfig, *, download: bool = True) -> Pla
         layer_reach(network, layers),
         architecture(cfg.model.backbone),
         sizes,
+        network,
     )
 
 

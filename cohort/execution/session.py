@@ -1,7 +1,9 @@
-"""The Ray session of a run: joining or starting Ray, and sizing the actor pool.
+"""Where a run's stages run (Ray, or this process), joining or starting Ray, and sizing
+the feature actors.
 
-Light on purpose (no torch): the driver starts Ray here while another thread
-imports the model and checks the run (:mod:`cohort.execution.driver`).
+Light on purpose (no torch, no Ray until asked): the driver decides here and starts
+Ray while another thread imports the model and checks the run
+(:mod:`cohort.execution.driver`).
 """
 
 from __future__ import annotations
@@ -9,11 +11,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
-from cohort.config import RunConfig
+from cohort.config import IN_PROCESS_MAX_SUBJECTS, RunConfig
 from cohort.errors import ConfigError
 from cohort.inputs.headers import InputSizes
 from cohort.model.memory import GIB, WORKER_BASE_BYTES, estimate_peak_bytes
@@ -21,10 +23,12 @@ from cohort.model.memory import GIB, WORKER_BASE_BYTES, estimate_peak_bytes
 __all__ = [
     "LOCAL_SYSTEM_CONFIG",
     "ActorMemory",
+    "InProcess",
     "Pool",
     "RayInstance",
     "actor_memory",
     "ensure_ray",
+    "pick_executor",
     "plan_pool",
     "ray_instance",
 ]
@@ -46,6 +50,24 @@ QUEUE_FLOOR_BYTES = 128 * 2**20  # ... and at least this much, for small inputs
 # longer wait (full-size volumes on the CPU) is rare next to its subjects' time, and
 # idle loaders do not keep their memory for long on a many-core machine.
 LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
+
+
+def pick_executor(
+    cfg: RunConfig, subjects: int | None, environ: Mapping[str, str], connected: bool
+) -> Literal["ray", "in-process"]:
+    """Where a run's stages run: ``--executor``, or for ``auto``, this process when the
+    run is local (no ``--address``, no ``RAY_ADDRESS``, no Ray already connected in
+    this process), uses one model (``--actors`` at most 1) and has at most
+    :data:`~cohort.config.IN_PROCESS_MAX_SUBJECTS` ``subjects`` (None: the manifest
+    could not be counted, and the plan will say why before anything runs)."""
+    execution = cfg.execution
+    if execution.executor != "auto":
+        return execution.executor
+    if execution.address or environ.get("RAY_ADDRESS") or connected:
+        return "ray"
+    if (execution.num_actors or 1) > 1:
+        return "ray"
+    return "in-process" if subjects is None or subjects <= IN_PROCESS_MAX_SUBJECTS else "ray"
 
 
 def ensure_ray(address: str | None) -> bool:
@@ -93,6 +115,18 @@ def ray_instance(private: bool) -> RayInstance:
     return RayInstance(private, address, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
 
 
+@dataclass(frozen=True)
+class InProcess:
+    """A run whose stages ran in the driver's process, without Ray: one model on the
+    machine's CPUs, or on one GPU."""
+
+    cpus: float
+    gpus: float  # CUDA devices torch sees (the run uses at most one)
+
+    def describe(self) -> str:
+        return f"this process, without Ray ({self.cpus:g} CPUs, {self.gpus:g} GPUs)"
+
+
 class Pool(NamedTuple):
     """The feature actors of a run."""
 
@@ -106,15 +140,22 @@ class Pool(NamedTuple):
         return "cuda" if self.gpus else "cpu"
 
 
-def plan_pool(cfg: RunConfig, ray: RayInstance) -> Pool:
-    """Actors, GPUs per actor and torch threads per actor, from the cluster's resources."""
-    gpus = int(ray.gpus)
-    cpus = ray.cpus or 1.0
+def plan_pool(cfg: RunConfig, where: RayInstance | InProcess) -> Pool:
+    """Actors, GPUs per actor and torch threads per actor, from the resources of the
+    Ray cluster or of this process (one model: at most one GPU)."""
+    in_process = isinstance(where, InProcess)
+    gpus = min(int(where.gpus), 1) if in_process else int(where.gpus)
+    cpus = where.cpus or 1.0
     use_gpu = cfg.execution.device == "cuda" or (cfg.execution.device == "auto" and gpus > 0)
     if cfg.execution.device == "cuda" and gpus == 0:
         raise ConfigError(
-            "--device cuda was asked for but the Ray cluster has no GPU resource; "
-            "use --device auto or cpu, or add GPU workers"
+            "--device cuda was asked for but "
+            + (
+                "this machine has no CUDA device torch can use; use --device auto or cpu"
+                if in_process
+                else "the Ray cluster has no GPU resource; use --device auto or cpu, "
+                "or add GPU workers"
+            )
         )
     if cfg.model.precision == "bf16" and not use_gpu:
         raise ConfigError(
@@ -122,7 +163,7 @@ def plan_pool(cfg: RunConfig, ray: RayInstance) -> Pool:
             "uses the CPU; drop --precision (fp32 is the default) or run on GPU workers "
             "with --device cuda"
         )
-    actors = cfg.execution.num_actors or (gpus if use_gpu else 1)
+    actors = 1 if in_process else cfg.execution.num_actors or (gpus if use_gpu else 1)
     threads = cfg.execution.torch_threads
     if threads is None and not use_gpu:
         threads = max(1, int(cpus // actors))

@@ -24,7 +24,6 @@ def versions() -> dict[str, str]:
     import numpy
     import pandas
     import pyarrow
-    import ray
     import scipy
     import torch
     import torchvision
@@ -34,7 +33,7 @@ def versions() -> dict[str, str]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
-        "ray": ray.__version__,
+        "ray": _installed("ray"),  # its metadata: an in-process run never imports Ray
         "numpy": numpy.__version__,
         "nibabel": nibabel.__version__,
         "pyarrow": pyarrow.__version__,

@@ -1,0 +1,151 @@
+"""The in-process executor: the pipeline's two stages in the driver's own process.
+
+::
+
+    manifest rows --load.load_subject (loader threads, a few subjects ahead)-->
+        --extract.Features (the plan's network, one subject at a time)-->
+        --> the driver (:mod:`cohort.execution.driver`), one row per subject
+
+The same stage functions as the Ray graph (:mod:`cohort.execution.graph`), without
+its start-up: on 2 CPUs, starting a private Ray, its worker processes and a feature
+actor that imports torch anew takes 10-12 s before the first subject
+(bench/SCALING.md), more than a pilot study's whole computation. The driver picks
+this executor for a small local run (:func:`cohort.execution.session.pick_executor`).
+
+What it gives up against Ray: the loaders are threads of this process, not
+processes of their own; and a subject that kills its worker (an out-of-memory
+kill, a crash in a library) ends the run, where Ray restarts the actor. Every
+finished subject is in its part file by then, so rerunning the same command
+continues. ``--actor-memory`` still bounds what one subject may need.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import queue
+import threading
+from collections.abc import Generator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from cohort.config import RunConfig
+from cohort.errors import StalledError
+from cohort.execution.extract import Features
+from cohort.execution.load import load_subject
+from cohort.execution.session import QUEUE_PER_ACTOR, Pool
+from cohort.inputs.geometry import Reach
+
+__all__ = ["LOADER_THREADS", "stream"]
+
+LOADER_THREADS = 2  # loading is a few tens of ms of CPU per small subject
+
+
+def stream(
+    rows: Sequence[Mapping[str, Any]],
+    network: torch.nn.Module,
+    cfg: RunConfig,
+    identity: str,
+    finished: frozenset[str],
+    pool: Pool,
+    reach: Reach | None = None,
+) -> Generator[dict[str, Any], None, None]:
+    """Load and extract manifest ``rows`` in this process; yield one result row per
+    subject as it finishes, as :func:`cohort.execution.graph.stream` does.
+
+    ``network`` is the plan's inflated network (built once, on the driver);
+    ``identity``, ``finished`` and ``reach`` are the loaders' (see
+    :func:`cohort.execution.load.load_subject`); ``pool`` gives the device and the
+    torch threads. Loaders run at most :data:`~cohort.execution.session.QUEUE_PER_ACTOR`
+    subjects ahead of the model. With ``--stall-timeout``, a stretch that long
+    without a finished subject raises :class:`~cohort.errors.StalledError` (the
+    stuck thread is left behind: it cannot be stopped, and it writes nothing).
+    """
+    threads = torch.get_num_threads()  # the caller's, given back at the end
+    if pool.threads is not None:
+        torch.set_num_threads(pool.threads)
+    features = Features(network, cfg, None, "in-process, without Ray")
+    results: queue.Queue[tuple[str, Any]] = queue.Queue()
+    stop = threading.Event()
+
+    def load(row: Mapping[str, Any]) -> dict[str, Any]:
+        return load_subject(dict(row), cfg, identity, finished, reach=reach, device=pool.device)
+
+    def work() -> None:
+        try:
+            for loaded in _ahead(load, rows, stop):
+                if stop.is_set():
+                    return
+                results.put(("row", features(loaded)))
+            results.put(("end", None))
+        except BaseException as err:  # the driver keeps what finished and names the cause
+            results.put(("error", err))
+
+    # daemon threads: a hung read or extraction must not keep the process from exiting
+    threading.Thread(target=work, name="cohort-extract", daemon=True).start()
+    timeout = cfg.execution.stall_timeout_s
+    try:
+        while True:
+            try:
+                kind, value = results.get(timeout=timeout)
+            except queue.Empty:
+                raise StalledError(
+                    f"nothing moved for {timeout:g} s (--stall-timeout), so the run "
+                    "stopped; a file read or the model hung in this process"
+                ) from None
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        torch.set_num_threads(threads)
+
+
+def _ahead(
+    load: Any, rows: Sequence[Mapping[str, Any]], stop: threading.Event
+) -> Generator[dict[str, Any], None, None]:
+    """``load`` of each row, in manifest order, by :data:`LOADER_THREADS` daemon threads
+    that run at most :data:`~cohort.execution.session.QUEUE_PER_ACTOR` rows ahead."""
+    todo: queue.Queue[tuple[int, Mapping[str, Any]]] = queue.Queue()
+    for item in enumerate(rows):
+        todo.put(item)
+    slots = threading.Semaphore(QUEUE_PER_ACTOR)  # loaded, not yet taken by the model
+    done: dict[int, Any] = {}
+    ready = threading.Condition()
+
+    def loader() -> None:
+        while True:
+            slots.acquire()
+            if stop.is_set():
+                return
+            try:
+                index, row = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                value: Any = load(row)
+            except BaseException as err:  # load_subject makes rows of its errors; not these
+                value = err
+            with ready:
+                done[index] = value
+                ready.notify_all()
+
+    threads = min(LOADER_THREADS, len(rows))
+    for n in range(threads):
+        threading.Thread(target=loader, name=f"cohort-load-{n}", daemon=True).start()
+    try:
+        for index in range(len(rows)):
+            with ready:
+                ready.wait_for(functools.partial(operator.contains, done, index))
+                value = done.pop(index)
+            slots.release()
+            if isinstance(value, BaseException):
+                raise value
+            yield value
+    finally:  # wake loaders that wait for a slot, so that they see the stop and end
+        stop.set()
+        for _ in range(threads):
+            slots.release()
