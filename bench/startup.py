@@ -10,8 +10,11 @@ seeded random weights, on the same phantom cohort. Prints the seconds and the
 ratios to the loop (the issue's goals: masked-pool >= 2.5x, masked-input >= 1.3x),
 and where cohort's time went (run.json's timings).
 
-``--address auto`` measures cohort joining a Ray instance that is already running
-(``ray start --head`` beforehand) instead of starting its private one.
+cohort runs with its default executor (``auto``: a cohort this small runs in
+its own process, without Ray); ``--executor ray`` measures it on a private Ray
+per run, and ``--address auto`` joining a Ray instance that is already running
+(``ray start --head`` beforehand). The executor each run used is printed from
+its run.json.
 """
 
 from __future__ import annotations
@@ -34,15 +37,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shape", default="96,128,128")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--address", help="join this running Ray (e.g. auto) instead of a private one")
+    p.add_argument("--executor", choices=("auto", "ray", "in-process"), default="auto")
     args = p.parse_args(argv)
     d, h, w = (int(x) for x in args.shape.split(","))
     folder = Path(tempfile.mkdtemp(prefix="startup-"))
     manifest = phantom_cohort(folder, args.subjects, (d, h, w))
     cohort = [sys.executable, "-m", "cohort", "run", str(manifest), "--weights", "random"]
     cohort += ["--quiet", "--no-report"]
+    cohort += ["--executor", args.executor]
     if args.address:
         cohort += ["--address", args.address]
-    rounds: list[dict[str, tuple[float, dict[str, float]]]] = []
+    rounds: list[dict[str, tuple[float, dict[str, object]]]] = []
     for r in range(args.rounds):
         outs = {"cohort masked-input": folder / f"mi{r}", "cohort masked-pool": folder / f"mp{r}"}
         contenders = {
@@ -50,19 +55,20 @@ def main(argv: list[str] | None = None) -> None:
             "cohort masked-input": [*cohort, "--pooling", "masked-input"],
             "cohort masked-pool": cohort,
         }
-        measured: dict[str, tuple[float, dict[str, float]]] = {}
+        measured: dict[str, tuple[float, dict[str, object]]] = {}
         for name, command in contenders.items():
             out = outs.get(name)
             seconds, _ = timed(command if out is None else [*command, "--out", str(out)])
             run_json = None if out is None else out / "run.json"
-            timings = json.loads(run_json.read_text())["timings"] if run_json else {}
+            ran = json.loads(run_json.read_text()) if run_json else {}
+            timings = {"executor": ran["executor"], **ran["timings"]} if ran else {}
             measured[name] = (seconds, timings)
         rounds.append(measured)
         loop = measured["plain loop"][0]
         said = ", ".join(f"{n} {t:.1f} s ({loop / t:.2f}x)" for n, (t, _) in measured.items())
         print(f"round {r + 1}: {said}", flush=True)
-    ray = f"joined Ray at {args.address}" if args.address else "a private Ray per run"
-    print(f"\n{args.subjects} subjects of {args.shape}, whole processes ({ray}), ", end="")
+    where = f"--executor {args.executor}" + (f" --address {args.address}" if args.address else "")
+    print(f"\n{args.subjects} subjects of {args.shape}, whole processes ({where}), ", end="")
     print(f"best of {args.rounds}:")
     base = min(m["plain loop"][0] for m in rounds)
     for name in rounds[0]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from cohort.config import ExecutionConfig, PreprocessConfig, RunConfig
 from cohort.execution import session
 from cohort.execution.session import actor_memory
+from cohort.inputs import headers
 from cohort.inputs.headers import InputSizes, header_grid, scan_sizes
 from cohort.inputs.stages import prepare
 from cohort.model.memory import GIB, WORKER_BASE_BYTES, estimate_peak_bytes
@@ -50,7 +52,9 @@ def test_header_size_is_the_prepared_input_size(
     assert sizes == InputSizes(1, 1, (tuple(int(n) for n in prepared.image.shape),))
 
 
-def test_scan_keeps_the_largest_and_counts_what_it_could_not_size(tmp_path: Path) -> None:
+def test_scan_keeps_the_largest_and_counts_what_it_could_not_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     shapes = [(10, 12, 14), (30, 20, 10), (8, 8, 8), (30, 20, 10)]
     images = [
         save_nifti(tmp_path / f"{n}.nii.gz", np.zeros(s, np.float32)) for n, s in enumerate(shapes)
@@ -64,7 +68,10 @@ def test_scan_keeps_the_largest_and_counts_what_it_could_not_size(tmp_path: Path
     assert sizes == InputSizes(4, 6, ((10, 20, 30), (14, 12, 10), (8, 8, 8)))
     assert not sizes.complete
     assert header_grid(folder, 10**9) is None
-    assert scan_sizes(images, PreprocessConfig(), seconds=0.0).sized < len(images)
+    # headers slower than the scan's time are left out (a slow share): none sized here
+    read = headers._model_input
+    monkeypatch.setattr(headers, "_model_input", lambda *a: (time.sleep(0.3), read(*a))[1])
+    assert scan_sizes(images, PreprocessConfig(), seconds=0.1) == InputSizes(0, 4, ())
 
 
 def _cfg(actor_memory_gb: float = 3.0) -> RunConfig:

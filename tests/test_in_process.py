@@ -224,7 +224,7 @@ def test_loaders_stay_a_bounded_distance_ahead_and_keep_the_order() -> None:
 
     rows = [{"i": i} for i in range(40)]
     seen = []
-    for row in inprocess._ahead(load, rows, threading.Event()):
+    for row in inprocess._ahead(load, rows):
         seen.append(row["i"])
         with lock:
             taken += 1

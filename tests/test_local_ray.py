@@ -62,7 +62,9 @@ from cohort.execution import driver
 
 cfg = RunConfig(
     model=ModelConfig(weights="random"),
-    execution=ExecutionConfig(device="cpu", progress="quiet", stall_timeout_s=240),
+    execution=ExecutionConfig(
+        device="cpu", executor="ray", progress="quiet", stall_timeout_s=240
+    ),
     stats=StatsConfig(bootstrap=20, permutations=9),
 )
 result = driver.run(Path(sys.argv[1]), Path(sys.argv[2]), cfg, download=False)

@@ -592,9 +592,17 @@ def _stderr_lines(stream: object, lines: queue.Queue[str]) -> None:
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("executor", ["ray", "in-process"])
 def test_sigint_keeps_finished_subjects_and_rerun_does_only_the_rest(
-    ray_session: None, good: Path, good_ids: set[str], reference: Path, tmp_path: Path
+    ray_session: None,
+    good: Path,
+    good_ids: set[str],
+    reference: Path,
+    tmp_path: Path,
+    executor: str,
 ) -> None:
+    """On a private Ray and in-process (the default for these ten subjects), with the
+    reference's torch threads (two per actor, conftest), so that the vectors are equal."""
     out = tmp_path / "out"
     out.mkdir()
     earlier = {}  # the final files of an earlier run in the same folder (no parts)
@@ -605,7 +613,8 @@ def test_sigint_keeps_finished_subjects_and_rerun_does_only_the_rest(
     env["RAY_AUTH_MODE"] = "token"
     command = [str(Path(sys.executable).with_name("cohort")), "run", str(good), "--out", str(out)]
     proc = subprocess.Popen(
-        [*command, *FAST, "--verbose"],  # a line per finished subject
+        # --verbose: a line per finished subject
+        [*command, *FAST, "--verbose", "--executor", executor, "--threads", "2"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -50,6 +50,7 @@ OTHER: dict[str, Any] = {
     "pooling.min_coverage": 0.5,
     "execution.device": "cuda",
     "execution.address": "auto",
+    "execution.executor": "in-process",
     "execution.num_actors": 3,
     "execution.actor_cpus": 0.1,
     "execution.loader_cpus": 1.0,

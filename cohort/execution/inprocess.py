@@ -16,7 +16,9 @@ What it gives up against Ray: the loaders are threads of this process, not
 processes of their own; and a subject that kills its worker (an out-of-memory
 kill, a crash in a library) ends the run, where Ray restarts the actor. Every
 finished subject is in its part file by then, so rerunning the same command
-continues. ``--actor-memory`` still bounds what one subject may need.
+continues. ``--actor-memory`` still bounds what one subject may need, and
+``--stall-timeout`` covers a read that hangs (not the model, which runs on the
+driver's own thread).
 """
 
 from __future__ import annotations
@@ -57,64 +59,42 @@ def stream(
     ``network`` is the plan's inflated network (built once, on the driver);
     ``identity``, ``finished`` and ``reach`` are the loaders' (see
     :func:`cohort.execution.load.load_subject`); ``pool`` gives the device and the
-    torch threads. Loaders run at most :data:`~cohort.execution.session.QUEUE_PER_ACTOR`
-    subjects ahead of the model. With ``--stall-timeout``, a stretch that long
-    without a finished subject raises :class:`~cohort.errors.StalledError` (the
-    stuck thread is left behind: it cannot be stopped, and it writes nothing).
+    torch threads (the caller's are given back at the end). The model runs on the
+    calling thread, so Ctrl-C stops it between two operations; loaders run in
+    :data:`LOADER_THREADS` daemon threads, at most
+    :data:`~cohort.execution.session.QUEUE_PER_ACTOR` subjects ahead. With
+    ``--stall-timeout``, waiting that long for a subject's load raises
+    :class:`~cohort.errors.StalledError` (the stuck thread is left behind: it
+    cannot be stopped, and it writes nothing).
     """
-    threads = torch.get_num_threads()  # the caller's, given back at the end
+    threads = torch.get_num_threads()
     if pool.threads is not None:
         torch.set_num_threads(pool.threads)
-    features = Features(network, cfg, None, "in-process, without Ray")
-    results: queue.Queue[tuple[str, Any]] = queue.Queue()
-    stop = threading.Event()
-
-    def load(row: Mapping[str, Any]) -> dict[str, Any]:
-        return load_subject(dict(row), cfg, identity, finished, reach=reach, device=pool.device)
-
-    def work() -> None:
-        try:
-            for loaded in _ahead(load, rows, stop):
-                if stop.is_set():
-                    return
-                results.put(("row", features(loaded)))
-            results.put(("end", None))
-        except BaseException as err:  # the driver keeps what finished and names the cause
-            results.put(("error", err))
-
-    # daemon threads: a hung read or extraction must not keep the process from exiting
-    threading.Thread(target=work, name="cohort-extract", daemon=True).start()
-    timeout = cfg.execution.stall_timeout_s
     try:
-        while True:
-            try:
-                kind, value = results.get(timeout=timeout)
-            except queue.Empty:
-                raise StalledError(
-                    f"nothing moved for {timeout:g} s (--stall-timeout), so the run "
-                    "stopped; a file read or the model hung in this process"
-                ) from None
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
+        features = Features(network, cfg, None, "in-process, without Ray")
+
+        def load(row: Mapping[str, Any]) -> dict[str, Any]:
+            return load_subject(dict(row), cfg, identity, finished, reach=reach, device=pool.device)
+
+        for loaded in _ahead(load, rows, cfg.execution.stall_timeout_s):
+            yield features(loaded)
     finally:
-        stop.set()
         torch.set_num_threads(threads)
 
 
 def _ahead(
-    load: Any, rows: Sequence[Mapping[str, Any]], stop: threading.Event
+    load: Any, rows: Sequence[Mapping[str, Any]], timeout: float | None = None
 ) -> Generator[dict[str, Any], None, None]:
     """``load`` of each row, in manifest order, by :data:`LOADER_THREADS` daemon threads
-    that run at most :data:`~cohort.execution.session.QUEUE_PER_ACTOR` rows ahead."""
+    that run at most :data:`~cohort.execution.session.QUEUE_PER_ACTOR` rows ahead; a
+    wait of more than ``timeout`` seconds for the next one raises ``StalledError``."""
     todo: queue.Queue[tuple[int, Mapping[str, Any]]] = queue.Queue()
     for item in enumerate(rows):
         todo.put(item)
     slots = threading.Semaphore(QUEUE_PER_ACTOR)  # loaded, not yet taken by the model
     done: dict[int, Any] = {}
     ready = threading.Condition()
+    stop = threading.Event()
 
     def loader() -> None:
         while True:
@@ -133,13 +113,18 @@ def _ahead(
                 done[index] = value
                 ready.notify_all()
 
-    threads = min(LOADER_THREADS, len(rows))
-    for n in range(threads):
+    # daemon threads: a hung read must not keep the process from exiting
+    count = min(LOADER_THREADS, len(rows))
+    for n in range(count):
         threading.Thread(target=loader, name=f"cohort-load-{n}", daemon=True).start()
     try:
         for index in range(len(rows)):
             with ready:
-                ready.wait_for(functools.partial(operator.contains, done, index))
+                if not ready.wait_for(functools.partial(operator.contains, done, index), timeout):
+                    raise StalledError(
+                        f"nothing moved for {timeout:g} s (--stall-timeout), so the run "
+                        "stopped; reading a subject's files hung"
+                    )
                 value = done.pop(index)
             slots.release()
             if isinstance(value, BaseException):
@@ -147,5 +132,5 @@ def _ahead(
             yield value
     finally:  # wake loaders that wait for a slot, so that they see the stop and end
         stop.set()
-        for _ in range(threads):
+        for _ in range(count):
             slots.release()

@@ -97,6 +97,8 @@ OUT_OF_KEY: Final[Mapping[str, str]] = {
     "pooling.min_coverage": "decides whether a region is refused, never its vector",
     "execution.device": "CPU and GPU give the same vectors to float32 rounding",
     "execution.address": "where the run goes",
+    "execution.executor": "the same stage code in this process or on Ray; equal vectors at "
+    "equal torch threads (tests/test_in_process.py)",
     "execution.num_actors": "how wide the run goes",
     "execution.actor_cpus": "resources of the actors",
     "execution.loader_cpus": "resources of the loaders",
