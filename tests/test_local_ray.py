@@ -97,3 +97,38 @@ def test_a_run_in_a_running_ray_says_so(small_run: Path, ray_session: str) -> No
     assert ran_on["private"] is False
     assert (ran_on["cpus"], ran_on["gpus"]) == (2.0, 1.0)
     assert ran_on["address"] == ray_session
+
+
+_REFUSED = """
+import json, os, sys
+from pathlib import Path
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.pop("RAY_ADDRESS", None)
+import ray
+from cohort.config import ExecutionConfig, ModelConfig, RunConfig
+from cohort.errors import CohortError
+from cohort.execution import driver
+
+cfg = RunConfig(
+    model=ModelConfig(weights="random"),
+    execution=ExecutionConfig(device="cpu", executor="ray", progress="quiet"),
+)
+try:
+    driver.run(Path(sys.argv[1]), Path(sys.argv[2]), cfg, download=False)
+except CohortError as err:
+    print(json.dumps({"refused": str(err), "ray_up": ray.is_initialized()}))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_refused_run_stops_the_ray_it_started(tmp_path: Path) -> None:
+    """The plan is checked while Ray starts; when it refuses the run (here an unusable
+    manifest), the private Ray this run started is stopped before the error, so an
+    in-process caller (a notebook, a test) is not left holding it."""
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("subject_id,image\ns1,a.nii.gz\n")  # no mask column
+    printed = python_stdout(_REFUSED, str(manifest), str(tmp_path / "out"), timeout=110)
+    outcome = json.loads(printed.strip().splitlines()[-1])
+    assert "mask" in outcome["refused"], outcome
+    assert outcome["ray_up"] is False
+    assert not (tmp_path / "out").exists()

@@ -162,6 +162,8 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
                     _joined(_stop_ray())
                 raise
     phases = {("plan_s" if in_process else "ray_and_plan_s"): time.perf_counter() - started}
+    if not in_process:  # the actors build their own: the driver need not hold it
+        plan = dataclasses.replace(plan, network=None)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
