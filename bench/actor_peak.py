@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
             out = folder / f"{text.replace(',', 'x')}-{r}"
             command = [sys.executable, "-m", "cohort", "run", str(manifest), "--out", str(out)]
             command += ["--weights", "random", "--quiet", "--no-report"]
+            command += ["--executor", "ray"]  # the feature actor is what it measures
             with ProcessPeak("FeatureActor", 0.2, unique=True) as actor:
                 timed(command)
             run = json.loads((out / "run.json").read_text())

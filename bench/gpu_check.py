@@ -234,6 +234,7 @@ def end_to_end(device: torch.device, shape: tuple[int, int, int], subjects: int)
         "--weights", "random", "--device", device.type, "--loader-cpus", "1",
         "--actor-cpus", "0.5", "--bootstrap", "0", "--permutations", "0",
         "--no-report", "--quiet", "--stall-timeout", "300",
+        "--executor", "ray",  # the feature actor fed by the machine's CPUs as loaders
     ]  # fmt: skip
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(ROOT)}
     started = time.perf_counter()

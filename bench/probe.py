@@ -6,14 +6,17 @@ with the wall time, the time each subject's result reached the driver, the
 driver's peak RSS (its own process, so earlier runs cannot inflate it) and the
 peak RSS of the busiest feature actor.
 
-The one intrusion is a wrapper around ``graph.stream`` that notes when each
-row arrives; the rows themselves pass through unchanged.
+The one intrusion is a wrapper around ``graph.stream`` and ``inprocess.stream``
+that notes when each row arrives; the rows themselves pass through unchanged.
+``--executor`` is passed on (default ``auto``: a cohort of at most 64 subjects
+runs in-process, and then there is no feature actor to measure).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--actor-cpus", type=float, default=0.25)
     parser.add_argument("--loader-cpus", type=float, default=0.5)
+    parser.add_argument("--executor", default="auto", choices=["auto", "ray", "in-process"])
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument(
         "--warm",
@@ -49,13 +53,14 @@ def main(argv: list[str] | None = None) -> None:
         RunConfig,
         StatsConfig,
     )
-    from cohort.execution import driver, graph, session
+    from cohort.execution import driver, graph, inprocess, session
 
     cfg = RunConfig(
         model=ModelConfig(weights=args.weights, precision=args.precision),
         pooling=PoolingConfig(mode=args.pooling),
         execution=ExecutionConfig(
             device=args.device,
+            executor=args.executor,
             num_actors=args.actors,
             torch_threads=args.threads,
             actor_cpus=args.actor_cpus,
@@ -66,14 +71,17 @@ def main(argv: list[str] | None = None) -> None:
         stats=StatsConfig(bootstrap=200, permutations=99),
     )
     arrivals: list[float] = []
-    original = graph.stream
 
-    def timed_stream(*a: Any, **k: Any) -> Iterator[dict[str, Any]]:
-        for row in original(*a, **k):
-            arrivals.append(time.perf_counter())
-            yield row
+    def timed(stream: Any) -> Any:
+        def timed_stream(*a: Any, **k: Any) -> Iterator[dict[str, Any]]:
+            for row in stream(*a, **k):
+                arrivals.append(time.perf_counter())
+                yield row
 
-    graph.stream = timed_stream  # type: ignore[assignment]
+        return timed_stream
+
+    graph.stream = timed(graph.stream)
+    inprocess.stream = timed(inprocess.stream)
     if args.warm:
         session.ensure_ray(None)
     started = time.perf_counter()
@@ -84,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         "pooling": args.pooling,
         "precision": args.precision,
         "warm": args.warm,
+        "executor": "ray" if result.in_process is None else "in-process",
         "subjects": result.subjects,
         "done": result.done,
         "failed": result.failed,
@@ -99,9 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     args.json.write_text(json.dumps(report, indent=2))
 
-    import ray
-
-    ray.shutdown()
+    if "ray" in sys.modules:
+        sys.modules["ray"].shutdown()
 
 
 if __name__ == "__main__":

@@ -9,10 +9,11 @@ Sections, all in one process run (so every ratio compares figures of one run):
 3. baseline  the plain loop of the origin protocol (``bench/baseline.py``)
 4. model     cohort's core functions in a loop on pre-loaded tensors, plus the
              optimisation candidates of ``bench/core.py``
-5. pipeline  ``cohort run`` (Ray Data) in both pooling modes, each in its own
-             process, with a local Ray started inside the clock; ``--warm-modes``
-             again on a Ray started before it (a running cluster); masked-input
-             cosines checked against the baseline
+5. pipeline  ``cohort run`` in both pooling modes, each in its own process, with
+             its default executor (in-process for a cohort of at most 64
+             subjects, else a local Ray started inside the clock);
+             ``--warm-modes`` again on a Ray started before it (a running
+             cluster: Ray Data); masked-input cosines checked against the baseline
 6. memory    driver peak RSS of ``cohort run`` for a small and a large cohort
 
 Writes ``bench/results/bench-<time>.json`` and ``.txt`` (and ``latest.*``).
