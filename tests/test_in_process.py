@@ -26,7 +26,13 @@ from cohort.cli.main import main
 from cohort.config import IN_PROCESS_MAX_SUBJECTS, ExecutionConfig, RunConfig
 from cohort.errors import ConfigError
 from cohort.execution import inprocess
-from cohort.execution.session import QUEUE_PER_ACTOR, pick_executor
+from cohort.execution.session import (
+    QUEUE_PER_ACTOR,
+    InProcess,
+    pick_executor,
+    plan_pool,
+    usable_cpus,
+)
 from cohort.synthetic import make_phantom_cohort
 from tests.conftest import SMALL_RUN_OPTIONS
 from tests.processes import python_stdout
@@ -82,6 +88,38 @@ def test_in_process_refuses_what_needs_ray(execution: dict[str, Any]) -> None:
         _cfg(executor="in-process", **execution)
 
 
+def test_in_process_sizes_one_model_by_this_machine() -> None:
+    """One model, the machine's CPUs as its torch threads, at most one GPU; CUDA asked
+    for where torch sees none is refused with the fix."""
+    cfg = _cfg(executor="in-process", device="auto")
+    assert plan_pool(cfg, InProcess(cpus=6, gpus=0)) == (1, 0.0, 6)
+    assert plan_pool(cfg, InProcess(cpus=6, gpus=4)) == (1, 1.0, None)
+    with pytest.raises(ConfigError, match="no CUDA device torch can use"):
+        plan_pool(_cfg(executor="in-process", device="cuda"), InProcess(cpus=6, gpus=0))
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [
+        ("100000 100000\n", 1),
+        ("50000 100000\n", 1),  # half a CPU is still one thread
+        ("150000 100000\n", 2),
+        ("max 100000\n", None),
+        (None, None),
+    ],
+)
+def test_usable_cpus_follow_a_container_quota(
+    tmp_path: Path, cpu_max: str | None, expected: int | None
+) -> None:
+    """A cgroup v2 quota caps the CPUs, rounded up; without one, the process's affinity
+    counts."""
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(path) == min(affinity, expected or affinity)
+
+
 # ------------------------------------------------------------- the same numbers
 
 
@@ -106,7 +144,7 @@ def test_in_process_run_equals_the_ray_run(
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     run = json.loads((out / "run.json").read_text())
     assert run["executor"] == "in-process" and run["ray"] is None
-    assert run["in_process"]["cpus"] == os.cpu_count()
+    assert run["in_process"]["cpus"] == usable_cpus()
     assert run["device"] == ["cpu (in-process, without Ray)"]
     assert json.loads((small_run / "run.json").read_text())["executor"] == "ray"
 
@@ -138,7 +176,7 @@ def test_a_small_local_run_never_imports_ray(tmp_path: Path) -> None:
     assert outcome == {
         "done": 2,
         "ray": False,
-        "where": f"this process, without Ray ({os.cpu_count()} CPUs, 0 GPUs)",
+        "where": f"this process, without Ray ({usable_cpus()} CPUs, 0 GPUs)",
     }
 
 

@@ -58,6 +58,7 @@ from cohort.execution.session import (
     pick_executor,
     plan_pool,
     ray_instance,
+    usable_cpus,
 )
 from cohort.outputs import schemas, store
 
@@ -316,7 +317,7 @@ def _ray_connected() -> bool:
 def _this_process() -> InProcess:
     import torch
 
-    return InProcess(float(os.cpu_count() or 1), float(torch.cuda.device_count()))
+    return InProcess(float(usable_cpus()), float(torch.cuda.device_count()))
 
 
 def _stop_ray() -> threading.Thread:

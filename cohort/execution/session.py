@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 from cohort.config import IN_PROCESS_MAX_SUBJECTS, RunConfig
@@ -31,6 +32,7 @@ __all__ = [
     "pick_executor",
     "plan_pool",
     "ray_instance",
+    "usable_cpus",
 ]
 
 # requested over the estimate (the largest input's, plus the worker process): a feature
@@ -113,6 +115,24 @@ def ray_instance(private: bool) -> RayInstance:
     resources = ray.cluster_resources()
     address = str(ray.get_runtime_context().gcs_address)
     return RayInstance(private, address, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
+
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+
+
+def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The CPUs this process may use: its CPU affinity, capped by a cgroup v2 CPU quota
+    (a container started with ``--cpus 2`` on a 64-core host gets 2), as Ray counts a
+    node's CPUs; an in-process run sizes its torch threads by it."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = cpus or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 file, or one this does not understand
+        pass
+    return cpus
 
 
 @dataclass(frozen=True)
