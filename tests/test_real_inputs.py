@@ -139,11 +139,13 @@ def ct(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths
 
 
+@pytest.mark.parametrize("executor", ["ray", "in-process"])
 def test_every_input_kind_of_the_dicom_series_gives_the_nifti_vectors(
-    ray_session: None, ct: dict[str, Path], tmp_path: Path
+    ray_session: None, ct: dict[str, Path], tmp_path: Path, executor: str
 ) -> None:
     """One run: the DICOM folder, its NIfTI/NRRD twins, a mask folder, a .seg.nrrd, a mask
-    on a larger grid (resampled), a broken series and a region outside a cropped image."""
+    on a larger grid (resampled), a broken series and a region outside a cropped image;
+    on Ray's loader processes and on an in-process run's loader threads."""
     names = "body,bone"
     rows = [
         {"subject_id": "dicom", "image": ct["dicom"], "mask": ct["mask"]},
@@ -158,7 +160,8 @@ def test_every_input_kind_of_the_dicom_series_gives_the_nifti_vectors(
     manifest = write_manifest_rows(tmp_path / "manifest.csv", rows)
     out = tmp_path / "out"
     result = cohort_run(manifest, out, "--labels", "body=1,bone=2", "--layers", SHALLOW,
-                        "--crop-margin", "5", "--mask-resample", "nearest")  # fmt: skip
+                        "--crop-margin", "5", "--mask-resample", "nearest",
+                        "--executor", executor)  # fmt: skip
     assert result.exit_code == 1, result.output
     vectors = by_subject(out)
     assert set(vectors) == {"dicom", "nifti", "nrrd", "folder", "seg", "cropped"}
