@@ -80,13 +80,20 @@ def upload(folder: Path, filesystem: Any, path: str) -> list[str]:
     return names
 
 
-def require_cluster(address: str | None) -> None:
-    """Refuse to run outside a cluster: the job must not start a private Ray instance.
+def require_cluster(address: str | None, executor: str = "auto") -> None:
+    """Refuse to run outside a cluster: the job must not start a private Ray instance,
+    nor run in its own process (``--executor in-process``) beside the cluster's workers.
 
     The pipeline then joins the cluster (``ray.init`` reads ``RAY_ADDRESS``, which
     the Jobs API sets, or uses ``--address``), after the manifest and weights
     were checked, so a bad invocation fails fast.
     """
+    if executor == "in-process":
+        raise click.UsageError(
+            "jobs/analyze.py runs the cohort on the Ray cluster's workers; --executor "
+            "in-process would run it in the job's own process instead. Drop --executor "
+            "(or use `cohort run --executor in-process` on one machine)"
+        )
     if not (address or os.environ.get("RAY_ADDRESS")):
         raise click.UsageError(
             "jobs/analyze.py joins the Ray cluster it runs on, but RAY_ADDRESS is not set and "
@@ -113,7 +120,7 @@ def run(manifest: Path, out: str, **values: Any) -> None:
     """Extract region features for every subject in MANIFEST and test them."""
     cfg = options.run_config(values)
     target = open_output(out) if is_uri(out) else None
-    require_cluster(cfg.execution.address)
+    require_cluster(cfg.execution.address, cfg.execution.executor)
     if target is None:
         sys.exit(execute(manifest, Path(out), cfg))
     filesystem, path = target

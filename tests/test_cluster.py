@@ -429,6 +429,10 @@ def test_job_uploads_results_to_a_uri_and_needs_a_cluster(
     with pytest.raises(analyze.click.UsageError, match="RAY_ADDRESS"):
         analyze.require_cluster(None)
     analyze.require_cluster("127.0.0.1:6379")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    analyze.require_cluster(None, "auto")
+    with pytest.raises(analyze.click.UsageError, match="--executor in-process"):
+        analyze.require_cluster(None, "in-process")
 
 
 # --------------------------------------------------------- cluster configs
