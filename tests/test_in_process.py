@@ -27,7 +27,6 @@ from cohort.config import IN_PROCESS_MAX_SUBJECTS, ExecutionConfig, RunConfig
 from cohort.errors import ConfigError
 from cohort.execution import inprocess
 from cohort.execution.session import (
-    QUEUE_PER_ACTOR,
     InProcess,
     pick_executor,
     plan_pool,
@@ -246,7 +245,7 @@ def test_a_stall_in_process_keeps_what_finished(
 @pytest.mark.timeout(60)
 def test_loaders_stay_a_bounded_distance_ahead_and_keep_the_order() -> None:
     """Loads that finish out of order come back in manifest order, and no more than
-    QUEUE_PER_ACTOR loaded subjects wait for a slow model."""
+    AHEAD loaded subjects wait for a slow model."""
     rng = random.Random(0)
     lock = threading.Lock()
     loaded: list[int] = []
@@ -269,6 +268,6 @@ def test_loaders_stay_a_bounded_distance_ahead_and_keep_the_order() -> None:
         time.sleep(0.01)  # the model
     assert seen == list(range(40))
     # a loader may take the slot the model frees before the model's count moves on
-    assert max(ahead) <= QUEUE_PER_ACTOR + 1
+    assert max(ahead) <= inprocess.AHEAD + 1
     assert sorted(loaded) == list(range(40))
     assert max(ahead) > 1  # the loaders did run ahead of the model

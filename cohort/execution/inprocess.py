@@ -36,12 +36,16 @@ from cohort.config import RunConfig
 from cohort.errors import StalledError
 from cohort.execution.extract import Features
 from cohort.execution.load import load_subject
-from cohort.execution.session import QUEUE_PER_ACTOR, Pool
+from cohort.execution.session import Pool
 from cohort.inputs.geometry import Reach
 
-__all__ = ["LOADER_THREADS", "stream"]
+__all__ = ["AHEAD", "LOADER_THREADS", "stream"]
 
 LOADER_THREADS = 2  # loading is a few tens of ms of CPU per small subject
+# loaded subjects that may wait for the model. Loading is far quicker than the model
+# (34 ms of CPU against 0.37 s at 96x128x128; a few s against 23 s at 512x512x216),
+# and each waiting subject is held in this process: 0.3 GB at 512x512x216
+AHEAD = 2
 
 
 def stream(
@@ -61,8 +65,7 @@ def stream(
     :func:`cohort.execution.load.load_subject`); ``pool`` gives the device and the
     torch threads (the caller's are given back at the end). The model runs on the
     calling thread, so Ctrl-C stops it between two operations; loaders run in
-    :data:`LOADER_THREADS` daemon threads, at most
-    :data:`~cohort.execution.session.QUEUE_PER_ACTOR` subjects ahead. With
+    :data:`LOADER_THREADS` daemon threads, at most :data:`AHEAD` subjects ahead. With
     ``--stall-timeout``, waiting that long for a subject's load raises
     :class:`~cohort.errors.StalledError` (the stuck thread is left behind: it
     cannot be stopped, and it writes nothing).
@@ -86,12 +89,12 @@ def _ahead(
     load: Any, rows: Sequence[Mapping[str, Any]], timeout: float | None = None
 ) -> Generator[dict[str, Any], None, None]:
     """``load`` of each row, in manifest order, by :data:`LOADER_THREADS` daemon threads
-    that run at most :data:`~cohort.execution.session.QUEUE_PER_ACTOR` rows ahead; a
+    that run at most :data:`AHEAD` rows ahead; a
     wait of more than ``timeout`` seconds for the next one raises ``StalledError``."""
     todo: queue.Queue[tuple[int, Mapping[str, Any]]] = queue.Queue()
     for item in enumerate(rows):
         todo.put(item)
-    slots = threading.Semaphore(QUEUE_PER_ACTOR)  # loaded, not yet taken by the model
+    slots = threading.Semaphore(AHEAD)  # loaded (or loading), not yet taken by the model
     done: dict[int, Any] = {}
     ready = threading.Condition()
     stop = threading.Event()
