@@ -110,7 +110,7 @@ from cohort.errors import CohortError
 from cohort.execution import driver
 
 cfg = RunConfig(
-    model=ModelConfig(weights="random"),
+    model=ModelConfig(weights="random", precision=sys.argv[3]),
     execution=ExecutionConfig(device="cpu", executor="ray", progress="quiet"),
 )
 try:
@@ -121,14 +121,55 @@ except CohortError as err:
 
 
 @pytest.mark.timeout(120)
-def test_a_refused_run_stops_the_ray_it_started(tmp_path: Path) -> None:
-    """The plan is checked while Ray starts; when it refuses the run (here an unusable
-    manifest), the private Ray this run started is stopped before the error, so an
-    in-process caller (a notebook, a test) is not left holding it."""
-    manifest = tmp_path / "manifest.csv"
-    manifest.write_text("subject_id,image\ns1,a.nii.gz\n")  # no mask column
-    printed = python_stdout(_REFUSED, str(manifest), str(tmp_path / "out"), timeout=110)
+@pytest.mark.parametrize("refusal", ["manifest", "bf16 on the CPU"])
+def test_a_refused_run_stops_the_ray_it_started(tmp_path: Path, refusal: str) -> None:
+    """The plan is checked while Ray starts, and the actors are sized once it is up;
+    when either refuses the run (an unusable manifest; bf16 asked for on the CPU), the
+    private Ray this run started is stopped before the error, so an in-process caller
+    (a notebook, a test) is not left holding it."""
+    if refusal == "manifest":
+        manifest = tmp_path / "manifest.csv"
+        manifest.write_text("subject_id,image\ns1,a.nii.gz\n")  # no mask column
+        precision, said = "fp32", "mask"
+    else:
+        manifest = make_phantom_cohort(tmp_path / "c", n_per_cohort=1, shape=(48, 64, 64))
+        precision, said = "bf16", "--precision bf16"
+    out = tmp_path / "out"
+    printed = python_stdout(_REFUSED, str(manifest), str(out), precision, timeout=110)
     outcome = json.loads(printed.strip().splitlines()[-1])
-    assert "mask" in outcome["refused"], outcome
+    assert said in outcome["refused"], outcome
     assert outcome["ray_up"] is False
-    assert not (tmp_path / "out").exists()
+
+
+_SEVERAL_GPUS = """
+import json, os, sys
+from pathlib import Path
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.pop("RAY_ADDRESS", None)
+import torch
+torch.cuda.device_count = lambda: 2  # as on a machine with two GPUs
+from cohort.config import ExecutionConfig, ModelConfig, RunConfig, StatsConfig
+from cohort.execution import driver
+
+cfg = RunConfig(
+    model=ModelConfig(weights="random"),
+    execution=ExecutionConfig(progress="quiet", stall_timeout_s=100),
+    stats=StatsConfig(bootstrap=20, permutations=9),
+)
+result = driver.run(Path(sys.argv[1]), Path(sys.argv[2]), cfg, download=False)
+print(json.dumps({"done": result.done, "where": result.where()}))
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_small_run_that_sees_several_gpus_goes_to_ray(tmp_path: Path) -> None:
+    """auto keeps a small local run in-process until torch, once imported, counts more
+    than one CUDA device: then the run starts its private Ray for one actor per GPU
+    (Ray here finds no real GPU, so its one actor runs on the CPU)."""
+    manifest = make_phantom_cohort(tmp_path / "c", n_per_cohort=1, shape=(48, 64, 64))
+    out = tmp_path / "out"
+    printed = python_stdout(_SEVERAL_GPUS, str(manifest), str(out), timeout=170)
+    outcome = json.loads(printed.strip().splitlines()[-1])
+    assert outcome["done"] == 2
+    assert outcome["where"].startswith("on a private local Ray"), outcome
+    assert json.loads((out / "run.json").read_text())["executor"] == "ray"

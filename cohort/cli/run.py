@@ -55,7 +55,7 @@ def execute(
     click.echo(
         f"{result.done} done, {result.cached} reused, {result.failed} failed of "
         f"{result.subjects} subjects in {result.seconds:.1f} s -> {out}"
-        + (f", on {result.where()}" if result.where() else "")
+        + (f", {result.where()}" if result.where() else "")
     )
     for error in result.errors:
         click.echo(

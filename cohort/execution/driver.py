@@ -144,24 +144,7 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
     subjects are kept.
     """
     started = time.perf_counter()
-    executor = pick_executor(
-        cfg, _count(manifest), os.environ, "ray" in sys.modules and _ray_connected()
-    )
-    in_process = executor == "in-process"
-    # the model stack is imported and the run checked in a thread while Ray starts here
-    # (Ray's processes must be started by the main thread: they die with the thread)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        preparing = pool.submit(_prepare, manifest, cfg, download)
-        owned = False  # whether this run started (and so stops) its Ray instance
-        try:
-            owned = False if in_process else ensure_ray(cfg.execution.address)
-        finally:
-            try:
-                plan = preparing.result()  # raises what preparing raised (before any output)
-            except BaseException:
-                if owned:  # nothing ran: stop the Ray this run started before saying why
-                    _joined(_stop_ray())
-                raise
+    plan, in_process, owned = _start(manifest, cfg, download)
     phases = {("plan_s" if in_process else "ray_and_plan_s"): time.perf_counter() - started}
     if not in_process:  # the actors build their own: the driver need not hold it
         plan = dataclasses.replace(plan, network=None)
@@ -191,7 +174,11 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
     try:
         actors = plan_pool(cfg, where)
         layers = [info.module_path for info in plan.layers]
-        result.memory = memory = actor_memory(plan.sizes, cfg, layers, actors.device, actors.actors)
+        memory = actor_memory(plan.sizes, cfg, layers, actors.device, actors.actors)
+        if isinstance(where, InProcess):  # what it uses: one model, on a GPU or not
+            result.in_process = InProcess(where.cpus, actors.gpus)
+        else:  # nothing is requested in-process: the loaders check --actor-memory alone
+            result.memory = memory
         rows = _stream(plan, cfg, finished, actors, memory, in_process)
         with contextlib.closing(rows):
             try:
@@ -239,31 +226,74 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
         provenance = _provenance(cfg, plan, result, devices, extract_seconds)
         ordered = [s for s in plan.subjects if s.subject_id in keys]
         stopping = _stop_ray() if owned else None  # the reducer needs no Ray
-        try:
-            result.origin = finish(
-                out_dir,
-                parts,
-                [keys[s.subject_id] for s in ordered],
-                result.errors,
-                cfg,
-                provenance,
-                cohorts=[s.cohort for s in ordered],
-            )
-        except BaseException:
-            _joined(stopping)
-            raise
+        result.origin = finish(
+            out_dir,
+            parts,
+            [keys[s.subject_id] for s in ordered],
+            result.errors,
+            cfg,
+            provenance,
+            cohorts=[s.cohort for s in ordered],
+        )
         phases["published_s"] = time.perf_counter() - started
     except KeyboardInterrupt:
         progress.close()
+        _release(owned, stopping)
         kept = len(finished) + result.done
         raise RunInterruptedError(
             f"interrupted after {len(seen)} of {result.subjects} subjects; nothing was "
             f"published to {out_dir}, and {result.done} newly finished subject(s) are kept "
             f"({kept} part(s) in {parts.root}); rerun the same command to continue"
         ) from None
+    except BaseException:  # a refusal (plan_pool), a bug: no stray Ray for an in-process caller
+        _release(owned, stopping)
+        raise
     # after publishing, so that a Ctrl-C while Ray stops cannot say nothing was published
     _joined(stopping)
     return result
+
+
+def _start(manifest: Path, cfg: RunConfig, download: bool) -> tuple[Plan, bool, bool]:
+    """Decide where the run runs, and check it: the plan, whether it runs in-process,
+    and whether this call started a private Ray (which the run then stops).
+
+    The model stack is imported and the run checked in a thread while Ray starts on
+    the main thread (Ray's processes must be started by the main thread: they die
+    with the thread that started them). Only a local ``auto`` run counts the
+    manifest first; one that turns out to see several CUDA devices once torch is
+    imported goes to Ray after all, one actor per GPU.
+    """
+    execution = cfg.execution
+    connected = "ray" in sys.modules and _ray_connected()
+    local_auto = execution.executor == "auto" and not (
+        execution.address or os.environ.get("RAY_ADDRESS") or connected
+    )
+    subjects = _count(manifest) if local_auto else None
+    in_process = pick_executor(cfg, subjects, os.environ, connected) == "in-process"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        preparing = pool.submit(_prepare, manifest, cfg, download)
+        owned = False
+        try:
+            owned = False if in_process else ensure_ray(execution.address)
+        finally:
+            try:
+                plan = preparing.result()  # raises what preparing raised (before any output)
+            except BaseException:
+                _release(owned, None)  # nothing ran: stop the Ray this run started
+                raise
+    if in_process and local_auto:
+        gpus = _this_process().gpus
+        if pick_executor(cfg, subjects, os.environ, connected, gpus=int(gpus)) == "ray":
+            in_process, owned = False, ensure_ray(execution.address)
+    return plan, in_process, owned
+
+
+def _release(owned: bool, stopping: threading.Thread | None) -> None:
+    """On the way out of a run: wait for its own Ray to stop, or stop it now."""
+    if stopping is not None:
+        stopping.join()
+    elif owned:
+        _joined(_stop_ray())
 
 
 def _stream(

@@ -202,6 +202,8 @@ class FeatureActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [{name: batch[name][i] for name in batch} for i in range(len(batch["subject_id"]))]
+        if not rows:
+            return {name: np.asarray([], dtype=object) for name in _RESULT}
         results = []
         for row in rows:
             ready = row["status"] == READY
@@ -238,3 +240,4 @@ class FeatureActor:
 
 
 _PASS = ("subject_id", "cohort", "image", "mask", "key", "status", "stage", "error_type", "message")
+_RESULT = (*_PASS, "features", "seconds", "device")  # the columns of a result row

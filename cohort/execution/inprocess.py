@@ -2,7 +2,7 @@
 
 ::
 
-    manifest rows --load.load_subject (loader threads, a few subjects ahead)-->
+    manifest rows --load.load_subject (loader threads, two subjects ahead)-->
         --extract.Features (the plan's network, one subject at a time)-->
         --> the driver (:mod:`cohort.execution.driver`), one row per subject
 
@@ -23,8 +23,6 @@ driver's own thread).
 
 from __future__ import annotations
 
-import functools
-import operator
 import queue
 import threading
 from collections.abc import Generator, Mapping, Sequence
@@ -58,17 +56,20 @@ def stream(
     reach: Reach | None = None,
 ) -> Generator[dict[str, Any], None, None]:
     """Load and extract manifest ``rows`` in this process; yield one result row per
-    subject as it finishes, as :func:`cohort.execution.graph.stream` does.
+    subject as it finishes (in the order they finish), as
+    :func:`cohort.execution.graph.stream` does.
 
     ``network`` is the plan's inflated network (built once, on the driver);
     ``identity``, ``finished`` and ``reach`` are the loaders' (see
-    :func:`cohort.execution.load.load_subject`); ``pool`` gives the device and the
-    torch threads (the caller's are given back at the end). The model runs on the
-    calling thread, so Ctrl-C stops it between two operations; loaders run in
-    :data:`LOADER_THREADS` daemon threads, at most :data:`AHEAD` subjects ahead. With
-    ``--stall-timeout``, waiting that long for a subject's load raises
-    :class:`~cohort.errors.StalledError` (the stuck thread is left behind: it
-    cannot be stopped, and it writes nothing).
+    :func:`cohort.execution.load.load_subject`); ``pool`` gives the torch threads
+    (the caller's are given back at the end) and the device of the loaders' memory
+    check, which is where :class:`~cohort.execution.extract.Features` puts the
+    network (both follow ``--device``). The model runs on the calling thread, so
+    Ctrl-C stops it between two operations; loaders run in :data:`LOADER_THREADS`
+    daemon threads, at most :data:`AHEAD` subjects ahead. With ``--stall-timeout``,
+    that long without a finished load while some are pending raises
+    :class:`~cohort.errors.StalledError` (a stuck thread is left behind: it cannot
+    be stopped, and it writes nothing); a read that hangs holds up only its subject.
     """
     threads = torch.get_num_threads()
     if pool.threads is not None:
@@ -80,7 +81,9 @@ def stream(
             return load_subject(dict(row), cfg, identity, finished, reach=reach, device=pool.device)
 
         for loaded in _ahead(load, rows, cfg.execution.stall_timeout_s):
-            yield features(loaded)
+            result = features(loaded)
+            del loaded  # its model input, not held while the next one is awaited
+            yield result
     finally:
         torch.set_num_threads(threads)
 
@@ -88,15 +91,14 @@ def stream(
 def _ahead(
     load: Any, rows: Sequence[Mapping[str, Any]], timeout: float | None = None
 ) -> Generator[dict[str, Any], None, None]:
-    """``load`` of each row, in manifest order, by :data:`LOADER_THREADS` daemon threads
-    that run at most :data:`AHEAD` rows ahead; a
-    wait of more than ``timeout`` seconds for the next one raises ``StalledError``."""
+    """``load`` of each row, in the order the loads finish, by :data:`LOADER_THREADS`
+    daemon threads that run at most :data:`AHEAD` rows ahead of the consumer; a wait
+    of more than ``timeout`` seconds for any pending load raises ``StalledError``."""
     todo: queue.Queue[tuple[int, Mapping[str, Any]]] = queue.Queue()
     for item in enumerate(rows):
         todo.put(item)
-    slots = threading.Semaphore(AHEAD)  # loaded (or loading), not yet taken by the model
-    done: dict[int, Any] = {}
-    ready = threading.Condition()
+    slots = threading.Semaphore(AHEAD)  # loading or loaded, not yet taken by the consumer
+    loaded: queue.Queue[Any] = queue.Queue()
     stop = threading.Event()
 
     def loader() -> None:
@@ -105,34 +107,36 @@ def _ahead(
             if stop.is_set():
                 return
             try:
-                index, row = todo.get_nowait()
+                _, row = todo.get_nowait()
             except queue.Empty:
+                return
+            if stop.is_set():  # closed while this thread took the row
                 return
             try:
                 value: Any = load(row)
             except BaseException as err:  # load_subject makes rows of its errors; not these
                 value = err
-            with ready:
-                done[index] = value
-                ready.notify_all()
+            loaded.put(value)
+            del value
 
     # daemon threads: a hung read must not keep the process from exiting
     count = min(LOADER_THREADS, len(rows))
     for n in range(count):
         threading.Thread(target=loader, name=f"cohort-load-{n}", daemon=True).start()
     try:
-        for index in range(len(rows)):
-            with ready:
-                if not ready.wait_for(functools.partial(operator.contains, done, index), timeout):
-                    raise StalledError(
-                        f"nothing moved for {timeout:g} s (--stall-timeout), so the run "
-                        "stopped; reading a subject's files hung"
-                    )
-                value = done.pop(index)
+        for _ in range(len(rows)):
+            try:
+                value = loaded.get(timeout=timeout)
+            except queue.Empty:
+                raise StalledError(
+                    f"nothing moved for {timeout:g} s (--stall-timeout), so the run "
+                    "stopped; reading a subject's files hung"
+                ) from None
             slots.release()
             if isinstance(value, BaseException):
                 raise value
             yield value
+            del value
     finally:  # wake loaders that wait for a slot, so that they see the stop and end
         stop.set()
         for _ in range(count):

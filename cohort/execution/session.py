@@ -55,13 +55,19 @@ LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
 
 
 def pick_executor(
-    cfg: RunConfig, subjects: int | None, environ: Mapping[str, str], connected: bool
+    cfg: RunConfig,
+    subjects: int | None,
+    environ: Mapping[str, str],
+    connected: bool,
+    gpus: int | None = None,
 ) -> Literal["ray", "in-process"]:
     """Where a run's stages run: ``--executor``, or for ``auto``, this process when the
     run is local (no ``--address``, no ``RAY_ADDRESS``, no Ray already connected in
-    this process), uses one model (``--actors`` at most 1) and has at most
-    :data:`~cohort.config.IN_PROCESS_MAX_SUBJECTS` ``subjects`` (None: the manifest
-    could not be counted, and the plan will say why before anything runs)."""
+    this process), uses one model (``--actors`` at most 1, and at most one CUDA
+    device of the ``gpus`` torch sees unless ``--device cpu``; None: not known yet)
+    and has at most :data:`~cohort.config.IN_PROCESS_MAX_SUBJECTS` ``subjects``
+    (None: the manifest could not be counted, and the plan will say why before
+    anything runs)."""
     execution = cfg.execution
     if execution.executor != "auto":
         return execution.executor
@@ -69,6 +75,8 @@ def pick_executor(
         return "ray"
     if (execution.num_actors or 1) > 1:
         return "ray"
+    if execution.device != "cpu" and gpus is not None and gpus > 1:
+        return "ray"  # one actor per GPU
     return "in-process" if subjects is None or subjects <= IN_PROCESS_MAX_SUBJECTS else "ray"
 
 
@@ -105,7 +113,7 @@ class RayInstance:
 
     def describe(self) -> str:
         where = "a private local Ray" if self.private else f"the running Ray at {self.address}"
-        return f"{where} ({self.cpus:g} CPUs, {self.gpus:g} GPUs)"
+        return f"on {where} ({self.cpus:g} CPUs, {self.gpus:g} GPUs)"
 
 
 def ray_instance(private: bool) -> RayInstance:
@@ -122,8 +130,8 @@ CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "QUOTA PERIOD" or 
 
 def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
     """The CPUs this process may use: its CPU affinity, capped by a cgroup v2 CPU quota
-    (a container started with ``--cpus 2`` on a 64-core host gets 2), as Ray counts a
-    node's CPUs; an in-process run sizes its torch threads by it."""
+    (a container started with ``--cpus 2`` on a 64-core host gets 2; cgroup v1 quotas
+    are not read); an in-process run sizes its torch threads by it."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cpus = cpus or 1
     try:
@@ -141,10 +149,10 @@ class InProcess:
     machine's CPUs, or on one GPU."""
 
     cpus: float
-    gpus: float  # CUDA devices torch sees (the run uses at most one)
+    gpus: float  # CUDA devices torch sees; in a run's record, those it used (0 or 1)
 
     def describe(self) -> str:
-        return f"this process, without Ray ({self.cpus:g} CPUs, {self.gpus:g} GPUs)"
+        return f"in this process, without Ray ({self.cpus:g} CPUs, {self.gpus:g} GPUs)"
 
 
 class Pool(NamedTuple):
