@@ -55,6 +55,7 @@ from cohort.execution.session import (
     RayInstance,
     actor_memory,
     ensure_ray,
+    joins_nothing,
     pick_executor,
     plan_pool,
     ray_instance,
@@ -66,6 +67,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from cohort.execution.plan import Plan
+    from cohort.inputs.manifest import Subject
     from cohort.model.pooling import RegionVector
 
 
@@ -125,6 +127,11 @@ class RunResult:
     ray: RayInstance | None = None  # the Ray the run started or joined ...
     in_process: InProcess | None = None  # ... or this process, when it ran without Ray
 
+    @property
+    def executor(self) -> str:
+        """``ray`` or ``in-process`` (run.json's ``executor``)."""
+        return "ray" if self.in_process is None else "in-process"
+
     def where(self) -> str:
         """Where the stages ran, in words (the summary line's end)."""
         ran = self.ray or self.in_process
@@ -144,7 +151,9 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
     subjects are kept.
     """
     started = time.perf_counter()
-    plan, in_process, owned = _start(manifest, cfg, download)
+    plan, where = _start(manifest, cfg, download)
+    in_process = isinstance(where, InProcess)
+    owned = isinstance(where, RayInstance) and where.private  # this run started its Ray
     phases = {("plan_s" if in_process else "ray_and_plan_s"): time.perf_counter() - started}
     if not in_process:  # the actors build their own: the driver need not hold it
         plan = dataclasses.replace(plan, network=None)
@@ -154,15 +163,12 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
     parts = store.Parts(out_dir)
     parts.clean()
     finished = frozenset(parts.keys())
-    # the resources the run has, read once: this machine's, or the Ray cluster's
-    where = _this_process() if in_process else ray_instance(private=owned)
     result = RunResult(
         out_dir,
         subjects=len(plan.subjects),
         weights=plan.weights.detail,
         phases=phases,
         ray=None if isinstance(where, InProcess) else where,
-        in_process=where if isinstance(where, InProcess) else None,
     )
     progress = Progress(len(plan.subjects), pick_mode(*cfg.execution.progress_flags, sys.stderr))
     keys: dict[str, str] = {}
@@ -249,43 +255,43 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
         _release(owned, stopping)
         raise
     # after publishing, so that a Ctrl-C while Ray stops cannot say nothing was published
-    _joined(stopping)
+    _release(owned, stopping)
     return result
 
 
-def _start(manifest: Path, cfg: RunConfig, download: bool) -> tuple[Plan, bool, bool]:
-    """Decide where the run runs, and check it: the plan, whether it runs in-process,
-    and whether this call started a private Ray (which the run then stops).
+def _start(manifest: Path, cfg: RunConfig, download: bool) -> tuple[Plan, RayInstance | InProcess]:
+    """Decide where the run runs, and check it: the plan, and this process's resources
+    or those of the Ray the run started (``private``: the run stops it) or joined.
 
     The model stack is imported and the run checked in a thread while Ray starts on
     the main thread (Ray's processes must be started by the main thread: they die
-    with the thread that started them). Only a local ``auto`` run counts the
-    manifest first; one that turns out to see several CUDA devices once torch is
-    imported goes to Ray after all, one actor per GPU.
+    with the thread that started them). Only an ``auto`` run that joins no Ray reads
+    the manifest first, to count it (the plan then uses what was read); one that
+    turns out to see several CUDA devices once torch is imported goes to Ray after
+    all, one actor per GPU.
     """
-    execution = cfg.execution
     connected = "ray" in sys.modules and _ray_connected()
-    local_auto = execution.executor == "auto" and not (
-        execution.address or os.environ.get("RAY_ADDRESS") or connected
-    )
-    subjects = _count(manifest) if local_auto else None
-    in_process = pick_executor(cfg, subjects, os.environ, connected) == "in-process"
+    local = joins_nothing(cfg, os.environ, connected)
+    subjects = _read(manifest) if local else None
+    count = None if subjects is None else len(subjects)
+    in_process = pick_executor(cfg, count, os.environ, connected) == "in-process"
     with ThreadPoolExecutor(max_workers=1) as pool:
-        preparing = pool.submit(_prepare, manifest, cfg, download)
+        preparing = pool.submit(_prepare, manifest, cfg, download, subjects)
         owned = False
         try:
-            owned = False if in_process else ensure_ray(execution.address)
+            owned = False if in_process else ensure_ray(cfg.execution.address)
         finally:
             try:
                 plan = preparing.result()  # raises what preparing raised (before any output)
             except BaseException:
                 _release(owned, None)  # nothing ran: stop the Ray this run started
                 raise
-    if in_process and local_auto:
-        gpus = _this_process().gpus
-        if pick_executor(cfg, subjects, os.environ, connected, gpus=int(gpus)) == "ray":
-            in_process, owned = False, ensure_ray(execution.address)
-    return plan, in_process, owned
+    if in_process:
+        here = _this_process()
+        if not local or pick_executor(cfg, count, os.environ, connected, int(here.gpus)) != "ray":
+            return plan, here
+        owned = ensure_ray(cfg.execution.address)
+    return plan, ray_instance(private=owned)  # the cluster's resources, read once
 
 
 def _release(owned: bool, stopping: threading.Thread | None) -> None:
@@ -293,7 +299,7 @@ def _release(owned: bool, stopping: threading.Thread | None) -> None:
     if stopping is not None:
         stopping.join()
     elif owned:
-        _joined(_stop_ray())
+        _stop_ray().join()
 
 
 def _stream(
@@ -328,12 +334,13 @@ def _stream(
     )
 
 
-def _count(manifest: Path) -> int | None:
-    """The manifest's subjects, for the choice of executor (None: the plan says why not)."""
+def _read(manifest: Path) -> tuple[Subject, ...] | None:
+    """The manifest's subjects, for the choice of executor (None: the plan reads it
+    again and says why it cannot be used)."""
     from cohort.inputs.manifest import read_manifest
 
     try:
-        return len(read_manifest(manifest))
+        return read_manifest(manifest)
     except Exception:
         return None
 
@@ -358,11 +365,6 @@ def _stop_ray() -> threading.Thread:
     thread = threading.Thread(target=ray.shutdown, name="cohort-ray-shutdown")
     thread.start()
     return thread
-
-
-def _joined(stopping: threading.Thread | None) -> None:
-    if stopping is not None:
-        stopping.join()
 
 
 def _add_lost(plan: Plan, seen: set[str], result: RunResult, broken: BaseException | None) -> None:
@@ -412,10 +414,12 @@ def _write_part(parts: store.Parts, row: Mapping[str, Any]) -> None:
     parts.write(str(row["key"]), store.table(features, schemas.FEATURES_SCHEMA))
 
 
-def _prepare(manifest: Path, cfg: RunConfig, download: bool) -> Plan:
+def _prepare(
+    manifest: Path, cfg: RunConfig, download: bool, subjects: tuple[Subject, ...] | None
+) -> Plan:
     from cohort.execution.plan import prepare_run
 
-    return prepare_run(manifest, cfg, download=download)
+    return prepare_run(manifest, cfg, download=download, subjects=subjects)
 
 
 def _provenance(
@@ -458,7 +462,7 @@ def _provenance(
         },
         "background": BACKGROUND if cfg.regions.background else None,
         "resources": _resources(result.memory),
-        "executor": "ray" if result.in_process is None else "in-process",
+        "executor": result.executor,
         "ray": None if result.ray is None else dataclasses.asdict(result.ray),
         "in_process": None if result.in_process is None else dataclasses.asdict(result.in_process),
     }

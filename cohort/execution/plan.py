@@ -44,9 +44,17 @@ class Plan:
     network: Any = field(default=None, repr=False, compare=False)
 
 
-def prepare_run(manifest: Path, cfg: RunConfig, *, download: bool = True) -> Plan:
-    """Everything checked on the driver before Ray starts: manifest, weights, layers."""
-    subjects = read_manifest(manifest)
+def prepare_run(
+    manifest: Path,
+    cfg: RunConfig,
+    *,
+    download: bool = True,
+    subjects: tuple[Subject, ...] | None = None,
+) -> Plan:
+    """Everything checked on the driver before Ray starts: manifest, weights, layers.
+    ``subjects``: the manifest's, when the caller has read it already."""
+    if subjects is None:
+        subjects = read_manifest(manifest)
     with ThreadPoolExecutor(max_workers=1) as pool:  # headers read while the network is built
         sizing = pool.submit(scan_sizes, [s.image for s in subjects], cfg.preprocess)
         weights = load_weights(cfg.model, download=download)

@@ -29,6 +29,7 @@ __all__ = [
     "RayInstance",
     "actor_memory",
     "ensure_ray",
+    "joins_nothing",
     "pick_executor",
     "plan_pool",
     "ray_instance",
@@ -54,6 +55,15 @@ QUEUE_FLOOR_BYTES = 128 * 2**20  # ... and at least this much, for small inputs
 LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
 
 
+def joins_nothing(cfg: RunConfig, environ: Mapping[str, str], connected: bool) -> bool:
+    """True for an ``auto`` run with no Ray to join: no ``--address``, no
+    ``RAY_ADDRESS``, no Ray already connected in this process (such a run may stay
+    in-process, :func:`pick_executor`)."""
+    execution = cfg.execution
+    joins = execution.address or environ.get("RAY_ADDRESS") or connected
+    return execution.executor == "auto" and not joins
+
+
 def pick_executor(
     cfg: RunConfig,
     subjects: int | None,
@@ -62,18 +72,15 @@ def pick_executor(
     gpus: int | None = None,
 ) -> Literal["ray", "in-process"]:
     """Where a run's stages run: ``--executor``, or for ``auto``, this process when the
-    run is local (no ``--address``, no ``RAY_ADDRESS``, no Ray already connected in
-    this process), uses one model (``--actors`` at most 1, and at most one CUDA
-    device of the ``gpus`` torch sees unless ``--device cpu``; None: not known yet)
-    and has at most :data:`~cohort.config.IN_PROCESS_MAX_SUBJECTS` ``subjects``
-    (None: the manifest could not be counted, and the plan will say why before
-    anything runs)."""
+    run joins no Ray (:func:`joins_nothing`), uses one model (``--actors`` at most 1,
+    and at most one CUDA device of the ``gpus`` torch sees unless ``--device cpu``;
+    None: not known yet) and has at most :data:`~cohort.config.IN_PROCESS_MAX_SUBJECTS`
+    ``subjects`` (None: the manifest could not be counted, and the plan will say why
+    before anything runs)."""
     execution = cfg.execution
     if execution.executor != "auto":
         return execution.executor
-    if execution.address or environ.get("RAY_ADDRESS") or connected:
-        return "ray"
-    if (execution.num_actors or 1) > 1:
+    if not joins_nothing(cfg, environ, connected) or (execution.num_actors or 1) > 1:
         return "ray"
     if execution.device != "cpu" and gpus is not None and gpus > 1:
         return "ray"  # one actor per GPU
