@@ -20,9 +20,10 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from bench.measure import ProcessPeak, peak_rss_mib
+from cohort.config import Executor
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--actor-cpus", type=float, default=0.25)
     parser.add_argument("--loader-cpus", type=float, default=0.5)
-    parser.add_argument("--executor", default="auto", choices=["auto", "ray", "in-process"])
+    parser.add_argument("--executor", default="auto", choices=get_args(Executor))
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument(
         "--warm",
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         "pooling": args.pooling,
         "precision": args.precision,
         "warm": args.warm,
-        "executor": "ray" if result.in_process is None else "in-process",
+        "executor": result.executor,
         "subjects": result.subjects,
         "done": result.done,
         "failed": result.failed,

@@ -24,9 +24,11 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import get_args
 
 from bench import timed
 from bench.run import phantom_cohort
+from cohort.config import Executor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shape", default="96,128,128")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--address", help="join this running Ray (e.g. auto) instead of a private one")
-    p.add_argument("--executor", choices=("auto", "ray", "in-process"), default="auto")
+    p.add_argument("--executor", choices=get_args(Executor), default="auto")
     args = p.parse_args(argv)
     d, h, w = (int(x) for x in args.shape.split(","))
     folder = Path(tempfile.mkdtemp(prefix="startup-"))

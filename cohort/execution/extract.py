@@ -202,20 +202,16 @@ class FeatureActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [{name: batch[name][i] for name in batch} for i in range(len(batch["subject_id"]))]
-        if not rows:
-            return {name: np.asarray([], dtype=object) for name in _RESULT}
         results = []
         for row in rows:
-            ready = row["status"] == READY
-            if ready and self._died_too_often(row):
-                results.append(self.features(row))  # now an error row: passes through
-                continue
+            # a subject that killed its worker too often becomes an error row here
+            ready = row["status"] == READY and not self._died_too_often(row)
             if ready and self.fault is not None:
                 self.fault.maybe_fire(str(row["subject_id"]))
-            results.append(self.features(row))
+            results.append(self.features(row))  # any row not ready passes through
             if ready:
                 self.ledger.end.remote(str(row["key"]))
-        return {name: np.asarray([r[name] for r in results], dtype=object) for name in results[0]}
+        return {name: np.asarray([r[name] for r in results], dtype=object) for name in _RESULT}
 
     def _died_too_often(self, row: dict[str, Any]) -> bool:
         """True (and ``row`` made an error row) when this subject's earlier attempts

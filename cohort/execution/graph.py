@@ -42,16 +42,16 @@ def stream(
     reach: Reach | None = None,
 ) -> Generator[dict[str, Any], None, None]:
     """Run the Ray Data graph on manifest ``rows`` and yield one result row per subject
-        as it finishes (in the order they finish).
+    as it finishes (in the order they finish).
 
-        ``weights`` is the 2D state dict every actor builds its network from;
-        ``identity`` and ``finished`` let the loaders recognise subjects that an
-        earlier run finished (they come back with status ``cached``); ``reach``
-        (what the hooked layers need of the model input) lets them refuse a volume
-        that is too small at the check stage; ``pool`` is the feature actors
-    (:func:`cohort.execution.session.plan_pool`); ``memory`` is what each actor requests and
-        how much the loaders may hold ahead of the actors
-        (:func:`cohort.execution.session.actor_memory`).
+    ``weights`` is the 2D state dict every actor builds its network from;
+    ``identity`` and ``finished`` let the loaders recognise subjects that an
+    earlier run finished (they come back with status ``cached``); ``reach``
+    (what the hooked layers need of the model input) lets them refuse a volume
+    that is too small at the check stage; ``pool`` is the feature actors
+    (:func:`cohort.execution.session.plan_pool`); ``memory`` is what each actor
+    requests and how much the loaders may hold ahead of the actors
+    (:func:`cohort.execution.session.actor_memory`).
     """
     import ray
     from ray.data import ActorPoolStrategy, DataContext, Dataset, ExecutionResources

@@ -94,9 +94,9 @@ def _ahead(
     """``load`` of each row, in the order the loads finish, by :data:`LOADER_THREADS`
     daemon threads that run at most :data:`AHEAD` rows ahead of the consumer; a wait
     of more than ``timeout`` seconds for any pending load raises ``StalledError``."""
-    todo: queue.Queue[tuple[int, Mapping[str, Any]]] = queue.Queue()
-    for item in enumerate(rows):
-        todo.put(item)
+    todo: queue.Queue[Mapping[str, Any]] = queue.Queue()
+    for row in rows:
+        todo.put(row)
     slots = threading.Semaphore(AHEAD)  # loading or loaded, not yet taken by the consumer
     loaded: queue.Queue[Any] = queue.Queue()
     stop = threading.Event()
@@ -107,7 +107,7 @@ def _ahead(
             if stop.is_set():
                 return
             try:
-                _, row = todo.get_nowait()
+                row = todo.get_nowait()
             except queue.Empty:
                 return
             if stop.is_set():  # closed while this thread took the row
