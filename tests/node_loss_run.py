@@ -3,8 +3,10 @@
 Run by ``tests/test_reliability.py::test_a_lost_node_loses_nothing`` in its own
 process (a second Ray instance cannot share the test session's): the head node
 has no CPUs, so every loader and actor runs on the worker node; when two subjects
-are finished the worker node is killed (no graceful shutdown) and a new one joins,
-as an autoscaler would replace it. Prints one JSON line with what happened.
+are finished and the test hook holds up the last one (``COHORT_FAULT_MODE=hang:S``,
+whose marker the test names), the worker node is killed (no graceful shutdown)
+and a new one joins, as an autoscaler would replace it: the run cannot have ended
+before the kill, however busy the machine. Prints one JSON line with what happened.
 
     python tests/node_loss_run.py MANIFEST OUT
 """
@@ -53,7 +55,8 @@ def main(manifest: Path, out: Path) -> None:
     )
     run.start()
     parts = store.Parts(out)
-    while len(parts.keys()) < 2 and run.is_alive():
+    hung = Path(os.environ["COHORT_FAULT_MARKER"])  # written when the hang begins
+    while (len(parts.keys()) < 2 or not hung.exists()) and run.is_alive():
         time.sleep(0.1)
     events["parts_when_killed"] = len(parts.keys())
     cluster.remove_node(worker, allow_graceful=False)

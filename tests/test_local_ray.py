@@ -28,13 +28,23 @@ from cohort.execution.session import ensure_ray
 os.environ.pop("RAY_ADDRESS", None)
 ensure_ray(None)
 
+import tempfile
+from pathlib import Path
+
 @ray.remote(num_cpus=0.5)
-def pid(wait):
+def pid(arrived, wait):
+    # each task waits until three are running at once (or 60 s), so that the first
+    # round needs at least three processes however slowly a busy machine starts them
+    Path(arrived, str(os.getpid())).touch()
+    deadline = time.monotonic() + 60
+    while len(os.listdir(arrived)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
     time.sleep(wait)
     return os.getpid()
 
 def round_():
-    return sorted(set(ray.get([pid.remote(1.0) for _ in range(6)])))
+    arrived = tempfile.mkdtemp()
+    return sorted(set(ray.get([pid.remote(arrived, 1.0) for _ in range(6)])))
 
 first = round_()
 time.sleep(3.0)

@@ -11,8 +11,8 @@ process starts seconds sooner.
 
 Test hook (for fault-injection tests only): with ``COHORT_FAULT_KILL_SUBJECT``
 set to a subject id and ``COHORT_FAULT_MARKER`` to a file path in the driver's
-environment, the feature actor that receives that subject acts on
-``COHORT_FAULT_MODE``:
+environment, the process that extracts that subject (a feature actor, or the
+driver itself in an in-process run) acts on ``COHORT_FAULT_MODE``:
 
 - ``once`` (the default): it creates the marker and kills its own process
   (``os._exit``), once, as long as the marker exists;
@@ -127,11 +127,17 @@ class Features:
     the feature actor below wraps it, and an in-process run calls it directly)."""
 
     def __init__(
-        self, network: torch.nn.Module, cfg: RunConfig, threads: int | None, where: str
+        self,
+        network: torch.nn.Module,
+        cfg: RunConfig,
+        threads: int | None,
+        where: str,
+        fault: FaultHook | None = None,
     ) -> None:
         if threads is not None:
             torch.set_num_threads(threads)
         self.cfg = cfg
+        self.fault = fault  # the test hook, fired before a ready subject's extraction
         self.device = pick_device(cfg.execution.device)
         network = network.to(self.device)
         self.extractor = FeatureExtractor(network, resolve_layers(network, cfg.model.layers))
@@ -146,6 +152,8 @@ class Features:
         out: dict[str, Any] = {name: row[name] for name in _PASS}
         out["features"] = b""
         if out["status"] == READY:
+            if self.fault is not None:
+                self.fault.maybe_fire(str(out["subject_id"]))
             try:
                 prepared = pickle.loads(row["payload"])
                 vectors = self._extract(prepared)
@@ -194,11 +202,10 @@ class FeatureActor:
                 "with the driver's?); rerun the same command to continue"
             )
         self.cfg = cfg
-        self.fault = fault
         network, _ = build_network(cfg.model.backbone, state, cfg.model.inflation)
         granted = ray.get_runtime_context().get_assigned_resources()
         grants = ", ".join(f"{k}={v:g}" for k, v in sorted(granted.items()))
-        self.features = Features(network, cfg, threads, f"Ray resources: {grants}")
+        self.features = Features(network, cfg, threads, f"Ray resources: {grants}", fault)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [{name: batch[name][i] for name in batch} for i in range(len(batch["subject_id"]))]
@@ -206,8 +213,6 @@ class FeatureActor:
         for row in rows:
             # a subject that killed its worker too often becomes an error row here
             ready = row["status"] == READY and not self._died_too_often(row)
-            if ready and self.fault is not None:
-                self.fault.maybe_fire(str(row["subject_id"]))
             results.append(self.features(row))  # any row not ready passes through
             if ready:
                 self.ledger.end.remote(str(row["key"]))

@@ -23,6 +23,7 @@ driver's own thread).
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Generator, Mapping, Sequence
@@ -32,7 +33,7 @@ import torch
 
 from cohort.config import RunConfig
 from cohort.errors import StalledError
-from cohort.execution.extract import Features
+from cohort.execution.extract import FaultHook, Features
 from cohort.execution.load import load_subject
 from cohort.execution.session import Pool
 from cohort.inputs.geometry import Reach
@@ -75,7 +76,8 @@ def stream(
     if pool.threads is not None:
         torch.set_num_threads(pool.threads)
     try:
-        features = Features(network, cfg, None, "in-process, without Ray")
+        fault = FaultHook.from_env(os.environ)  # the test hook, as the Ray actors have it
+        features = Features(network, cfg, None, "in-process, without Ray", fault)
 
         def load(row: Mapping[str, Any]) -> dict[str, Any]:
             return load_subject(dict(row), cfg, identity, finished, reach=reach, device=pool.device)
