@@ -20,7 +20,7 @@ from pathlib import Path
 from cohort.config import PreprocessConfig
 from cohort.inputs.geometry import Grid, dhw_grid, model_shape
 from cohort.inputs.itk import is_itk_file, read_itk_header
-from cohort.inputs.nifti import open_nifti, squeezed_shape
+from cohort.inputs.nifti import nifti_affine, open_nifti, squeezed_shape
 from cohort.inputs.volume import itk_affine
 
 __all__ = ["SCAN_SECONDS", "InputSizes", "header_grid", "scan_sizes"]
@@ -42,7 +42,7 @@ def header_grid(path: Path, max_voxels: int) -> Grid | None:
         affine = itk_affine(reader.GetDirection(), reader.GetSpacing(), reader.GetOrigin())
         return dhw_grid(tuple(int(n) for n in reader.GetSize())[:3], affine)
     img = open_nifti(path, "image", max_voxels)
-    return dhw_grid(squeezed_shape(tuple(int(n) for n in img.shape)), img.affine)
+    return dhw_grid(squeezed_shape(tuple(int(n) for n in img.shape)), nifti_affine(img, path))
 
 
 @dataclass(frozen=True)

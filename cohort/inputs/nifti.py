@@ -1,9 +1,25 @@
 """Read NIfTI volumes with nibabel: the header first, the voxels on demand.
 
 :func:`open_nifti` parses and checks the header (size limit, 3D shape; a 4D
-file whose extra axes all have length 1 is 3D) without reading any voxel;
-:func:`read_nifti` then reads the data: float32 HU after ``scl_slope`` /
-``scl_inter`` for an image, the stored integers for a label map.
+file whose extra axes all have length 1 is 3D; where the grid lies) without
+reading any voxel; :func:`read_nifti` then reads the data: float32 HU after
+``scl_slope`` / ``scl_inter`` for an image, the stored integers for a label map.
+
+Where the grid lies (:func:`nifti_affine`) is read as ITK reads it (SimpleITK,
+ITK-SNAP, 3D Slicer, nnU-Net's SimpleITK I/O; checked against SimpleITK 2.5 /
+ITK 5.4), not as nibabel's ``img.affine`` does, which prefers the sform
+whenever its code is set. A NIfTI header can hold two transforms, the qform
+(rotation, voxel sizes, offset) and the sform (a 3x4 matrix), each with a code:
+
+- only one code set: that transform (both readers agree);
+- both set: ITK takes the sform when its code is 1 (scanner) and it is a
+  rotation with voxel sizes, else the qform; nibabel always the sform. When the
+  two place the grid's corner voxels further apart than the tolerance (1e-3 mm),
+  the file means two things and is refused, naming both;
+- both codes 0: no orientation at all (nibabel invents one from the voxel
+  sizes, ITK puts the grid at the origin): refused;
+- ``xyzt_units`` in metres or microns scales the grid to millimetres (ITK does;
+  nibabel's affine ignores it); unknown units are millimetres.
 """
 
 from __future__ import annotations
@@ -18,13 +34,14 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
 from cohort.errors import GeometryError, InputError
-from cohort.inputs.volume import Volume, fmt_shape
+from cohort.inputs.volume import Volume, corner_distance, fmt_affine, fmt_shape
 
 __all__ = [
     "NIFTI_SUFFIXES",
     "as_labels",
     "check_shape",
     "is_nifti_file",
+    "nifti_affine",
     "open_nifti",
     "read_nifti",
     "squeezed_shape",
@@ -32,6 +49,10 @@ __all__ = [
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError)
+TOLERANCE_MM = 1e-3  # = PreprocessConfig.affine_tolerance_mm (a test checks)
+_UNITS_MM = {"unknown": 1.0, "mm": 1.0, "meter": 1000.0, "micron": 1e-3}
+_CODES = {0: "unknown", 1: "scanner", 2: "aligned", 3: "talairach", 4: "mni", 5: "template"}
+_ORTHONORMAL = 1e-4  # ITK's own tolerance on the direction cosines of an sform
 
 
 def is_nifti_file(path: Path) -> bool:
@@ -39,8 +60,11 @@ def is_nifti_file(path: Path) -> bool:
     return Path(path).name.lower().endswith(NIFTI_SUFFIXES)
 
 
-def open_nifti(path: Path, role: str, max_voxels: int) -> nib.Nifti1Image:
-    """Open a NIfTI header (no voxel data) and check its shape and size.
+def open_nifti(
+    path: Path, role: str, max_voxels: int, tolerance_mm: float = TOLERANCE_MM
+) -> nib.Nifti1Image:
+    """Open a NIfTI header (no voxel data) and check its shape, size and where its grid
+    lies (:func:`nifti_affine`).
 
     ``role`` names the file in messages ("image", "mask").
     """
@@ -62,7 +86,116 @@ def open_nifti(path: Path, role: str, max_voxels: int) -> nib.Nifti1Image:
             "convert it to .nii or .nii.gz"
         )
     check_shape(tuple(int(n) for n in img.shape), path, role, max_voxels)
+    nifti_affine(img, path, role, tolerance_mm)
     return img
+
+
+def nifti_affine(
+    img: nib.Nifti1Image, path: Path, role: str = "image", tolerance_mm: float = TOLERANCE_MM
+) -> np.ndarray:
+    """The voxel -> RAS+ mm affine of a NIfTI header, as ITK reads it (module docstring).
+
+    Raises :class:`GeometryError` naming the file when the header has no orientation
+    or when its qform and sform disagree by more than ``tolerance_mm`` at the grid's
+    corner voxels.
+    """
+    header = img.header
+    shape = squeezed_shape(tuple(int(n) for n in img.shape))
+    qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+    units = header.get_xyzt_units()[0]
+    scale = np.diag([_UNITS_MM.get(units, 1.0)] * 3 + [1.0])
+    if qcode == 0 and scode == 0:
+        raise GeometryError(
+            f"{role} file {path} has no orientation: its qform_code and sform_code are both "
+            "0, so where its voxels lie is unknown (nibabel would place the grid by its voxel "
+            "sizes alone, ITK at the origin); export it again from the scanner's DICOM (e.g. "
+            "with dcm2niix), or set its qform/sform to the orientation you know"
+        )
+    qform = scale @ np.asarray(header.get_qform(), dtype=np.float64)
+    sform = scale @ np.asarray(header.get_sform(), dtype=np.float64)
+    if scode == 0:
+        return qform
+    if qcode == 0:
+        _check_orthogonal(sform, path, role)
+        return _sform_as_itk(sform, header, scale, shape, path, role, tolerance_mm)
+    distance = corner_distance(shape, qform, sform)
+    if not distance <= tolerance_mm:
+        raise GeometryError(
+            f"{role} file {path} places its grid in two ways: its qform (code {qcode}, "
+            f"{_CODES.get(qcode, '?')}) and its sform (code {scode}, {_CODES.get(scode, '?')}) "
+            f"are up to {distance:.4g} mm apart at the grid's corners (tolerance "
+            f"{tolerance_mm:g} mm): qform {_placement(qform)}, sform {_placement(sform)} "
+            "(RAS+ mm); ITK-based tools (SimpleITK, ITK-SNAP, 3D Slicer, nnU-Net) read "
+            f"the {'sform' if _itk_prefers_sform(scode, sform) else 'qform'} of this file "
+            "and nibabel the sform, so which one is meant is not known; make the two agree "
+            "with the one that is right for the scan (e.g. fslorient -copyqform2sform or "
+            "-copysform2qform, or nibabel's set_sform / set_qform), then run again"
+        )
+    if _itk_prefers_sform(scode, sform):
+        return _sform_as_itk(sform, header, scale, shape, path, role, tolerance_mm)
+    return qform
+
+
+def _sform_as_itk(
+    sform: np.ndarray,
+    header: nib.Nifti1Header,
+    scale: np.ndarray,
+    shape: tuple[int, ...],
+    path: Path,
+    role: str,
+    tolerance_mm: float,
+) -> np.ndarray:
+    """The sform as ITK reads it: its directions and origin, but the voxel sizes of the
+    header's ``pixdim`` (nibabel takes the sform's own column lengths). Refused when the
+    two place the grid's corners further apart than ``tolerance_mm``."""
+    pixdim = np.abs(np.asarray(header["pixdim"][1:4], dtype=np.float64)) * scale[0, 0]
+    columns = sform[:3, :3] / np.linalg.norm(sform[:3, :3], axis=0)
+    itk = sform.copy()
+    itk[:3, :3] = columns * pixdim
+    distance = corner_distance(shape, sform, itk)
+    if not distance <= tolerance_mm:
+        sizes = ", ".join(f"{v:.6g}" for v in np.linalg.norm(sform[:3, :3], axis=0))
+        raise GeometryError(
+            f"{role} file {path} has an sform whose voxel sizes ({sizes} mm) are not the "
+            f"header's pixdim ({', '.join(f'{v:.6g}' for v in pixdim)} mm): nibabel places the "
+            "grid by the former and ITK-based tools by the latter, up to "
+            f"{distance:.4g} mm apart at its corners; write the file again with pixdim equal "
+            "to the sform's voxel sizes (nibabel: header.set_zooms), then run again"
+        )
+    return itk
+
+
+def _itk_prefers_sform(scode: int, sform: np.ndarray) -> bool:
+    """ITK 5.4's choice when both codes are set: a scanner sform that is a rotation with
+    voxel sizes."""
+    return scode == 1 and _orthogonal(sform)
+
+
+def _orthogonal(affine: np.ndarray) -> bool:
+    columns = affine[:3, :3]
+    norms = np.linalg.norm(columns, axis=0)
+    if not np.all(norms > 0):
+        return False
+    unit = columns / norms
+    return bool(np.allclose(unit.T @ unit, np.eye(3), atol=_ORTHONORMAL))
+
+
+def _check_orthogonal(sform: np.ndarray, path: Path, role: str) -> None:
+    if not _orthogonal(sform):
+        raise GeometryError(
+            f"{role} file {path} has an sform whose axes are not orthogonal (a sheared grid: "
+            f"{fmt_affine(sform)}), which ITK-based tools refuse too; resample it onto an "
+            "orthogonal grid (e.g. a DICOM series with gantry tilt, converted with dcm2niix's "
+            "tilt correction)"
+        )
+
+
+def _placement(affine: np.ndarray) -> str:
+    """Origin and axis directions of an affine, for messages."""
+    columns = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    origin = ", ".join(f"{v:.4g}" for v in np.round(affine[:3, 3], 4) + 0.0)
+    axes = "; ".join(", ".join(f"{v:.4g}" for v in np.round(c, 4) + 0.0) for c in columns.T)
+    return f"origin ({origin}), axes [{axes}]"
 
 
 def check_shape(shape: tuple[int, ...], path: Path, role: str, max_voxels: int) -> None:
@@ -115,7 +248,7 @@ def read_nifti(img: nib.Nifti1Image, path: Path, role: str, *, labels: bool) -> 
     kind = "label map" if labels else "image"
     return Volume(
         data=as_labels(data, path) if labels else data,
-        affine=np.asarray(img.affine, dtype=np.float64),
+        affine=nifti_affine(img, path, role),
         path=path,
         description=f"NIfTI {kind} {path.name}",
     )

@@ -29,6 +29,7 @@ and back: ``spacing`` = the column norms of ``affine[:3, :3]``,
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,8 +46,11 @@ if TYPE_CHECKING:
 __all__ = [
     "LPS_TO_RAS",
     "Volume",
+    "axis_mapping",
+    "corner_distance",
     "fmt_affine",
     "fmt_shape",
+    "grid_corners",
     "itk_affine",
     "volume_from_sitk",
     "volume_to_sitk",
@@ -157,3 +161,56 @@ def fmt_affine(affine: np.ndarray) -> str:
     """The top three rows of an affine on one line, rounded to 1e-4 mm."""
     rows = np.round(np.asarray(affine, dtype=np.float64)[:3], 4) + 0.0  # + 0.0 drops -0.0
     return "[" + ", ".join("[" + ", ".join(f"{v:g}" for v in row) + "]" for row in rows) + "]"
+
+
+def grid_corners(shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
+    """The world positions (mm, the affine's frame) of a grid's 8 corner voxel centres,
+    as an (8, 3) array: index 0 or n - 1 along each axis, in a fixed order."""
+    last = [max(int(n) - 1, 0) for n in shape[:3]]
+    index = np.array(
+        [(i, j, k, 1.0) for i in (0, last[0]) for j in (0, last[1]) for k in (0, last[2])]
+    )
+    corners: np.ndarray = (np.asarray(affine, dtype=np.float64) @ index.T).T[:, :3]
+    return corners
+
+
+def corner_distance(shape: Sequence[int], a: np.ndarray, b: np.ndarray) -> float:
+    """How far apart (mm) two affines place the corner voxel centres of one grid of
+    ``shape``: the largest distance over the 8 corners. An affine is linear in the
+    index, so no voxel centre of the grid is placed further apart than its corners."""
+    difference = grid_corners(shape, a) - grid_corners(shape, b)
+    return float(np.max(np.linalg.norm(difference, axis=1)))
+
+
+def axis_mapping(
+    shape: Sequence[int],
+    affine: np.ndarray,
+    onto_shape: Sequence[int],
+    onto_affine: np.ndarray,
+    tolerance_mm: float,
+) -> np.ndarray | None:
+    """How to re-index an array stored on one grid so that it is stored as another grid
+    is, when both are the same physical grid (every corner voxel centre within
+    ``tolerance_mm``) in another axis order or direction; None when they are not.
+
+    Returns a nibabel orientation (``ornt``: stored axis i goes to axis ``ornt[i, 0]``,
+    reversed when ``ornt[i, 1]`` is -1) for ``nibabel.orientations.apply_orientation``.
+    The candidates are tried exactly, not by the closest canonical axes, so a grid
+    whose axes lie at 45 degrees to the world's is matched however float rounding
+    tips ``io_orientation``'s choice.
+    """
+    from nibabel.orientations import inv_ornt_aff
+
+    affine = np.asarray(affine, dtype=np.float64)
+    target = tuple(int(n) for n in onto_shape)
+    # the identity first: the common case of two grids stored alike
+    for order in itertools.permutations(range(3)):
+        moved = tuple(int(shape[order.index(axis)]) for axis in range(3))
+        if moved != target:
+            continue
+        for flips in itertools.product((1.0, -1.0), repeat=3):
+            ornt = np.array([[order[i], flips[i]] for i in range(3)], dtype=np.float64)
+            placed = affine @ inv_ornt_aff(ornt, tuple(int(n) for n in shape[:3]))
+            if corner_distance(target, placed, onto_affine) <= tolerance_mm:
+                return ornt
+    return None
