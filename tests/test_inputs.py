@@ -352,11 +352,25 @@ def test_affine_mismatch_beyond_tolerance(tmp_path: Path) -> None:
 def test_affine_difference_within_tolerance_passes(tmp_path: Path) -> None:
     hu, mask = cube_anatomy()
     nudged = np.eye(4)
-    nudged[0, 0] = 1.0 + 1e-4  # the x column differs by 0.1 micrometre per voxel
+    nudged[0, 0] = 1.0 + 2e-5  # the far corner voxel (19 voxels along x) moves 3.8e-4 mm
     pair = load_pair(
         save_nifti(tmp_path / "i.nii", hu), save_nifti(tmp_path / "m.nii", mask, nudged), CFG
     )
     check_pair(pair, LABELS, CFG)
+
+
+def test_grids_are_compared_at_their_corner_voxels_not_entry_by_entry(tmp_path: Path) -> None:
+    """A voxel size 1e-4 mm larger is within 1e-3 mm in every affine entry, but over the
+    grid it adds up: the far corner voxel of a 20-voxel axis lies 1.9e-3 mm away."""
+    hu, mask = cube_anatomy()
+    assert hu.shape[0] == 20  # the arithmetic below
+    nudged = np.eye(4)
+    nudged[0, 0] = 1.0 + 1e-4
+    pair = load_pair(
+        save_nifti(tmp_path / "i.nii", hu), save_nifti(tmp_path / "m.nii", mask, nudged), CFG
+    )
+    with pytest.raises(GeometryError, match=r"up to 0\.0019\d* mm"):
+        check_pair(pair, LABELS, CFG)
 
 
 def test_mask_stored_flipped_over_the_same_grid_is_the_same_pair(tmp_path: Path) -> None:

@@ -4,13 +4,16 @@ Array convention of every prepared volume: axes (D, H, W) of the RAS+ volume,
 i.e. the RAS array axes (x, y, z) become (z, y, x). Index order along each
 axis: D inferior -> superior, H posterior -> anterior, W left -> right.
 
-Image and mask are compared in that frame, after both are reoriented to RAS+
-(closest canonical): the same physical grid stored in another axis order or
-direction is the same grid. A mask on another grid is an error, unless
-``--mask-resample nearest`` (:attr:`PreprocessConfig.mask_resample`) puts it
-on the image's (:mod:`cohort.inputs.nearest`). The model input must be large
-enough for every hooked layer: :class:`Reach` holds the least input size of
-each, worked out on the driver from the network (:mod:`cohort.model.reach`).
+Image and mask are compared as physical grids: two grids are the same when every
+corner voxel centre agrees within the tolerance (1e-3 mm by default), whatever the
+axis order or direction each is stored in. A mask on the image's grid stored
+otherwise is re-indexed onto the image's stored axes (:func:`align_pair`; the
+same voxels, no values change), so both then take the same way to RAS+. A mask
+on another grid is an error, unless ``--mask-resample nearest``
+(:attr:`PreprocessConfig.mask_resample`) puts it on the image's
+(:mod:`cohort.inputs.nearest`). The model input must be large enough for every
+hooked layer: :class:`Reach` holds the least input size of each, worked out on
+the driver from the network (:mod:`cohort.model.reach`).
 """
 
 from __future__ import annotations
@@ -26,14 +29,15 @@ from cohort.config import LabelMap, PreprocessConfig
 from cohort.errors import GeometryError, InputError, RegionError
 from cohort.inputs.nearest import count_outside
 from cohort.inputs.readers import VolumePair
-from cohort.inputs.segmentation import LabelRegions, Regions, check_label_kind
-from cohort.inputs.volume import fmt_affine, fmt_shape
+from cohort.inputs.segmentation import LabelRegions, Regions, check_label_kind, reindexed
+from cohort.inputs.volume import axis_mapping, corner_distance, fmt_affine, fmt_shape
 
 __all__ = [
     "AXES",
     "Grid",
     "LayerReach",
     "Reach",
+    "align_pair",
     "check_pair",
     "check_size",
     "dhw_grid",
@@ -103,17 +107,37 @@ def dhw_grid(shape: tuple[int, ...], affine: np.ndarray) -> Grid:
 
 
 def same_grid(a: Grid, b: Grid, tolerance_mm: float) -> bool:
-    """Same shape, and affines that agree to ``tolerance_mm``."""
+    """Same shape, and every corner voxel centre within ``tolerance_mm`` (in mm, so the
+    far corner of a 512-voxel grid counts as the near one does)."""
     return a.shape == b.shape and _difference(a, b) <= tolerance_mm
 
 
 def _difference(a: Grid, b: Grid) -> float:
-    return float(np.max(np.abs(a.affine[:3, :] - b.affine[:3, :])))
+    """The largest distance (mm) between the grids' corner voxel centres (same shape)."""
+    return corner_distance(a.shape, a.affine, b.affine)
+
+
+def align_pair(pair: VolumePair, tolerance_mm: float) -> VolumePair:
+    """``pair`` with its regions re-indexed onto the image's stored axes and given the
+    image's affine, when the mask's grid is the image's stored in another axis order
+    or direction (:func:`cohort.inputs.volume.axis_mapping`); else ``pair`` as it is.
+
+    Both then reorient to RAS+ the same way, also for a grid at exactly 45 degrees,
+    where the closest canonical axes of two float-rounded copies may differ.
+    """
+    image, regions = pair.image, pair.regions
+    if regions.shape == image.shape and np.array_equal(regions.affine, image.affine):
+        return pair
+    ornt = axis_mapping(regions.shape, regions.affine, image.shape, image.affine, tolerance_mm)
+    if ornt is None:
+        return pair
+    return VolumePair(image=image, regions=reindexed(regions, ornt, image.affine))
 
 
 def mask_resampled(pair: VolumePair, cfg: PreprocessConfig) -> bool:
     """Whether the mask is put on the image grid: it lies on another grid, and
     ``--mask-resample nearest`` allows it (else the check stage refuses the pair)."""
+    pair = align_pair(pair, cfg.affine_tolerance_mm)
     image = dhw_grid(pair.image.shape, pair.image.affine)
     mask = dhw_grid(pair.regions.shape, pair.regions.affine)
     return cfg.mask_resample == "nearest" and not same_grid(image, mask, cfg.affine_tolerance_mm)
@@ -144,10 +168,12 @@ def select_regions(regions: Regions, labels: LabelMap) -> tuple[tuple[str, np.nd
 
 def check_pair(
     pair: VolumePair, labels: LabelMap, cfg: PreprocessConfig, reach: Reach | None = None
-) -> None:
-    """Image and mask share a grid in RAS+ (or the mask may be resampled onto the
-    image's and every region lies inside the image), the image is finite, every
-    named region is present, and the model input is large enough for ``reach``."""
+) -> VolumePair:
+    """Image and mask share a grid (or the mask may be resampled onto the image's and
+    every region lies inside the image), the image is finite, every named region is
+    present, and the model input is large enough for ``reach``. Returns the pair
+    aligned (:func:`align_pair`)."""
+    pair = align_pair(pair, cfg.affine_tolerance_mm)
     image_grid = dhw_grid(pair.image.shape, pair.image.affine)
     mask_grid = dhw_grid(pair.regions.shape, pair.regions.affine)
     resample = not same_grid(image_grid, mask_grid, cfg.affine_tolerance_mm)
@@ -176,6 +202,7 @@ def check_pair(
     if reach is not None:
         spacing = cfg.target_spacing or image_grid.spacing
         check_size(model_shape(image_grid, cfg), spacing, reach, pair.image_path)
+    return pair
 
 
 def _grid_message(pair: VolumePair, image: Grid, mask: Grid, cfg: PreprocessConfig) -> str:
@@ -194,8 +221,9 @@ def _grid_message(pair: VolumePair, image: Grid, mask: Grid, cfg: PreprocessConf
             f"to RAS+ (mask stored {codes[1]}, image stored {codes[0]}); {fix}"
         )
     return (
-        f"mask affine of {pair.mask_path} differs from image affine of {pair.image_path} by "
-        f"up to {_difference(image, mask):.6g} mm after both are reoriented to RAS+ (mask "
+        f"mask grid of {pair.mask_path} is not the image grid of {pair.image_path}: its "
+        f"corner voxels lie up to {_difference(image, mask):.6g} mm from the image's after "
+        f"both are reoriented to RAS+ (mask "
         f"stored {codes[1]}, image stored {codes[0]}; tolerance {cfg.affine_tolerance_mm:g} mm); "
         f"image affine {fmt_affine(image.affine)}, mask affine {fmt_affine(mask.affine)} "
         f"(D, H, W columns); {fix}"

@@ -18,7 +18,15 @@ import numpy as np
 
 from cohort.config import BACKGROUND, LabelMap, PreprocessConfig
 from cohort.errors import ConfigError, InputError, RegionError
-from cohort.inputs.geometry import Reach, check_size, dhw_grid, same_grid, select_regions, to_dhw
+from cohort.inputs.geometry import (
+    Reach,
+    align_pair,
+    check_size,
+    dhw_grid,
+    same_grid,
+    select_regions,
+    to_dhw,
+)
 from cohort.inputs.nearest import nearest_onto
 from cohort.inputs.readers import VolumePair
 from cohort.inputs.regions import (
@@ -76,6 +84,7 @@ def preprocess_pair(
     n_regions = len(labels) + (1 if background else 0)
     if n_regions > MAX_REGIONS:
         raise ConfigError(f"{n_regions} regions requested; at most {MAX_REGIONS} are supported")
+    pair = align_pair(pair, cfg.affine_tolerance_mm)
     orientation = "".join(str(c) for c in nib.aff2axcodes(pair.image.affine))
     image_grid = dhw_grid(pair.image.shape, pair.image.affine)
     mask_grid = dhw_grid(pair.regions.shape, pair.regions.affine)

@@ -18,18 +18,27 @@ Masks from separate files or layers may overlap; nothing here resolves that.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from nibabel.orientations import apply_orientation
 
 from cohort.config import BACKGROUND, LabelMap, PreprocessConfig, names_only
 from cohort.errors import GeometryError, InputError, RegionError
 from cohort.inputs.itk import header_reader, is_itk_file, itk_error_reason, open_itk
 from cohort.inputs.nifti import as_labels, is_nifti_file, open_nifti, read_nifti
-from cohort.inputs.volume import Volume, fmt_affine, fmt_shape, volume_from_sitk
+from cohort.inputs.volume import (
+    Volume,
+    axis_mapping,
+    corner_distance,
+    fmt_affine,
+    fmt_shape,
+    volume_from_sitk,
+)
 
 __all__ = [
     "MASK_SUFFIXES",
@@ -49,6 +58,7 @@ __all__ = [
     "read_regions",
     "read_slicer_segmentation",
     "region_name",
+    "reindexed",
 ]
 
 # file endings of mask files, longest first so that ".nii.gz" wins over ".gz"-less ".nii"
@@ -156,6 +166,18 @@ class LabelRegions:
 Regions = NamedMasks | LabelRegions
 
 
+def reindexed(regions: Regions, ornt: np.ndarray, affine: np.ndarray) -> Regions:
+    """``regions`` re-indexed by a nibabel orientation ``ornt`` (the same voxels in
+    another stored axis order or direction; views, no copy) and placed by ``affine``,
+    the affine of the grid they are then stored as."""
+    if isinstance(regions, LabelRegions):
+        return dataclasses.replace(
+            regions, labels=apply_orientation(regions.labels, ornt), affine=affine
+        )
+    masks = tuple(apply_orientation(mask, ornt) for mask in regions.masks)
+    return dataclasses.replace(regions, masks=masks, affine=affine)
+
+
 def _fmt_names(names: Sequence[str]) -> str:
     return ", ".join(repr(n) for n in names) if names else "none"
 
@@ -229,7 +251,8 @@ def read_mask_folder(
     only the files of those regions are read (a name without a file is left
     for :meth:`NamedMasks.select` to report). Every header is checked before
     any voxel is read. Every file must be binary (0 and one other value) and
-    on the first file's grid (shape, and affine to ``affine_tolerance_mm``).
+    on the first file's grid (every corner voxel centre within
+    ``affine_tolerance_mm``), stored in any axis order or direction.
     """
     return open_mask_folder(
         folder, names, max_voxels=max_voxels, affine_tolerance_mm=affine_tolerance_mm
@@ -286,8 +309,7 @@ def open_mask_folder(
         masks = [_binary(first.data, paths[0])]
         for path, read_file in zip(paths[1:], readers[1:], strict=True):
             volume = read_file()
-            _check_same_grid(first, volume, affine_tolerance_mm)
-            masks.append(_binary(volume.data, path))
+            masks.append(_binary(_on_first_grid(first, volume, affine_tolerance_mm), path))
         return NamedMasks(
             names=tuple(chosen),
             masks=tuple(masks),
@@ -316,23 +338,31 @@ def _binary(data: np.ndarray, path: Path) -> np.ndarray:
     return inside
 
 
-def _check_same_grid(first: Volume, other: Volume, tolerance_mm: float) -> None:
-    if first.shape != other.shape:
+def _on_first_grid(first: Volume, other: Volume, tolerance_mm: float) -> np.ndarray:
+    """``other``'s voxels stored as ``first``'s are: the same physical grid (every corner
+    voxel centre within ``tolerance_mm``), in any axis order or direction; another grid
+    is a :class:`GeometryError`."""
+    ornt = axis_mapping(other.shape, other.affine, first.shape, first.affine, tolerance_mm)
+    if ornt is not None:
+        return apply_orientation(other.data, ornt)
+    fix = (
+        "every mask of a folder must be on one grid: resample them onto the image grid "
+        "(nearest neighbour), or export them again from the same segmentation"
+    )
+    if sorted(other.shape) != sorted(first.shape):
         raise GeometryError(
             f"mask file {other.path} has grid {fmt_shape(other.shape)} but {first.path.name} "
-            f"in the same folder has {fmt_shape(first.shape)}; every mask of a folder must be "
-            "on one grid: resample them onto the image grid (nearest neighbour), or export "
-            "them again from the same segmentation"
+            f"in the same folder has {fmt_shape(first.shape)}; {fix}"
         )
-    difference = float(np.max(np.abs(first.affine[:3, :] - other.affine[:3, :])))
-    if not difference <= tolerance_mm:
-        raise GeometryError(
-            f"mask file {other.path} differs in its affine from {first.path.name} in the same "
-            f"folder by up to {difference:.6g} mm (tolerance {tolerance_mm:g} mm): "
-            f"{fmt_affine(other.affine)} vs {fmt_affine(first.affine)}; every mask of a folder "
-            "must be on one grid: resample them onto the image grid (nearest neighbour), or "
-            "export them again from the same segmentation"
-        )
+    if other.shape == first.shape:
+        far = f"up to {corner_distance(first.shape, first.affine, other.affine):.6g} mm"
+    else:
+        far = "more than the tolerance in every axis order"
+    raise GeometryError(
+        f"mask file {other.path} lies on another grid than {first.path.name} in the same "
+        f"folder: its corner voxels are {far} from the first file's (tolerance "
+        f"{tolerance_mm:g} mm): {fmt_affine(other.affine)} vs {fmt_affine(first.affine)}; {fix}"
+    )
 
 
 def read_slicer_segmentation(

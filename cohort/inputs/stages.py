@@ -39,10 +39,10 @@ class Stages:
         return load_pair(image, mask, self.cfg, self.labels, series_uid=series_uid)
 
     def check(self, pair: VolumePair) -> VolumePair:
-        """Stage check of a loaded pair; returns it."""
+        """Stage check of a loaded pair; returns it, its mask re-indexed onto the image's
+        stored axes when it is the image's grid stored otherwise."""
         self.stage = "check"
-        check_pair(pair, self.labels, self.cfg, self.reach)
-        return pair
+        return check_pair(pair, self.labels, self.cfg, self.reach)
 
     def checked(self, image: Path, mask: Path, series_uid: str | None = None) -> VolumePair:
         """Stages load and check; returns the pair as stored."""

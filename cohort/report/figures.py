@@ -372,12 +372,13 @@ def load_slice(
     grid by nearest neighbour). Where regions overlap, the later one is drawn.
     """
     from cohort.config import PreprocessConfig
-    from cohort.inputs.geometry import dhw_grid, same_grid, select_regions, to_dhw
+    from cohort.inputs.geometry import align_pair, dhw_grid, same_grid, select_regions, to_dhw
     from cohort.inputs.nearest import nearest_onto
     from cohort.inputs.readers import load_pair
 
     cfg = PreprocessConfig()
     pair = load_pair(image, mask, cfg, names, series_uid=series_uid)
+    pair = align_pair(pair, cfg.affine_tolerance_mm)
     hu, spacing = to_dhw(pair.image.data, pair.image.affine)
     image_grid = dhw_grid(pair.image.shape, pair.image.affine)
     mask_grid = dhw_grid(pair.regions.shape, pair.regions.affine)
