@@ -79,9 +79,9 @@ ERRORS_SCHEMA: Final = _schema("subject_id cohort stage error_type message image
 # cohort: one cohort, or the cohorts compared joined by "|"; layer: likewise for layers;
 # pair: a region pair "a-b", two pairs "a-b|c-d", or a region; q_value: Benjamini-Hochberg
 # within the family; q_value_run: Benjamini-Hochberg over every test that ran; status:
-# "ok" or "skipped".
+# "ok" or "skipped"; adjusted_for: "" for an unadjusted test, else the covariates joined by "+".
 TESTS_SCHEMA: Final = _schema(
-    "family cohort layer pair test: string",
+    "family cohort layer pair test adjusted_for: string",
     "n: int64",
     "statistic p_value q_value q_value_run effect_size: float64",
     "effect_name: string",
