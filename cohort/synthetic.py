@@ -226,6 +226,22 @@ def make_phantom_cohort(
 # ------------------------------------------------------ synthetic result folders
 
 
+def _subjects_table(
+    path: Path, subjects: Sequence[Subject], cohorts: Sequence[str], seed: int
+) -> None:
+    rng = np.random.default_rng([seed, 24])
+    n = len(subjects)
+    shift = np.array([5.0 * list(cohorts).index(s.cohort) for s in subjects])
+    pd.DataFrame(
+        {
+            "subject_id": [s.subject_id for s in subjects],
+            "age": np.round(rng.uniform(20.0, 80.0, n) + shift, 1),
+            "sex": rng.choice(["F", "M"], n),
+            "site": rng.choice(["A", "B", "C"], n),
+        }
+    ).to_csv(path, index=False)
+
+
 def synthetic_results(
     folder: Path,
     *,
@@ -238,8 +254,14 @@ def synthetic_results(
     images: bool = True,
     cfg: StatsConfig | None = None,
     seed: int = 0,
+    subjects_table: bool = False,
 ) -> Path:
     """Write a result folder with known content and no model; returns ``folder``.
+
+    With ``subjects_table``, also ``subjects.csv``: every subject's ``age`` (uniform
+    20-80 years, 5 years older per later cohort), ``sex`` (F/M) and ``site``
+    (A/B/C), for ``cohort stats DIR --subjects-table`` (drawn from their own seed, so
+    the vectors are the same either way).
 
     Regions tibia, femur and background; each cohort's vectors are a shared
     direction per layer and region plus a cohort shift plus noise, made
@@ -336,6 +358,8 @@ def synthetic_results(
         }
     )
     manifest = write_manifest(subjects, folder / "manifest.csv")
+    if subjects_table:
+        _subjects_table(folder / "subjects.csv", subjects, cohorts, seed)
     similarity = stats.cosine_table(features)
     config = RunConfig(stats=cfg).to_dict()
     digest = hashlib.sha256(flat.tobytes()).hexdigest()

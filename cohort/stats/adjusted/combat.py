@@ -272,9 +272,11 @@ def combat_fit(
             "differences. Drop --harmonise or add subjects that cross batches"
         )
     coef, *_ = np.linalg.lstsq(design, data, rcond=None)
-    grand_mean = (sizes / n) @ coef[: names.size]
-    beta = coef[names.size :]
-    var_pooled = ((data - design @ coef) ** 2).mean(axis=0)
+    grand_mean: FloatArray = np.asarray((sizes / n) @ coef[: names.size], dtype=np.float64)
+    beta: FloatArray = np.asarray(coef[names.size :], dtype=np.float64)
+    var_pooled: FloatArray = np.asarray(
+        ((data - design @ coef) ** 2).mean(axis=0), dtype=np.float64
+    )
     fitted = var_pooled > 0
     mod_mean = mod @ beta
     s = (data[:, fitted] - grand_mean[fitted] - mod_mean[:, fitted]) / np.sqrt(var_pooled[fitted])

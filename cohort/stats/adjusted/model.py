@@ -194,7 +194,7 @@ class Marginal:
 
     @property
     def p_value(self) -> FloatArray:
-        return (1.0 + self.exceed) / (1.0 + self.permutations)
+        return np.asarray((1.0 + self.exceed) / (1.0 + self.permutations), dtype=np.float64)
 
 
 def _f(ss_term: FloatArray, rss: FloatArray, df_term: int, df_res: int) -> FloatArray:
