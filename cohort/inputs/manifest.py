@@ -165,7 +165,8 @@ def write_manifest(subjects: Iterable[Subject], path: Path) -> Path:
     """Write ``subjects`` as a CSV manifest; paths inside its folder are written relative.
 
     The ``labels`` and ``series_uid`` columns are written only when some subject
-    has one. Returns ``path``.
+    has one, and each covariate column that some subject has, after them.
+    Returns ``path``.
     """
     path = Path(path)
     if path.suffix.lower() != ".csv":
@@ -176,6 +177,8 @@ def write_manifest(subjects: Iterable[Subject], path: Path) -> Path:
     with_series = any(s.series_uid is not None for s in items)
     columns = [*REQUIRED_COLUMNS, "cohort"] + (["labels"] if with_labels else [])
     columns += ["series_uid"] if with_series else []
+    extra = list(dict.fromkeys(name for s in items for name, _ in s.covariates))
+    columns += extra
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -186,6 +189,8 @@ def write_manifest(subjects: Iterable[Subject], path: Path) -> Path:
                 cells.append("" if s.labels is None else format_label_map(s.labels))
             if with_series:
                 cells.append(s.series_uid or "")
+            values = dict(s.covariates)
+            cells += [values.get(name, "") for name in extra]
             writer.writerow(cells)
     return path
 
