@@ -219,7 +219,7 @@ DUNE = """1 0 0 0 0 0 0 0 0 0 0 4 0 0 0 0 7 0 4 2 0 0 0 0 0 0 0 0 0 0
 0 5 0 0 0 0 0 0 0 0 4 0 0 0 4 0 0 0 0 0 4 0 0 5 2 0 0 0 4 3"""
 DUNE_A1 = [2.8, 3.5, 4.3, 4.2, 6.3, 4.3, 2.8, 4.2, 3.7, 3.3,
            3.5, 5.8, 6.0, 9.3, 11.5, 5.7, 4.0, 4.6, 3.7, 3.5]  # fmt: skip
-DUNE_MANAGEMENT = "SF BF SF SF HF HF HF HF HF BF BF SF SF NM NM SF NM NM NM NM".split()
+DUNE_MANAGEMENT = "SF BF SF SF HF HF HF HF HF BF BF SF SF NM NM SF NM NM NM NM".split()  # noqa: SIM905
 
 
 def test_the_adonis2_reference_reproduces_vegans_printed_dune_figures() -> None:
@@ -280,7 +280,7 @@ def test_adjusted_permanova_equals_the_adonis2_reference(
             "sex": (meta.sex.to_numpy() == "M").astype(float),
             "cohort": np.column_stack([cohort == c for c in cohorts[1:]]).astype(float),
         }
-        ss, r2, f = adonis2(dist, terms, "margin")["cohort"]
+        _, r2, f = adonis2(dist, terms, "margin")["cohort"]
         worst = max(worst, rel(row.statistic, f), rel(row.effect_size, r2))
     WORST["adonis2"] = worst
     print(f"worst relative difference against the adonis2 reference: {worst:.2e}")
@@ -308,13 +308,19 @@ def test_combat_equals_neurocombat_on_the_pooled_matrix(folder: Path) -> None:
     rng = np.random.default_rng(5)
     shift = {s: rng.normal(0, 0.5, pooled.matrix.shape[1]) for s in ("A", "B", "C")}
     scale = {"A": 1.0, "B": 1.6, "C": 0.7}
-    data = np.stack([row * scale[s] + shift[s] for row, s in zip(pooled.matrix, sites, strict=True)])
+    data = np.stack(
+        [row * scale[s] + shift[s] for row, s in zip(pooled.matrix, sites, strict=True)]
+    )
     model, ours = combat_fit(data, sites, terms, values, "site")
     covars = pd.DataFrame({"site": sites, "cohort": values["cohort"], "sex": values["sex"]})
     covars["age"] = ages
     with contextlib.redirect_stdout(io.StringIO()):
         theirs = neuroCombat(
-            data.T.copy(), covars, "site", categorical_cols=["cohort", "sex"], continuous_cols=["age"]
+            data.T.copy(),
+            covars,
+            "site",
+            categorical_cols=["cohort", "sex"],
+            continuous_cols=["age"],
         )["data"].T
     worst = float((np.abs(ours - theirs) / np.abs(theirs)).max())
     WORST["neuroCombat"] = worst
@@ -368,7 +374,9 @@ def test_stratified_rows_say_so_and_one_cohort_per_stratum_is_not_tested(folder:
     table = table_of(subjects, AdjustConfig(covariates=("age",), strata="site"))
     rows = stats.run_tests(features, similarity, FAST, table)
     permuted = rows[(rows.test == "permanova") | (rows.test == "freedman-lane")]
-    assert permuted.reason.str.contains("permutations within strata of site (3 levels)", regex=False).all()
+    assert permuted.reason.str.contains(
+        "permutations within strata of site (3 levels)", regex=False
+    ).all()
     by_cohort = subjects.assign(site=subjects.subject_id.str[0])  # stratum = cohort
     table = table_of(by_cohort, AdjustConfig(covariates=("age",), strata="site"))
     rows = stats.run_tests(features, similarity, FAST, table)
@@ -400,7 +408,9 @@ def test_drop_incomplete_counts_the_subjects_in_each_row(folder: Path) -> None:
     table = table_of(holes, AdjustConfig(covariates=("age",), drop_incomplete=True))
     rows = stats.run_tests(features, similarity, FAST, table)
     ab = rows[rows.family.str.endswith("adjusted") & (rows.cohort == "a|b")]
-    assert ab.reason.str.contains("dropped 2 subject(s) with a missing covariate", regex=False).all()
+    assert ab.reason.str.contains(
+        "dropped 2 subject(s) with a missing covariate", regex=False
+    ).all()
     assert (ab.n == 26).all() and (ab.status == "ok").all()
 
 
@@ -432,9 +442,7 @@ def test_a_covariate_that_separates_the_cohorts_is_not_tested_and_says_why(
 # ------------------------------------------------------------------ command line
 
 
-def test_stats_command_adjusts_records_and_switches_back(
-    folder: Path, tmp_path: Path
-) -> None:
+def test_stats_command_adjusts_records_and_switches_back(folder: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(folder, run)
     before = (run / "stats.csv").read_bytes()

@@ -47,7 +47,9 @@ def simulate(effect: float, seed: int) -> tuple[float, float]:
                 break
         codes = osteo.astype(np.int64)
         ids = [f"s{i:02d}" for i in range(N)]
-        table = subject_table(ids, {"age": [str(float(a)) for a in age]}, AdjustConfig(("age",)), "sim")
+        table = subject_table(
+            ids, {"age": [str(float(a)) for a in age]}, AdjustConfig(("age",)), "sim"
+        )
         design = build_design(table, table.rows(ids), codes, ("control", "osteo"))
         assert not design.refusal
         y = 0.85 + AGE_SLOPE * (age - 50.0)[:, None] + effect * codes[:, None]
