@@ -510,3 +510,19 @@ def test_harmonise_with_applies_the_saved_model_without_refitting(
     args = ["stats", str(new), "--subjects-table", str(tmp_path / "moved.csv")]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "batch(es) D are not in the fitted model" in result.output
+
+
+def test_report_shows_the_adjusted_and_site_effect_sections(folder: Path, tmp_path: Path) -> None:
+    from cohort.report import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(folder, run)
+    table = str(run / "subjects.csv")
+    args = ["stats", str(run), "--covariates", "age,sex", "--subjects-table", table]
+    result = CliRunner().invoke(main, [*args, "--harmonise", "site", "--permutations", "9"])
+    assert result.exit_code == 0, result.output
+    page = write_report(run).read_text()
+    assert 'id="adjusted"' in page and 'id="harmonisation"' in page
+    assert "reference F" in page and "freedman-lane" in page
+    for name in ("site_effect", "covariate_age_conv-1"):
+        assert (run / "report" / f"{name}.png").is_file()
