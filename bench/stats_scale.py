@@ -49,6 +49,9 @@ class Measured:
     peak_bytes: int
     setup_seconds: float
     returncode: int
+    cpu_seconds: (
+        float  # the child's user + system CPU time: steadier than wall time on a busy machine
+    )
 
 
 def make_folder(folder: Path, subjects: int) -> float:
@@ -69,8 +72,11 @@ def make_folder(folder: Path, subjects: int) -> float:
     return time.perf_counter() - started
 
 
-def run_stats(folder: Path, python: str, extra: tuple[str, ...] = ()) -> tuple[float, int, int]:
-    """Run ``cohort stats`` on ``folder`` in a child; (seconds, peak RSS bytes, exit status).
+def run_stats(
+    folder: Path, python: str, extra: tuple[str, ...] = ()
+) -> tuple[float, int, int, float]:
+    """Run ``cohort stats`` on ``folder`` in a child; (seconds, peak RSS bytes, exit status,
+    CPU seconds).
 
     The peak is the child's own: this process runs one child at a time, and
     RUSAGE_CHILDREN's ru_maxrss is the largest of the children waited for so
@@ -81,8 +87,8 @@ def run_stats(folder: Path, python: str, extra: tuple[str, ...] = ()) -> tuple[f
         "started = time.perf_counter()\n"
         "done = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
         "seconds = time.perf_counter() - started\n"
-        "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024\n"
-        "print(seconds, peak, done.returncode)\n"
+        "usage = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+        "print(seconds, usage.ru_maxrss * 1024, done.returncode, usage.ru_utime + usage.ru_stime)\n"
     )
     command = [
         python,
@@ -101,8 +107,8 @@ def run_stats(folder: Path, python: str, extra: tuple[str, ...] = ()) -> tuple[f
     out = subprocess.run(
         [sys.executable, "-c", code, *command], capture_output=True, text=True, check=True
     )
-    seconds, peak, status = out.stdout.split()
-    return float(seconds), int(peak), int(status)
+    seconds, peak, status, cpu = out.stdout.split()
+    return float(seconds), int(peak), int(status), float(cpu)
 
 
 def measure(sizes: list[int], root: Path, python: str, adjusted: bool) -> list[Measured]:
@@ -112,21 +118,21 @@ def measure(sizes: list[int], root: Path, python: str, adjusted: bool) -> list[M
     for subjects in sizes:
         folder = root / f"stats-{subjects}"
         setup = make_folder(folder, subjects)
-        seconds, peak, status = run_stats(folder, python, ("--covariates", ""))
-        rows.append(Measured("plain", subjects, seconds, peak, setup, status))
+        seconds, peak, status, cpu = run_stats(folder, python, ("--covariates", ""))
+        rows.append(Measured("plain", subjects, seconds, peak, setup, status, cpu))
         plain[subjects] = rows[-1]
         print(format_row(rows[-1], rows[-1]), flush=True)
     if not adjusted:
         return rows
     print(f"\nadjusted for age + sex ({' '.join(ADJUSTED)} --subjects-table DIR/subjects.csv);")
-    print("the last column: time over the plain time of the same folder")
-    print("|  subjects |   time s | peak GB | setup s | goal   |  ratio |")
-    print("|----------:|---------:|--------:|--------:|:-------|-------:|")
+    print("ratio: over the plain run of the same folder (wall time, then CPU time)")
+    print("|  subjects |   time s | peak GB | setup s | goal   |  CPU s |  ratio | CPU ratio |")
+    print("|----------:|---------:|--------:|--------:|:-------|-------:|-------:|----------:|")
     for subjects in sizes:
         folder = root / f"stats-{subjects}"
         extra = (*ADJUSTED, "--subjects-table", str(folder / "subjects.csv"))
-        seconds, peak, status = run_stats(folder, python, extra)
-        rows.append(Measured("adjusted", subjects, seconds, peak, 0.0, status))
+        seconds, peak, status, cpu = run_stats(folder, python, extra)
+        rows.append(Measured("adjusted", subjects, seconds, peak, 0.0, status, cpu))
         print(format_row(rows[-1], plain[subjects]), flush=True)
     return rows
 
@@ -144,7 +150,10 @@ def format_row(row: Measured, plain: Measured) -> str:
     goal = "MISSED" if missed(row, plain) else "ok"
     if row.case == "plain" and row.subjects > GOAL_SUBJECTS:
         goal = ""
-    ratio = f" {row.seconds / plain.seconds:>5.2f}x |" if row.case == "adjusted" else ""
+    ratio = f" {row.cpu_seconds:>6.1f} |"
+    if row.case == "adjusted":
+        cpu = row.cpu_seconds / plain.cpu_seconds
+        ratio += f" {row.seconds / plain.seconds:>5.2f}x | {cpu:>8.2f}x |"
     status = "" if row.returncode == 0 else f" exit {row.returncode}"
     return (
         f"| {row.subjects:>9,} | {row.seconds:>8.1f} | {row.peak_bytes / 1e9:>6.2f} | "
@@ -169,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} CPUs; goals: plain <= 20,000 subjects within 60 s and 3 GB; "
         "adjusted (age + sex) within 3x plain up to 20,000 subjects and 3 GB at any size"
     )
-    print("|  subjects |   time s | peak GB | setup s | goal   |")
-    print("|----------:|---------:|--------:|--------:|:-------|")
+    print("|  subjects |   time s | peak GB | setup s | goal   |  CPU s |")
+    print("|----------:|---------:|--------:|--------:|:-------|-------:|")
     adjusted = not args.plain_only
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
