@@ -32,7 +32,7 @@ from cohort.stats.adjusted.rows import (
     adjusted_pair_rows,
     stratified_permanova,
 )
-from cohort.stats.common import FloatArray, Result, join_notes, rng_for, skipped
+from cohort.stats.common import FloatArray, Result, TestRow, join_notes, rng_for, skipped
 from cohort.stats.fdr import bh_qvalues
 from cohort.stats.flags import FLAG_BELOW_MIN_N, Flag, collect_flags
 from cohort.stats.permanova import permanova
@@ -71,14 +71,7 @@ def _scope(
 
 
 @dataclass(frozen=True)
-class _Row:
-    family: str
-    cohort: str
-    layer: str
-    pair: str
-    test: str
-    effect_name: str
-    result: Result
+class _Row(TestRow):
     scope: _Scope
     adjusted_for: str = ""
 

@@ -39,6 +39,7 @@ from cohort.stats.common import (
     FloatArray,
     IntArray,
     Result,
+    TestRow,
     dropped_note,
     join_notes,
     rng_for,
@@ -62,16 +63,9 @@ _SAME_DIRECTION: Final = 1e-12  # total SS at or below this: all vectors point o
 
 
 @dataclass(frozen=True)
-class AdjustedRow:
+class AdjustedRow(TestRow):
     """One adjusted test, with the data it touches (for the sanity flags)."""
 
-    family: str
-    cohort: str
-    layer: str
-    pair: str
-    test: str
-    effect_name: str
-    result: Result
     cohorts: tuple[str, ...]
     layers: tuple[str, ...]
     pairs: tuple[tuple[str, str], ...]
