@@ -77,6 +77,7 @@ def fig_covariate(
                 ax.plot(grid, intercept + slope * grid, color=colour, linewidth=1.2)
         ax.set_title(pair_label(a, b))
         ax.set_xlabel(name)
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.grid(color="0.93")
     axes[0].set_ylabel(f"cosine at {layer}")
     handles, labels = axes[0].get_legend_handles_labels()
