@@ -242,20 +242,17 @@ def marginal_test(
     )
     exceed = np.zeros(count, dtype=np.int64)
     # E is orthogonal to the intercept, so Q_Z's first (constant) column drops out
-    basis = [np.ascontiguousarray(c) for c in np.hstack([qz[:, 1:], w]).T]
-    covariate_columns = qz.shape[1] - 1
+    basis = np.ascontiguousarray(np.hstack([qz[:, 1:], w]).T)  # k x n
+    k, covariate_columns = basis.shape[0], qz.shape[1] - 1
     for idx in permutation_blocks(n, permutations, rng, strata):
         # sum_i b[idx[i]] resid[i] = b' resid[inverse of idx]: the statistic of the
-        # residuals permuted by the inverse, itself a uniform (within-strata) draw; one
-        # matrix product per basis column (rows x n times n x C)
-        term = np.zeros((idx.shape[0], count))
-        fitted = np.zeros((idx.shape[0], count))
-        for j, column in enumerate(basis):
-            product = column[idx] @ resid
-            squares = (product * product) @ onehot
-            fitted += squares
-            if j >= covariate_columns:
-                term += squares
+        # residuals permuted by the inverse, itself a uniform (within-strata) draw; all
+        # basis columns of a block in one matrix product (k rows x n times n x C)
+        rows = idx.shape[0]
+        products = (basis[:, idx].reshape(k * rows, n) @ resid).reshape(k, rows, columns)
+        squares = (products * products) @ onehot  # k x rows x responses
+        fitted = squares.sum(axis=0)
+        term = squares[covariate_columns:].sum(axis=0)
         rss_p = total - fitted
         rss_p[rss_p <= _RSS_ROUNDING * total] = 0.0
         exceed += (_f(term, rss_p, df_term, df_res) >= threshold).sum(axis=0)
