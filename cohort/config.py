@@ -24,6 +24,8 @@ __all__ = [
     "INFLATED",
     "IN_PROCESS_MAX_SUBJECTS",
     "PRESETS",
+    "RESERVED_COLUMNS",
+    "AdjustConfig",
     "Device",
     "ExecutionConfig",
     "Executor",
@@ -464,6 +466,75 @@ class StatsConfig:
             raise ConfigError(f"min n must be >= 1, got {self.min_n}")
 
 
+# Manifest columns that cannot be covariates, strata or the harmonisation batch: the
+# subject's identity, files and group (cohort is the term every adjusted test is about).
+RESERVED_COLUMNS: tuple[str, ...] = (
+    "subject_id",
+    "image",
+    "mask",
+    "cohort",
+    "labels",
+    "series_uid",
+)
+_COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+
+
+@dataclass(frozen=True)
+class AdjustConfig:
+    """Covariates, strata and harmonisation of the between-cohort tests (off by default).
+
+    Every column named here comes from the manifest (or ``subjects_table``); with all
+    fields at their defaults the statistics are exactly the unadjusted ones.
+    """
+
+    covariates: tuple[str, ...] = ()  # columns the adjusted tests adjust for, in this order
+    strata: str | None = None  # permutations stay within the levels of this column
+    harmonise: str | None = None  # ComBat over the batches (sites, scanners) of this column
+    harmonise_with: str | None = None  # a finished run's folder whose fitted ComBat to apply
+    drop_incomplete: bool = False  # leave out subjects with a missing value instead of failing
+    subjects_table: str | None = None  # CSV/Parquet: subject_id + the columns, instead of manifest
+
+    def __post_init__(self) -> None:
+        named = [*self.covariates, *(c for c in (self.strata, self.harmonise) if c is not None)]
+        for name in named:
+            if not _COLUMN.match(name):
+                raise ConfigError(
+                    f"column name {name!r} must start with a letter or _ and use letters, "
+                    "digits, _, . or -; name a column of the manifest or subjects table"
+                )
+            if name in RESERVED_COLUMNS:
+                raise ConfigError(
+                    f"{name!r} is a manifest column of its own and cannot be a covariate, stratum "
+                    f"or batch (reserved: {', '.join(RESERVED_COLUMNS)}); name another column"
+                )
+        if len(set(self.covariates)) != len(self.covariates):
+            raise ConfigError(f"covariates repeat in {','.join(self.covariates)}; list each once")
+        if self.harmonise is not None and self.harmonise in self.covariates:
+            raise ConfigError(
+                f"{self.harmonise!r} is both the harmonisation batch and a covariate; ComBat "
+                "removes the batch effect, so adjusting for it again is meaningless: drop one"
+            )
+        if self.harmonise is not None and self.harmonise_with is not None:
+            raise ConfigError(
+                "--harmonise fits a new ComBat model and --harmonise-with applies a fitted one; "
+                "give one of them"
+            )
+
+    @property
+    def active(self) -> bool:
+        """Whether anything differs from the unadjusted statistics."""
+        return bool(self.covariates) or self.strata is not None or self.harmonising
+
+    @property
+    def harmonising(self) -> bool:
+        return self.harmonise is not None or self.harmonise_with is not None
+
+    def columns(self) -> tuple[str, ...]:
+        """Every column named here (covariates, strata, batch), each once, in that order."""
+        named = [*self.covariates, self.strata, self.harmonise]
+        return tuple(dict.fromkeys(c for c in named if c is not None))
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs; one object, passed explicitly."""
@@ -474,6 +545,7 @@ class RunConfig:
     pooling: PoolingConfig = field(default_factory=PoolingConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
+    adjust: AdjustConfig = field(default_factory=AdjustConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -42,7 +42,9 @@ from cohort.outputs import schemas, store
 
 __all__ = [
     "CohortEffect",
+    "age_effect",
     "cohort_effect",
+    "make_confounded_cohort",
     "make_phantom_cohort",
     "make_phantom_subject",
     "phantom_affine",
@@ -223,7 +225,67 @@ def make_phantom_cohort(
     return write_manifest(subjects, out_dir / "manifest.csv")
 
 
+AGE_RANGES: dict[str, tuple[float, float]] = {"control": (30.0, 55.0), "osteo": (50.0, 75.0)}
+
+
+def age_effect(age: float) -> CohortEffect:
+    """What age does to a phantom knee in the confounded cohort: trabecular density falls
+    from 300 HU at 30 years to 100 HU at 75 and the texture coarsens 2.5 times over the
+    same span (the demo's cohort difference, spread over age)."""
+    span = (age - 30.0) / 45.0
+    return CohortEffect(trabecular_hu=300.0 - 200.0 * span, texture_mm=2.5**span)
+
+
+def make_confounded_cohort(
+    out_dir: Path,
+    n_per_cohort: int = 10,
+    shape: tuple[int, int, int] = DEFAULT_SHAPE,
+    seed: int = 0,
+    spacing_mm: tuple[float, float, float] = DEFAULT_SPACING_MM,
+) -> Path:
+    """A phantom cohort where age drives both cohort membership and the bones.
+
+    ``control`` subjects are 30-55 years old and ``osteo`` subjects 50-75 (ages evenly
+    spread, overlapping in 50-55); every knee is made by :func:`age_effect` of its age,
+    and the cohort itself changes nothing. The manifest has an ``age`` column (run
+    with ``--covariates age``). Returns the manifest path.
+    """
+    if n_per_cohort < 2:
+        raise ConfigError(f"subjects per cohort must be >= 2, got {n_per_cohort}")
+    out_dir = Path(out_dir)
+    subjects: list[Subject] = []
+    for k, (cohort, (low, high)) in enumerate(AGE_RANGES.items()):
+        for i, age in enumerate(np.linspace(low, high, n_per_cohort)):
+            subject_seed = int(np.random.SeedSequence([seed, k, i, 24]).generate_state(1)[0])
+            hu, label = make_phantom_subject(shape, spacing_mm, subject_seed, age_effect(age))
+            subject_id = f"{cohort}-{i + 1:02d}"
+            image = out_dir / "images" / f"{subject_id}.nii.gz"
+            mask = out_dir / "masks" / f"{subject_id}.nii.gz"
+            write_phantom_nifti(hu, label, spacing_mm, image, mask)
+            subjects.append(
+                Subject(subject_id, image, mask, cohort, None, len(subjects) + 1,
+                        covariates=(("age", f"{age:.1f}"),))
+            )  # fmt: skip
+    return write_manifest(subjects, out_dir / "manifest.csv")
+
+
 # ------------------------------------------------------ synthetic result folders
+
+
+def _subjects_table(
+    path: Path, subjects: Sequence[Subject], cohorts: Sequence[str], seed: int
+) -> None:
+    rng = np.random.default_rng([seed, 24])
+    n = len(subjects)
+    shift = np.array([5.0 * list(cohorts).index(s.cohort) for s in subjects])
+    pd.DataFrame(
+        {
+            "subject_id": [s.subject_id for s in subjects],
+            "age": np.round(rng.uniform(20.0, 80.0, n) + shift, 1),
+            "sex": rng.choice(["F", "M"], n),
+            "site": rng.choice(["A", "B", "C"], n),
+        }
+    ).to_csv(path, index=False)
 
 
 def synthetic_results(
@@ -238,8 +300,14 @@ def synthetic_results(
     images: bool = True,
     cfg: StatsConfig | None = None,
     seed: int = 0,
+    subjects_table: bool = False,
 ) -> Path:
     """Write a result folder with known content and no model; returns ``folder``.
+
+    With ``subjects_table``, also ``subjects.csv``: every subject's ``age`` (uniform
+    20-80 years, 5 years older per later cohort), ``sex`` (F/M) and ``site``
+    (A/B/C), for ``cohort stats DIR --subjects-table`` (drawn from their own seed, so
+    the vectors are the same either way).
 
     Regions tibia, femur and background; each cohort's vectors are a shared
     direction per layer and region plus a cohort shift plus noise, made
@@ -336,6 +404,8 @@ def synthetic_results(
         }
     )
     manifest = write_manifest(subjects, folder / "manifest.csv")
+    if subjects_table:
+        _subjects_table(folder / "subjects.csv", subjects, cohorts, seed)
     similarity = stats.cosine_table(features)
     config = RunConfig(stats=cfg).to_dict()
     digest = hashlib.sha256(flat.tobytes()).hexdigest()

@@ -66,6 +66,12 @@ OTHER: dict[str, Any] = {
     "stats.min_n": 5,
     "stats.centre": True,
     "stats.ci_level": 0.9,
+    "adjust.covariates": ("age", "sex"),
+    "adjust.strata": "site",
+    "adjust.harmonise": "scanner",
+    "adjust.harmonise_with": "old-run",
+    "adjust.drop_incomplete": True,
+    "adjust.subjects_table": "subjects.csv",
 }
 
 

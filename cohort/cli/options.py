@@ -9,6 +9,7 @@ edge. Importing this module imports neither torch nor pandas.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, get_args
 
@@ -19,6 +20,7 @@ from cohort.config import (
     BACKBONES,
     IN_PROCESS_MAX_SUBJECTS,
     PRESETS,
+    AdjustConfig,
     Device,
     ExecutionConfig,
     Executor,
@@ -41,10 +43,12 @@ from cohort.config import (
 from cohort.errors import ConfigError
 
 __all__ = [
+    "ADJUST_OPTIONS",
     "LABELS",
     "MASK_RESAMPLE",
     "RUN_OPTIONS",
     "STATS_OPTIONS",
+    "adjust_config",
     "apply",
     "defaults",
     "run_config",
@@ -100,6 +104,50 @@ STATS_OPTIONS: list[Callable[[F], F]] = [
         show_default="raw" if not _STATS.centre else "centre",
         help="Subtract the cohort-wide mean vector per layer before cosine (raw keeps the "
         "origin study's numbers comparable).",
+    ),
+]
+
+# Covariates, strata and harmonisation (AdjustConfig); None unless given, so that
+# ``cohort stats`` keeps the run's own; an empty value turns one off there.
+ADJUST_OPTIONS: list[Callable[[F], F]] = [
+    click.option(
+        "--covariates",
+        default=None,
+        help="Columns (a,b,...) to adjust the between-cohort tests for: numeric columns are "
+        "continuous, others categorical (reference level: the first in sorted order). Adds "
+        "Freedman-Lane tests of each cosine and a PERMANOVA by margin per feature space. "
+        "Columns come from the manifest or --subjects-table.",
+    ),
+    click.option(
+        "--subjects-table",
+        default=None,
+        help="CSV or Parquet file: subject_id plus the columns --covariates, --strata and "
+        "--harmonise name (it wins over the manifest where both have a column).",
+    ),
+    click.option(
+        "--drop-incomplete/--no-drop-incomplete",
+        default=None,
+        show_default="no: a missing value is an error naming the subjects",
+        help="Leave subjects with a missing covariate, stratum or batch out of the tests that "
+        "need it (each row counts them).",
+    ),
+    click.option(
+        "--strata",
+        default=None,
+        help="Column whose levels every permutation (adjusted or not) stays within.",
+    ),
+    click.option(
+        "--harmonise",
+        default=None,
+        help="Column of batches (site, scanner): ComBat (parametric empirical Bayes) on the "
+        "pooled feature vectors, preserving cohort and the covariates, before the cosines and "
+        "tests; writes features_harmonised.parquet and the fitted model.",
+    ),
+    click.option(
+        "--harmonise-with",
+        default=None,
+        help="Folder of a finished --harmonise run: apply its fitted ComBat model, without "
+        "refitting.",
     ),
 ]
 
@@ -254,6 +302,7 @@ RUN_OPTIONS: list[Callable[[F], F]] = [
     click.option("--quiet", is_flag=True, help="No progress (errors and the summary only)."),
     click.option("--verbose", is_flag=True, help=_VERBOSE_HELP),
     *STATS_OPTIONS,
+    *ADJUST_OPTIONS,
 ]
 
 
@@ -286,6 +335,35 @@ def stats_config(values: Mapping[str, Any], base: StatsConfig | None = None) -> 
     }
     try:
         return dataclasses.replace(base or StatsConfig(), **given)
+    except ConfigError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+def _path(text: str) -> str | None:
+    return os.path.abspath(os.path.expanduser(text.strip())) if text.strip() else None
+
+
+def adjust_config(values: Mapping[str, Any], base: AdjustConfig | None = None) -> AdjustConfig:
+    """``base`` (default: AdjustConfig()) with every adjustment option that was given; an
+    empty value clears one (``--covariates ''``), and --harmonise and --harmonise-with
+    each clear the other."""
+    given: dict[str, Any] = {}
+    if values["covariates"] is not None:
+        given["covariates"] = tuple(c.strip() for c in values["covariates"].split(",") if c.strip())
+    for name in ("strata", "harmonise"):
+        if values[name] is not None:
+            given[name] = values[name].strip() or None
+    for name in ("subjects_table", "harmonise_with"):
+        if values[name] is not None:
+            given[name] = _path(values[name])
+    if values["drop_incomplete"] is not None:
+        given["drop_incomplete"] = values["drop_incomplete"]
+    if given.get("harmonise"):
+        given.setdefault("harmonise_with", None)
+    if given.get("harmonise_with"):
+        given.setdefault("harmonise", None)
+    try:
+        return dataclasses.replace(base or AdjustConfig(), **given)
     except ConfigError as err:
         raise click.BadParameter(str(err)) from None
 
@@ -351,6 +429,7 @@ def run_config(values: Mapping[str, Any]) -> RunConfig:
                 actor_memory_gb=values["actor_memory"],
             ),
             stats=stats_config(values),
+            adjust=adjust_config(values),
         )
     except ConfigError as err:
         raise click.BadParameter(str(err)) from None

@@ -16,17 +16,22 @@ __all__ = ["stats"]
 
 @click.command("stats")
 @click.argument("folder", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@options.apply(options.STATS_OPTIONS)
+@options.apply([*options.STATS_OPTIONS, *options.ADJUST_OPTIONS])
 def stats(folder: Path, **values: Any) -> None:
     """Recompute stats.parquet/csv and similarity.csv of a finished run in FOLDER.
 
     Every setting is the run's own (from its run.json) unless an option gives
-    another; run.json is updated to say what the new statistics used.
+    another; run.json is updated to say what the new statistics used. With
+    --harmonise or --harmonise-with, features_harmonised.parquet, the model and
+    the harmonised cosines of similarity.parquet are rewritten too; an empty
+    value turns a setting off (--covariates '').
     """
     from cohort.execution.reduce import restate
-    from cohort.outputs.provenance import read_run, saved_stats_config
+    from cohort.outputs.provenance import read_run, saved_adjust_config, saved_stats_config
 
     with reported():
-        cfg = options.stats_config(values, base=saved_stats_config(read_run(folder)))
-        origin = restate(folder, cfg)
+        run = read_run(folder)
+        cfg = options.stats_config(values, base=saved_stats_config(run))
+        adjusted = options.adjust_config(values, base=saved_adjust_config(run))
+        origin = restate(folder, cfg, adjusted)
     click.echo(format_origin(origin))

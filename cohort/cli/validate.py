@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import click
 
@@ -19,20 +19,25 @@ __all__ = ["validate"]
 @click.argument("manifest", type=click.Path(path_type=Path))
 @options.LABELS
 @options.MASK_RESAMPLE
-def validate(manifest: Path, labels: str, mask_resample: str) -> None:
+@options.apply(options.ADJUST_OPTIONS)
+def validate(manifest: Path, labels: str, mask_resample: str, **values: Any) -> None:
     """Check every input of MANIFEST without running a model.
 
     Each subject is loaded (any image and mask kind `cohort run` reads) and
     checked: grids in RAS+, regions present, finite image. Whether a volume is
     large enough for the hooked layers needs the network, so `cohort run`
-    checks that.
+    checks that. The columns --covariates, --strata and --harmonise name are
+    allowed in the manifest and checked as `cohort run` checks them.
     """
     from cohort.config import MaskResample, PreprocessConfig, parse_label_map
+    from cohort.execution.adjust import check_run, manifest_extras
     from cohort.inputs.manifest import read_manifest
     from cohort.inputs.stages import Stages
 
+    adjusted = options.adjust_config(values)
     with reported():
-        subjects = read_manifest(manifest)
+        subjects = read_manifest(manifest, manifest_extras(adjusted))
+        check_run(subjects, manifest, adjusted)
         default_labels = parse_label_map(labels)
         cfg = PreprocessConfig(mask_resample=cast(MaskResample, mask_resample))
     problems: list[tuple[str, str, str]] = []

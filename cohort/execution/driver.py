@@ -240,6 +240,7 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
             cfg,
             provenance,
             cohorts=[s.cohort for s in ordered],
+            columns=_columns(plan, cfg),
         )
         phases["published_s"] = time.perf_counter() - started
     except KeyboardInterrupt:
@@ -272,7 +273,7 @@ def _start(manifest: Path, cfg: RunConfig, download: bool) -> tuple[Plan, RayIns
     """
     connected = "ray" in sys.modules and _ray_connected()
     local = joins_nothing(cfg, os.environ, connected)
-    subjects = _read(manifest) if local else None
+    subjects = _read(manifest, cfg) if local else None
     count = None if subjects is None else len(subjects)
     in_process = pick_executor(cfg, count, os.environ, connected) == "in-process"
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -334,15 +335,27 @@ def _stream(
     )
 
 
-def _read(manifest: Path) -> tuple[Subject, ...] | None:
+def _read(manifest: Path, cfg: RunConfig) -> tuple[Subject, ...] | None:
     """The manifest's subjects, for the choice of executor (None: the plan reads it
-    again and says why it cannot be used)."""
+    again and says why it cannot be used). The columns the run names as covariates,
+    strata or batch are allowed in it."""
+    from cohort.execution.adjust import manifest_extras
     from cohort.inputs.manifest import read_manifest
 
     try:
-        return read_manifest(manifest)
+        return read_manifest(manifest, manifest_extras(cfg.adjust))
     except Exception:
         return None
+
+
+def _columns(plan: Plan, cfg: RunConfig) -> Any:
+    """The covariates, strata and batch of the manifest's subjects, for the reducer (the
+    per-subject values only; None for an unadjusted run)."""
+    if not cfg.adjust.active:
+        return None
+    from cohort.execution.adjust import manifest_columns
+
+    return manifest_columns(plan.subjects, plan.manifest, cfg.adjust)
 
 
 def _ray_connected() -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cohort.config import LabelMap, RunConfig, format_label_map
+from cohort.execution.adjust import check_run, manifest_extras
 from cohort.inputs.fingerprint import options_identity
 from cohort.inputs.geometry import Reach
 from cohort.inputs.headers import InputSizes, scan_sizes
@@ -54,7 +55,8 @@ def prepare_run(
     """Everything checked on the driver before Ray starts: manifest, weights, layers.
     ``subjects``: the manifest's, when the caller has read it already."""
     if subjects is None:
-        subjects = read_manifest(manifest)
+        subjects = read_manifest(manifest, manifest_extras(cfg.adjust))
+    check_run(subjects, Path(manifest), cfg.adjust)  # covariates, strata, batch: before any work
     with ThreadPoolExecutor(max_workers=1) as pool:  # headers read while the network is built
         sizing = pool.submit(scan_sizes, [s.image for s in subjects], cfg.preprocess)
         weights = load_weights(cfg.model, download=download)

@@ -114,6 +114,14 @@ OUT_OF_KEY: Final[Mapping[str, str]] = {
     "stats.min_n": "statistics are recomputed from the parts by every run",
     "stats.centre": "statistics are recomputed from the parts by every run",
     "stats.ci_level": "statistics are recomputed from the parts by every run",
+    "adjust.covariates": "statistics are recomputed from the parts by every run",
+    "adjust.strata": "statistics are recomputed from the parts by every run",
+    "adjust.harmonise": "harmonised vectors are recomputed from the parts by every run; the "
+    "parts keep the raw ones",
+    "adjust.harmonise_with": "harmonised vectors are recomputed from the parts by every run; "
+    "the parts keep the raw ones",
+    "adjust.drop_incomplete": "statistics are recomputed from the parts by every run",
+    "adjust.subjects_table": "statistics are recomputed from the parts by every run",
 }
 
 

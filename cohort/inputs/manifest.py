@@ -10,6 +10,12 @@ folder; ``mask`` a label-map file, a folder of binary masks or a ``.seg.nrrd``.
 Relative paths resolve against the manifest's folder. Every value is read as
 text, so an id like ``007`` stays ``"007"``.
 
+Other columns are refused, except those the run names as covariates, strata
+or harmonisation batch (``extra_columns``): their cells are kept as text on
+each :class:`Subject` (``covariates``) for the reducer. A subjects table
+(:func:`read_subjects_table`: ``subject_id`` plus such columns) gives them
+instead, for example to a finished run.
+
 Whether the image and mask files exist is not checked here: a missing file is
 an error of that one subject (stage ``load``), not of the whole manifest.
 """
@@ -19,7 +25,7 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cohort.config import LabelMap, format_label_map, parse_label_map
@@ -34,6 +40,7 @@ __all__ = [
     "Rows",
     "Subject",
     "read_manifest",
+    "read_subjects_table",
     "write_manifest",
 ]
 
@@ -55,27 +62,21 @@ class Subject:
     labels: LabelMap | None  # per-row label map or region names; None = use the run's
     row: int  # 1-based data row number in the manifest, for messages
     series_uid: str | None = None  # the DICOM series of an image folder; None = its only one
+    # (column, cell text) of the columns the run names as covariates, strata or batch
+    covariates: tuple[tuple[str, str], ...] = ()
 
 
-def read_manifest(path: Path) -> tuple[Subject, ...]:
+def read_manifest(path: Path, extra_columns: Sequence[str] = ()) -> tuple[Subject, ...]:
     """Read a CSV or Parquet manifest into validated :class:`Subject` rows.
 
-    Raises :class:`ManifestError` naming the file, the row and the fix.
+    ``extra_columns``: columns besides :data:`ALLOWED_COLUMNS` that the manifest may
+    hold (the run's covariates, strata and batch); the cells of those it holds are
+    kept on each subject, as text. Raises :class:`ManifestError` naming the file,
+    the row and the fix.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise ManifestError(
-            f"manifest {path}: expected a .csv or .parquet file, found suffix "
-            f"{path.suffix or '(none)'!r}; save the manifest as CSV or Parquet"
-        )
-    if not path.is_file():
-        raise ManifestError(
-            f"manifest {path} does not exist or is not a file; check the path "
-            "(relative paths are taken from the current directory)"
-        )
-    header, rows = _read_csv(path) if suffix == ".csv" else _read_parquet(path)
-    _check_columns(path, header)
+    header, rows = _read_table(path, "manifest")
+    _check_columns(path, header, tuple(extra_columns))
     if not rows:
         raise ManifestError(
             f"manifest {path} has a header but no subject rows; add one row per subject "
@@ -84,8 +85,12 @@ def read_manifest(path: Path) -> tuple[Subject, ...]:
     folder = Path(os.path.abspath(path)).parent
     subjects: list[Subject] = []
     first_row_of: dict[str, int] = {}
+    kept = [name for name in header if name in extra_columns]
     for number, cells in rows:
         subject = _subject_from_cells(path, folder, number, dict(zip(header, cells, strict=True)))
+        if kept:
+            values = dict(zip(header, cells, strict=True))
+            subject = replace(subject, covariates=tuple((name, values[name]) for name in kept))
         if subject.subject_id in first_row_of:
             raise ManifestError(
                 f"manifest {path}: subject_id {subject.subject_id!r} appears in row "
@@ -97,11 +102,71 @@ def read_manifest(path: Path) -> tuple[Subject, ...]:
     return tuple(subjects)
 
 
+def read_subjects_table(path: Path) -> tuple[list[str], dict[str, list[str]]]:
+    """A subjects table (CSV or Parquet, ``subject_id`` plus any columns): the ids and,
+    per other column, the cells as text (blank for a missing value), in file order.
+
+    Raises :class:`ManifestError` naming the file and the fix when it cannot be read,
+    lacks ``subject_id``, repeats a column or an id, or has a blank id.
+    """
+    path = Path(path)
+    header, rows = _read_table(path, "subjects table")
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated or "subject_id" not in header:
+        problem = (
+            f"column(s) {', '.join(repeated)} appear more than once"
+            if repeated
+            else f"no subject_id column (found {', '.join(header)})"
+        )
+        raise ManifestError(
+            f"subjects table {path}: {problem}; it needs one subject_id column and one column "
+            "per covariate, stratum or batch"
+        )
+    ids: list[str] = []
+    columns: dict[str, list[str]] = {name: [] for name in header if name != "subject_id"}
+    first_row_of: dict[str, int] = {}
+    for number, cells in rows:
+        values = dict(zip(header, cells, strict=True))
+        sid = values["subject_id"]
+        if not sid:
+            raise ManifestError(
+                f"subjects table {path}, row {number}: subject_id is blank; fill it in or "
+                "remove the row"
+            )
+        if sid in first_row_of:
+            raise ManifestError(
+                f"subjects table {path}: subject_id {sid!r} appears in row {first_row_of[sid]} "
+                f"and again in row {number}; each subject must have one row"
+            )
+        first_row_of[sid] = number
+        ids.append(sid)
+        for name in columns:
+            columns[name].append(values[name])
+    return ids, columns
+
+
+def _read_table(path: Path, what: str) -> tuple[list[str], Rows]:
+    """Header and rows of a CSV or Parquet file that must exist."""
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ManifestError(
+            f"{what} {path}: expected a .csv or .parquet file, found suffix "
+            f"{path.suffix or '(none)'!r}; save the {what} as CSV or Parquet"
+        )
+    if not path.is_file():
+        raise ManifestError(
+            f"{what} {path} does not exist or is not a file; check the path "
+            "(relative paths are taken from the current directory)"
+        )
+    return _read_csv(path) if suffix == ".csv" else _read_parquet(path)
+
+
 def write_manifest(subjects: Iterable[Subject], path: Path) -> Path:
     """Write ``subjects`` as a CSV manifest; paths inside its folder are written relative.
 
     The ``labels`` and ``series_uid`` columns are written only when some subject
-    has one. Returns ``path``.
+    has one, and each covariate column that some subject has, after them.
+    Returns ``path``.
     """
     path = Path(path)
     if path.suffix.lower() != ".csv":
@@ -112,6 +177,8 @@ def write_manifest(subjects: Iterable[Subject], path: Path) -> Path:
     with_series = any(s.series_uid is not None for s in items)
     columns = [*REQUIRED_COLUMNS, "cohort"] + (["labels"] if with_labels else [])
     columns += ["series_uid"] if with_series else []
+    extra = list(dict.fromkeys(name for s in items for name, _ in s.covariates))
+    columns += extra
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -122,6 +189,8 @@ def write_manifest(subjects: Iterable[Subject], path: Path) -> Path:
                 cells.append("" if s.labels is None else format_label_map(s.labels))
             if with_series:
                 cells.append(s.series_uid or "")
+            values = dict(s.covariates)
+            cells += [values.get(name, "") for name in extra]
             writer.writerow(cells)
     return path
 
@@ -189,7 +258,7 @@ def _read_parquet(path: Path) -> tuple[list[str], Rows]:
     return header, rows
 
 
-def _check_columns(path: Path, header: Sequence[str]) -> None:
+def _check_columns(path: Path, header: Sequence[str], extra: tuple[str, ...]) -> None:
     """Required columns present, no unknown or repeated column names."""
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
@@ -197,11 +266,12 @@ def _check_columns(path: Path, header: Sequence[str]) -> None:
             f"manifest {path}: column(s) {', '.join(repeated)} appear more than once; "
             "keep one of each"
         )
-    unknown = [name for name in header if name not in ALLOWED_COLUMNS]
+    unknown = [name for name in header if name not in ALLOWED_COLUMNS + extra]
     if unknown:
         raise ManifestError(
             f"manifest {path}: unknown column(s) {', '.join(repr(n) for n in unknown)}; "
-            f"allowed columns are {', '.join(ALLOWED_COLUMNS)} (names are case-sensitive)"
+            f"allowed columns are {', '.join(ALLOWED_COLUMNS)} (names are case-sensitive), "
+            "and those the run names with --covariates, --strata or --harmonise"
         )
     missing = [name for name in REQUIRED_COLUMNS if name not in header]
     if missing:

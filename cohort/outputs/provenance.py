@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any, Final
 
 from cohort import __version__
-from cohort.config import StatsConfig
+from cohort.config import AdjustConfig, StatsConfig
 from cohort.errors import OutputError
 
-__all__ = ["RUN_JSON", "read_run", "saved_stats_config", "versions"]
+__all__ = ["RUN_JSON", "read_run", "saved_adjust_config", "saved_stats_config", "versions"]
 
 RUN_JSON: Final = "run.json"
 
@@ -75,3 +75,13 @@ def saved_stats_config(run: Mapping[str, Any]) -> StatsConfig:
     saved = dict(run.get("config", {}).get("stats", {}) or {})
     names = {f.name for f in dataclasses.fields(StatsConfig)}
     return StatsConfig(**{k: v for k, v in saved.items() if k in names})
+
+
+def saved_adjust_config(run: Mapping[str, Any]) -> AdjustConfig:
+    """The covariates, strata and harmonisation a run recorded (none for older runs)."""
+    saved = dict(run.get("config", {}).get("adjust", {}) or {})
+    names = {f.name for f in dataclasses.fields(AdjustConfig)}
+    given = {k: v for k, v in saved.items() if k in names}
+    if "covariates" in given:
+        given["covariates"] = tuple(given["covariates"] or ())
+    return AdjustConfig(**given)

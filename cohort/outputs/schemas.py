@@ -5,14 +5,15 @@ the report and the tests all take their columns from here, so a column is
 added or renamed once. Each schema is a :class:`pyarrow.Schema`; ``*_COLUMNS``
 are its names in order.
 
-=========================  ====================================================
-``FEATURES_SCHEMA``        ``features.parquet``: subject x region x layer
-``SIMILARITY_SCHEMA``      ``similarity.parquet``: subject x layer x region pair
-``ERRORS_SCHEMA``          ``errors.parquet`` / ``.csv``: one failed subject
-``TESTS_SCHEMA``           ``stats.parquet`` / ``.csv``: one statistical test
-``SUMMARY_SCHEMA``         cohort x layer x pair summaries (the report)
-``FLAGS_SCHEMA``           one suspicious value (sanity flags)
-=========================  ====================================================
+==================================  ====================================================
+``FEATURES_SCHEMA``                 ``features.parquet``: subject x region x layer
+``SIMILARITY_SCHEMA``               ``similarity.parquet``: subject x layer x region pair
+``SIMILARITY_HARMONISED_SCHEMA``    the same with the harmonised cosines
+``ERRORS_SCHEMA``                   ``errors.parquet`` / ``.csv``: one failed subject
+``TESTS_SCHEMA``                    ``stats.parquet`` / ``.csv``: one statistical test
+``SUMMARY_SCHEMA``                  cohort x layer x pair summaries (the report)
+``FLAGS_SCHEMA``                    one suspicious value (sanity flags)
+==================================  ====================================================
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
     "FLAGS_COLUMNS",
     "FLAGS_SCHEMA",
     "SIMILARITY_COLUMNS",
+    "SIMILARITY_HARMONISED_SCHEMA",
     "SIMILARITY_REQUIRED",
     "SIMILARITY_SCHEMA",
     "SUMMARY_COLUMNS",
@@ -74,14 +76,20 @@ FEATURES_SCHEMA: Final = _schema(
 SIMILARITY_SCHEMA: Final = _schema(
     "subject_id cohort layer region_a region_b: string", "cosine cosine_centred: float64"
 )
+# with --harmonise / --harmonise-with: the cosines of the ComBat-harmonised vectors too
+# (NaN for a subject left out of the harmonisation)
+SIMILARITY_HARMONISED_SCHEMA: Final = _schema(
+    "subject_id cohort layer region_a region_b: string",
+    "cosine cosine_centred cosine_harmonised cosine_harmonised_centred: float64",
+)
 # stage: load, check, preprocess, extract or pipeline.
 ERRORS_SCHEMA: Final = _schema("subject_id cohort stage error_type message image mask: string")
 # cohort: one cohort, or the cohorts compared joined by "|"; layer: likewise for layers;
 # pair: a region pair "a-b", two pairs "a-b|c-d", or a region; q_value: Benjamini-Hochberg
 # within the family; q_value_run: Benjamini-Hochberg over every test that ran; status:
-# "ok" or "skipped".
+# "ok" or "skipped"; adjusted_for: "" for an unadjusted test, else the covariates joined by "+".
 TESTS_SCHEMA: Final = _schema(
-    "family cohort layer pair test: string",
+    "family cohort layer pair test adjusted_for: string",
     "n: int64",
     "statistic p_value q_value q_value_run effect_size: float64",
     "effect_name: string",

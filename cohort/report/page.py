@@ -22,6 +22,7 @@ import pandas as pd
 
 from cohort import stats
 from cohort.outputs import store
+from cohort.report.adjusted import adjusted_section, harmonisation_section
 from cohort.report.figures import (
     apply_style,
     cohort_colours,
@@ -104,8 +105,16 @@ def write_report(results: Path, out: Path | None = None) -> Path:
     # 5. what the regions are
     page.section("regions", "What the regions are", overlay_section(page, data))
 
-    # 6. tests
+    # 6. tests, and with covariates or harmonisation their own sections
     page.section("stats", "Statistical tests", stats_section(data))
+    if data.run.get("covariates", {}).get("covariates"):
+        page.section("adjusted", "Adjusted between-cohort tests", adjusted_section(page, data))
+    if data.run.get("harmonisation"):
+        page.section(
+            "harmonisation",
+            "Site effect before and after ComBat",
+            harmonisation_section(page, data),
+        )
 
     # 7. subjects
     outliers = [bool(o) for o in subjects["outlier"]]

@@ -86,6 +86,11 @@ def read_results(folder: Path) -> Results:
     tests = _read_table(folder / "stats.parquet", schemas.TESTS_COLUMNS, notes)
     errors = _read_table(folder / "errors.parquet", schemas.ERRORS_SCHEMA.names, notes)
     cfg = saved_stats_config(run)
+    if "cosine_harmonised" in similarity.columns:  # the statistics used the harmonised ones
+        similarity = similarity.assign(
+            cosine=similarity["cosine_harmonised"],
+            cosine_centred=similarity["cosine_harmonised_centred"],
+        )
     similarity = stats.chosen_cosines(similarity, cfg.centre)
     similarity = similarity.assign(cosine=similarity["cosine"].astype(np.float64))
     return Results(folder, run, features, similarity, tests, errors, cfg, cfg.centre, tuple(notes))

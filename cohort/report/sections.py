@@ -30,12 +30,15 @@ __all__ = [
 def manifest_subjects(run: Mapping[str, Any]) -> tuple[list[Any], str]:
     """The manifest's subjects, or [] and a sentence saying why they cannot be read."""
     from cohort.inputs.manifest import read_manifest
+    from cohort.outputs.provenance import saved_adjust_config
 
     path = run.get("manifest")
     if not path:
         return [], "run.json does not record the manifest's path (runs before cohort 0.1 did not)"
+    # the columns the run named as covariates, strata or batch are allowed in its manifest
+    extras = [*saved_adjust_config(run).columns(), (run.get("harmonisation") or {}).get("batch")]
     try:
-        return list(read_manifest(Path(str(path)))), ""
+        return list(read_manifest(Path(str(path)), [e for e in extras if e])), ""
     except CohortError as err:
         return [], f"the manifest {escape(path)} cannot be read now ({escape(err)})"
 

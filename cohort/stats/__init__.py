@@ -13,6 +13,7 @@ One statistical concern per module:
 :mod:`.permanova`       PERMANOVA on cosine distances
 :mod:`.fdr`             Benjamini-Hochberg q-values
 :mod:`.families`        which tests a run makes, with flags and q-values
+:mod:`.adjusted`        covariates, strata and ComBat: the adjusted families
 ======================  ==========================================================
 
 Conventions shared by every module are in :mod:`.common`.

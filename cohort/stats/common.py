@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["FloatArray", "IntArray", "Result", "rng_for"]
+__all__ = ["FloatArray", "IntArray", "Result", "TestRow", "rng_for"]
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -52,6 +52,19 @@ class Result:
     status: Status
     reason: str
     below_min_n: bool = False
+
+
+@dataclass(frozen=True)
+class TestRow:
+    """One row of the tests table before q-values: what was tested, where, and the result."""
+
+    family: str
+    cohort: str
+    layer: str
+    pair: str
+    test: str
+    effect_name: str
+    result: Result
 
 
 def skipped(n: int, reason: str, *, below_min_n: bool = False) -> Result:

@@ -8,7 +8,7 @@ over the run.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import combinations, product
 from typing import Any, Final
@@ -24,25 +24,31 @@ from cohort.outputs.schemas import (
     pair_label,
     typed_frame,
 )
-from cohort.stats.common import FloatArray, Result, rng_for, skipped
+from cohort.stats.adjusted.covariates import SubjectTable
+from cohort.stats.adjusted.rows import (
+    ADJUSTED_FAMILIES,
+    AdjustedRow,
+    adjusted_feature_rows,
+    adjusted_pair_rows,
+    stratified_permanova,
+)
+from cohort.stats.common import FloatArray, Result, TestRow, join_notes, rng_for, skipped
 from cohort.stats.fdr import bh_qvalues
 from cohort.stats.flags import FLAG_BELOW_MIN_N, Flag, collect_flags
 from cohort.stats.permanova import permanova
 from cohort.stats.ranktests import friedman_depth, kruskal_wallis, mann_whitney, wilcoxon_pairs
 from cohort.stats.tables import (
-    FeatureKeys,
-    centre_rows,
-    check_unique,
     chosen_cosines,
+    feature_spaces,
     pair_series,
     require_columns,
-    subject_cohorts,
-    vector_matrix,
 )
 
 __all__ = ["FAMILIES", "run_tests"]
 
 FAMILIES: Final = ("within-pairs", "within-depth", "between-pairs", "between-features")
+# the unadjusted PERMANOVA within strata: (vectors, codes, ids, names, rng) -> Result
+Strata = Callable[..., Result] | None
 
 
 @dataclass(frozen=True)
@@ -65,15 +71,9 @@ def _scope(
 
 
 @dataclass(frozen=True)
-class _Row:
-    family: str
-    cohort: str
-    layer: str
-    pair: str
-    test: str
-    effect_name: str
-    result: Result
+class _Row(TestRow):
     scope: _Scope
+    adjusted_for: str = ""
 
 
 _TESTS: Final = {  # test -> (its family, the name of its effect size)
@@ -204,59 +204,67 @@ def _between_pairs(cos: _Cosines, cfg: StatsConfig) -> list[_Row]:
     return rows
 
 
-def _between_features(features: pd.DataFrame, cfg: StatsConfig) -> list[_Row]:
+def _between_features(features: pd.DataFrame, cfg: StatsConfig, strata: Strata) -> list[_Row]:
     rows: list[_Row] = []
-    if features.empty:
-        return rows
-    check_unique(features, ["subject_id", "region", "layer"], "features")
-    subject_cohorts(features)
-    keys = FeatureKeys(features)
-    for layer in keys.layers:
-        layer_rows = keys.layer_rows(layer)
-        matrix = vector_matrix(features["vector"].iloc[layer_rows], layer)
-        if cfg.centre:
-            matrix = centre_rows(matrix)
-        for code, region in enumerate(keys.regions):
-            mask = keys.region[layer_rows] == code
-            subject = keys.subject[layer_rows[mask]]
-            ids = keys.subjects[subject]
-            order = np.argsort(ids, kind="stable")
-            cohorts = keys.cohorts[subject][order]
-            vectors = matrix[mask][order]
-            present = sorted(set(cohorts.tolist()))
+    for space in feature_spaces(features, cfg.centre):
+        layer, region, ids, cohorts, vectors = (
+            space.layer,
+            space.region,
+            space.ids,
+            space.cohorts,
+            space.vectors,
+        )
+        present = sorted(set(cohorts.tolist()))
 
-            def scope(group: Sequence[str], layer: str = layer, region: str = region) -> _Scope:
-                return _Scope(
-                    frozenset(group), frozenset({layer}), frozenset(), frozenset({region})
-                )
+        def scope(group: Sequence[str], layer: str = layer, region: str = region) -> _Scope:
+            return _Scope(frozenset(group), frozenset({layer}), frozenset(), frozenset({region}))
 
-            if len(present) < 2:
-                for cohort in present:
-                    result = skipped(int(ids.size), "one cohort")
-                    rows.append(
-                        _make_row("permanova", cohort, layer, region, result, scope([cohort]))
-                    )
-                continue
-            groups: list[tuple[str, ...]] = list(combinations(present, 2))
-            if len(present) >= 3:
-                groups.append(tuple(present))
-            for group in groups:
-                joined = "|".join(group)
-                keep = np.isin(cohorts, group)
-                codes = pd.Index(group).get_indexer(pd.Index(cohorts[keep])).astype(np.int64)
+        if len(present) < 2:
+            for cohort in present:
+                result = skipped(int(ids.size), "one cohort")
+                rows.append(_make_row("permanova", cohort, layer, region, result, scope([cohort])))
+            continue
+        groups: list[tuple[str, ...]] = list(combinations(present, 2))
+        if len(present) >= 3:
+            groups.append(tuple(present))
+        for group in groups:
+            joined = "|".join(group)
+            keep = np.isin(cohorts, group)
+            codes = pd.Index(group).get_indexer(pd.Index(cohorts[keep])).astype(np.int64)
+            rng = rng_for(cfg.seed, _key("permanova", joined, layer, region))
+            if strata is None:
                 result = permanova(
                     vectors[keep],
                     codes,
                     min_n=cfg.min_n,
                     permutations=cfg.permutations,
-                    rng=rng_for(cfg.seed, _key("permanova", joined, layer, region)),
+                    rng=rng,
                     names=group,
                 )
-                rows.append(_make_row("permanova", joined, layer, region, result, scope(group)))
+            else:
+                result = strata(vectors[keep], codes, ids[keep], group, rng)
+            rows.append(_make_row("permanova", joined, layer, region, result, scope(group)))
     return rows
 
 
-def run_tests(features: pd.DataFrame, similarity: pd.DataFrame, cfg: StatsConfig) -> pd.DataFrame:
+def _from_adjusted(row: AdjustedRow) -> _Row:
+    scope = _Scope(
+        frozenset(row.cohorts), frozenset(row.layers), frozenset(row.pairs), frozenset(row.regions)
+    )
+    return _Row(
+        row.family, row.cohort, row.layer, row.pair, row.test, row.effect_name, row.result,
+        scope, row.adjusted_for,
+    )  # fmt: skip
+
+
+def run_tests(
+    features: pd.DataFrame,
+    similarity: pd.DataFrame,
+    cfg: StatsConfig,
+    table: SubjectTable | None = None,
+    *,
+    note: str = "",
+) -> pd.DataFrame:
     """Every within- and between-cohort test, one row each, with BH q-values.
 
     The cosine tests use ``similarity``'s ``cosine`` column, or its
@@ -293,21 +301,35 @@ def run_tests(features: pd.DataFrame, similarity: pd.DataFrame, cfg: StatsConfig
     order above, then as the loops go (cohorts sorted, layers and pairs in
     order of appearance); the frame is byte-identical for the same inputs and
     cfg.
+
+    ``table`` (the subjects' covariates, strata and batch,
+    :func:`~cohort.stats.adjusted.covariates.subject_table`) adds, when it has
+    covariates, the families ``between-pairs-adjusted`` and
+    ``between-features-adjusted`` after the others (:mod:`cohort.stats.adjusted.rows`;
+    ``adjusted_for`` names the covariates, ``""`` on every other row); with strata,
+    the PERMANOVA permutations stay within them. ``note`` (e.g. that the vectors
+    were harmonised) joins every row's reason. Without ``table`` the rows are
+    exactly the unadjusted ones, with ``adjusted_for`` empty.
     """
     require_columns(features, FEATURES_COLUMNS, "features")
     require_columns(similarity, SIMILARITY_REQUIRED, "similarity")
     flags = collect_flags(features, similarity)
     cos = _Cosines(chosen_cosines(similarity, cfg.centre))
+    strata = stratified_permanova(table, cfg) if table is not None and table.strata else None
     rows = [
         *_within_pairs(cos, cfg),
         *_within_depth(cos, cfg),
         *_between_pairs(cos, cfg),
-        *_between_features(features, cfg),
+        *_between_features(features, cfg, strata),
     ]
-    return _assemble(rows, flags)
+    if table is not None and table.covariates:
+        adjusted = adjusted_pair_rows(cos.series, cos.cohorts, cos.layers, cos.pairs, table, cfg)
+        adjusted += adjusted_feature_rows(list(feature_spaces(features, cfg.centre)), table, cfg)
+        rows += [_from_adjusted(row) for row in adjusted]
+    return _assemble(rows, flags, note)
 
 
-def _assemble(rows: list[_Row], flags: list[Flag]) -> pd.DataFrame:
+def _assemble(rows: list[_Row], flags: list[Flag], note: str = "") -> pd.DataFrame:
     """Rows to the fixed-column frame, with q-values per family and over the run."""
     # a test's flag text depends on a flag's name, cohort, layers, pair and region
     # only: one of each is enough (there may be one per subject)
@@ -319,6 +341,7 @@ def _assemble(rows: list[_Row], flags: list[Flag]) -> pd.DataFrame:
             "layer": [r.layer for r in rows],
             "pair": [r.pair for r in rows],
             "test": [r.test for r in rows],
+            "adjusted_for": [r.adjusted_for for r in rows],
             "n": np.array([r.result.n for r in rows], dtype=np.int64),
             "statistic": [r.result.statistic for r in rows],
             "p_value": [r.result.p_value for r in rows],
@@ -327,7 +350,7 @@ def _assemble(rows: list[_Row], flags: list[Flag]) -> pd.DataFrame:
             "ci_low": [r.result.ci_low for r in rows],
             "ci_high": [r.result.ci_high for r in rows],
             "status": [r.result.status for r in rows],
-            "reason": [r.result.reason for r in rows],
+            "reason": [join_notes(r.result.reason, note) for r in rows],
             "flag": [_flag_text(flags, r.scope, r.result.below_min_n) for r in rows],
         }
     )
@@ -335,7 +358,7 @@ def _assemble(rows: list[_Row], flags: list[Flag]) -> pd.DataFrame:
     ok = (table["status"] == "ok").to_numpy(dtype=bool)
     family = table["family"].to_numpy(dtype=object)
     q_family = np.full(p.shape, np.nan)
-    for name in FAMILIES:
+    for name in (*FAMILIES, *ADJUSTED_FAMILIES):
         members = ok & (family == name)
         q_family[members] = bh_qvalues(p[members])
     q_run = np.full(p.shape, np.nan)

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cohort.errors import StatsInputError
+from cohort.stats.adjusted.permute import permutation_blocks
 from cohort.stats.bootstrap import BLOCK_VALUES
 from cohort.stats.common import (
     FloatArray,
@@ -156,6 +157,7 @@ def permanova(
     permutations: int,
     rng: np.random.Generator,
     names: Sequence[str] | None = None,
+    strata: npt.NDArray[np.integer] | None = None,
 ) -> Result:
     """Permutation test (PERMANOVA) of group differences in feature vectors.
 
@@ -170,7 +172,9 @@ def permanova(
     rows that hold the same values); the p-value
     is (1 + #{F_perm >= F_obs}) / (1 + permutations), counting F_perm within
     a relative 1e-10 of F_obs as equal. Rows that are non-finite or of zero
-    norm are dropped (count in ``reason``). Skipped when a group has fewer than
+    norm are dropped (count in ``reason``). With ``strata`` (a code per subject)
+    the labels are permuted within strata instead, drawn by
+    :func:`cohort.stats.adjusted.permute.permutation_blocks`. Skipped when a group has fewer than
     ``min_n`` subjects, there are no within-group degrees of freedom, all
     vectors point the same way, or ``permutations`` is 0.
 
@@ -194,6 +198,7 @@ def permanova(
     dropped = dropped_note(int((~valid).sum()), "a zero-norm or non-finite vector")
     if not valid.all():
         matrix, codes, unit = matrix[valid], codes[valid], unit[valid]
+        strata = None if strata is None else np.asarray(strata)[valid]
     sizes = np.bincount(codes, minlength=g).astype(np.int64)
     n = int(codes.size)
     small = small_groups_note([int(s) for s in sizes], group_names, min_n)
@@ -218,6 +223,16 @@ def permanova(
     # the other hold exactly the rows of the one P x N call. The observed labels
     # ride in the first block, so F_obs and F_perm come from the same products.
     tiled = codes.astype(np.int8) if g <= np.iinfo(np.int8).max else codes
+    if strata is not None:
+        f_obs, r2_obs = (float(v[0]) for v in pseudo_f(centred, tiled[None, :], sizes))
+        threshold = f_obs - _PERM_TOL * max(1.0, abs(f_obs)) if np.isfinite(f_obs) else f_obs
+        exceed = 0
+        for idx in permutation_blocks(n, permutations, rng, strata):
+            f_perm, _ = pseudo_f(centred, tiled[idx], sizes)
+            exceed += int((f_perm >= threshold).sum())
+        nan = float("nan")
+        p_value = (1.0 + exceed) / (1.0 + permutations)
+        return Result(n, f_obs, p_value, r2_obs, nan, nan, "ok", dropped)
     step = _block_rows(n)
     first = min(permutations, step - 1)
     block = np.vstack([tiled, rng.permuted(np.tile(tiled, (first, 1)), axis=1)])

@@ -13,7 +13,8 @@ subject.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
 
@@ -31,7 +32,15 @@ from cohort.outputs.schemas import (
 )
 from cohort.stats.common import FloatArray, IntArray
 
-__all__ = ["PairKey", "chosen_cosines", "cosine_table", "pair_series", "row_cosines"]
+__all__ = [
+    "FeatureSpace",
+    "PairKey",
+    "chosen_cosines",
+    "cosine_table",
+    "feature_spaces",
+    "pair_series",
+    "row_cosines",
+]
 
 
 def require_columns(table: pd.DataFrame, columns: Sequence[str], name: str) -> None:
@@ -314,3 +323,41 @@ def pair_series(similarity: pd.DataFrame) -> dict[PairKey, pd.Series]:
             cosine[rows], index=ids[subject_code[rows]]
         )
     return out
+
+
+@dataclass(frozen=True)
+class FeatureSpace:
+    """One layer x region of a features table: subjects sorted by id, their cohorts and
+    vectors (float64, centred on the layer's pooled mean when asked)."""
+
+    layer: str
+    region: str
+    ids: npt.NDArray[np.object_]
+    cohorts: npt.NDArray[np.object_]
+    vectors: FloatArray
+
+
+def feature_spaces(features: pd.DataFrame, centre: bool) -> Iterator[FeatureSpace]:
+    """Every layer x region of ``features`` (layers, then regions, in order of appearance).
+
+    With ``centre``, a layer's vectors are centred on the mean of its finite rows
+    (all subjects and regions: the pooled mean, which cohort labels do not touch).
+    """
+    if features.empty:
+        return
+    check_unique(features, ["subject_id", "region", "layer"], "features")
+    subject_cohorts(features)
+    keys = FeatureKeys(features)
+    for layer in keys.layers:
+        layer_rows = keys.layer_rows(layer)
+        matrix = vector_matrix(features["vector"].iloc[layer_rows], layer)
+        if centre:
+            matrix = centre_rows(matrix)
+        for code, region in enumerate(keys.regions):
+            mask = keys.region[layer_rows] == code
+            subject = keys.subject[layer_rows[mask]]
+            ids = keys.subjects[subject]
+            order = np.argsort(ids, kind="stable")
+            yield FeatureSpace(
+                layer, region, ids[order], keys.cohorts[subject][order], matrix[mask][order]
+            )
