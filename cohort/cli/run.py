@@ -16,7 +16,15 @@ from cohort.errors import CohortError, ExitCode
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["demo", "demo_findings", "execute", "format_origin", "run"]
+__all__ = [
+    "NO_REPORT",
+    "demo",
+    "demo_findings",
+    "execute",
+    "format_origin",
+    "run",
+    "write_report_or_warn",
+]
 
 
 def format_origin(origin: pd.DataFrame) -> str:
@@ -61,18 +69,24 @@ def execute(
         click.echo(
             f"  failed {error['subject_id']} at {error['stage']}: {error['message']}", err=True
         )
-    if report and (out / "run.json").is_file():
-        from cohort.report import write_report
-
-        try:
-            click.echo(f"report: {write_report(out)}")
-        except Exception as err:  # the results stand without their report
-            click.echo(
-                f"warning: the report could not be written ({err}); "
-                f"run `cohort report {out}` to retry",
-                err=True,
-            )
+    if report:
+        write_report_or_warn(out)
     return result.exit_code
+
+
+def write_report_or_warn(out: Path) -> None:
+    """Write the report of the finished run in ``out``; a failure is a warning."""
+    if not (out / "run.json").is_file():
+        return
+    from cohort.report import write_report
+
+    try:
+        click.echo(f"report: {write_report(out)}")
+    except Exception as err:  # the results stand without their report
+        click.echo(
+            f"warning: the report could not be written ({err}); run `cohort report {out}` to retry",
+            err=True,
+        )
 
 
 NO_REPORT = click.option(
@@ -98,8 +112,16 @@ def run(manifest: Path, out: Path, no_report: bool, **values: Any) -> None:
 @click.option("--per-cohort", default=10, show_default=True, help="Subjects in each cohort.")
 @click.option("--shape", default="96,128,128", show_default=True, help="Volume D,H,W voxels.")
 @click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--robustness",
+    is_flag=True,
+    help="Run cohort robustness on the phantoms (10 perturbations each, the default chain) "
+    "and show the ICC table.",
+)
 @NO_REPORT
-def demo(out: Path, per_cohort: int, shape: str, seed: int, no_report: bool) -> None:
+def demo(
+    out: Path, per_cohort: int, shape: str, seed: int, robustness: bool, no_report: bool
+) -> None:
     """Make a synthetic two-cohort knee-CT set under OUT and analyse it."""
     from cohort.model.network import imagenet_available
     from cohort.synthetic import make_phantom_cohort
@@ -123,7 +145,15 @@ def demo(out: Path, per_cohort: int, shape: str, seed: int, no_report: bool) -> 
     values = options.defaults(options.RUN_OPTIONS)
     values["weights"] = "imagenet" if pretrained else "random"
     cfg = options.run_config(values)
-    code = execute(manifest, out / "results", cfg, download=False, report=not no_report)
+    if robustness:
+        from cohort.cli.robustness import execute_robustness
+        from cohort.inputs.chain_config import RobustnessConfig
+
+        code = execute_robustness(
+            manifest, out / "results", cfg, RobustnessConfig(), download=False, report=not no_report
+        )
+    else:
+        code = execute(manifest, out / "results", cfg, download=False, report=not no_report)
     if (out / "results" / "stats.parquet").is_file():
         click.echo(demo_findings(out / "results", cfg.stats.alpha))
     sys.exit(code)
