@@ -82,39 +82,53 @@ def write_summaries(
     target: Path,
     cfg: StatsConfig,
     provenance: Mapping[str, Any],
+    *,
+    robust: Path | None = None,
 ) -> pd.DataFrame:
     """Stats and the origin-study table (raw or centred cosines, as ``cfg`` says).
 
     Writes :data:`SUMMARY_FILES` into ``target``; returns the origin table,
-    whose first column ``cosine`` says which cosines it holds.
+    whose first column ``cosine`` says which cosines it holds. With ``robust``
+    (a ``cohort robustness`` folder) the tests are those of the cosines it rates
+    robust (:func:`cohort.execution.robust_tables.robust_tests`).
     """
     origin = stats.origin_table(stats.chosen_cosines(similarity, cfg.centre))
     origin.insert(0, "cosine", "centred" if cfg.centre else "raw")
     store.write_csv(origin, target / "similarity.csv")
-    tests = stats.run_tests(features, similarity, cfg)
+    if robust is None:
+        tests, schema = stats.run_tests(features, similarity, cfg), schemas.TESTS_SCHEMA
+    else:
+        from cohort.execution.robust_tables import read_robust, robust_tests
+
+        found = read_robust(robust)
+        tests = robust_tests(features, similarity, cfg, found, str(robust))
+        schema = schemas.ROBUST_TESTS_SCHEMA
     store.write_parquet(
-        store.stamped(store.table(tests, schemas.TESTS_SCHEMA), provenance),
+        store.stamped(store.table(tests, schema), provenance),
         target / "stats.parquet",
     )
     store.write_csv(tests, target / "stats.csv")
     return origin
 
 
-def restate(folder: Path, cfg: StatsConfig) -> pd.DataFrame:
+def restate(folder: Path, cfg: StatsConfig, *, robust: Path | None = None) -> pd.DataFrame:
     """Recompute the statistics of the finished run in ``folder`` with ``cfg``.
 
     The new summaries and ``run.json`` (whose ``config.stats`` becomes
-    ``cfg``) are written to a staging folder and moved into place together,
-    so ``run.json`` always states the settings ``stats.parquet`` was made
-    with. Returns the origin study's table.
+    ``cfg``, and ``robust_only`` the ``robust`` folder or null) are written to a
+    staging folder and moved into place together, so ``run.json`` always states
+    the settings ``stats.parquet`` was made with. With ``robust`` only the
+    cosines that ``cohort robustness`` found robust there are tested. Returns the
+    origin study's table.
     """
     folder = Path(folder)
     provenance = read_run(folder)
     provenance["config"] = {**provenance.get("config", {}), "stats": dataclasses.asdict(cfg)}
+    provenance["robust_only"] = None if robust is None else str(Path(robust).resolve())
     staging = store.staging_dir(folder)
     features = read_features(folder / "features.parquet")
     similarity = pq.read_table(folder / "similarity.parquet").to_pandas()
-    origin = write_summaries(features, similarity, staging, cfg, provenance)
+    origin = write_summaries(features, similarity, staging, cfg, provenance, robust=robust)
     store.write_json(provenance, staging / "run.json")
     store.publish(staging, folder, names=(*SUMMARY_FILES, "run.json"))
     return origin
