@@ -175,7 +175,9 @@ def test_a_region_shrunk_to_nothing_is_a_region_error_naming_the_perturbation() 
     labels[5, 5, 5] = 1  # a one-voxel ball
     tiny = VolumePair(pair.image, LabelRegions(labels, LABELS, _affine(), Path("t.nii.gz")))
     cfg = _only("volume", volume_low=-0.8, volume_high=-0.6)
-    with pytest.raises(RegionError, match=r"'ball' of subject s1 has no voxels after perturbation 2"):
+    with pytest.raises(
+        RegionError, match=r"'ball' of subject s1 has no voxels after perturbation 2"
+    ):
         perturb_pair(tiny, LABELS, cfg, "s1", 2)
 
 
@@ -201,7 +203,12 @@ def test_mask_folder_regions_stay_named_masks_and_may_overlap() -> None:
     ball = _masks(pair)["ball"]
     wide = ndimage.binary_dilation(ball, iterations=2)
     regions = NamedMasks(
-        ("ball", "wide"), (ball, wide), ("ball.nii.gz", "wide.nii.gz"), _affine(), Path("m"), "mask folder"
+        ("ball", "wide"),
+        (ball, wide),
+        ("ball.nii.gz", "wide.nii.gz"),
+        _affine(),
+        Path("m"),
+        "mask folder",
     )
     folder = VolumePair(pair.image, regions)
     names = (("ball", None), ("wide", None))

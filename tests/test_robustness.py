@@ -144,7 +144,9 @@ def test_robust_only_tests_only_the_robust_cosines(robust_run: Path, tmp_path: P
     table = pd.read_parquet(folder / "robustness.parquet")
     chosen = {("conv-1", "tibia", "background"), ("conv-1", "femur", "background")}
     chosen |= {("conv-3", "tibia", "background")}
-    table["robust"] = [k in chosen for k in zip(table["layer"], table["region_a"], table["region_b"])]
+    table["robust"] = [
+        k in chosen for k in zip(table["layer"], table["region_a"], table["region_b"], strict=True)
+    ]
     table.to_parquet(folder / "robustness.parquet")
     result = CliRunner().invoke(main, ["stats", str(folder), "--robust-only", str(folder)])
     assert result.exit_code == 0, result.output
@@ -153,7 +155,7 @@ def test_robust_only_tests_only_the_robust_cosines(robust_run: Path, tmp_path: P
     assert "between-features" not in set(tests["family"])
     assert tests["robust_only"].str.startswith("3 of 9 cosines with ICC(1,1) CI low >= 0.9").all()
     pairs = tests[tests["family"] == "between-pairs"]
-    assert set(zip(pairs["layer"], pairs["pair"])) == {
+    assert set(zip(pairs["layer"], pairs["pair"], strict=True)) == {
         ("conv-1", "tibia-background"),
         ("conv-1", "femur-background"),
         ("conv-3", "tibia-background"),
@@ -199,7 +201,9 @@ def _subject(hu: float) -> VolumePair:
     image += np.random.default_rng(int(hu)).normal(0.0, 10.0, SHAPE).astype(np.float32)
     affine = np.diag([*SPACING, 1.0])
     path = Path("known.nii.gz")
-    return VolumePair(Volume(image, affine, path, "known"), LabelRegions(labels, LABELS, affine, path))
+    return VolumePair(
+        Volume(image, affine, path, "known"), LabelRegions(labels, LABELS, affine, path)
+    )
 
 
 LABELS = (("ball", 1), ("box", 2))

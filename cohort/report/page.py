@@ -33,6 +33,7 @@ from cohort.report.figures import (
 )
 from cohort.report.markup import Page, escape, html_table, paragraph, static_text
 from cohort.report.results import Results, read_results
+from cohort.report.robustness import robustness_section
 from cohort.report.sections import (
     cards,
     errors_section,
@@ -106,6 +107,11 @@ def write_report(results: Path, out: Path | None = None) -> Path:
 
     # 6. tests
     page.section("stats", "Statistical tests", stats_section(data))
+
+    # 6b. robustness (a cohort robustness folder)
+    robust = robustness_section(page, data)
+    if robust is not None:
+        page.section("robustness", "Robustness under perturbation", robust)
 
     # 7. subjects
     outliers = [bool(o) for o in subjects["outlier"]]
