@@ -1,4 +1,4 @@
-"""``cohort run`` (the main job) and ``cohort demo`` (the same on a synthetic cohort)."""
+"""``cohort run``, the main job (``cohort demo`` runs it on a synthetic cohort)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NO_REPORT",
-    "demo",
-    "demo_findings",
     "execute",
     "format_origin",
     "run",
@@ -103,81 +101,3 @@ def run(manifest: Path, out: Path, no_report: bool, **values: Any) -> None:
     """Extract region features for every subject in MANIFEST and test them."""
     cfg = options.run_config(values)
     sys.exit(execute(manifest, out, cfg, report=not no_report))
-
-
-@click.command()
-@click.option(
-    "--out", type=click.Path(path_type=Path), default=Path("demo-results"), show_default=True
-)
-@click.option("--per-cohort", default=10, show_default=True, help="Subjects in each cohort.")
-@click.option("--shape", default="96,128,128", show_default=True, help="Volume D,H,W voxels.")
-@click.option("--seed", default=0, show_default=True)
-@click.option(
-    "--robustness",
-    is_flag=True,
-    help="Run cohort robustness on the phantoms (10 perturbations each, the default chain) "
-    "and show the ICC table.",
-)
-@NO_REPORT
-def demo(
-    out: Path, per_cohort: int, shape: str, seed: int, robustness: bool, no_report: bool
-) -> None:
-    """Make a synthetic two-cohort knee-CT set under OUT and analyse it."""
-    from cohort.model.network import imagenet_available
-    from cohort.synthetic import make_phantom_cohort
-
-    try:
-        d, h, w = (int(x) for x in shape.split(","))
-    except ValueError:
-        raise click.BadParameter(f"--shape must be D,H,W integers, got {shape!r}") from None
-    click.echo(f"making {2 * per_cohort} phantom knee CTs ({d}x{h}x{w}) in {out / 'data'}")
-    manifest = make_phantom_cohort(
-        out / "data", n_per_cohort=per_cohort, shape=(d, h, w), seed=seed
-    )
-    pretrained = imagenet_available("densenet121")
-    if pretrained:
-        click.echo("weights: torchvision ImageNet DenseNet121 (found in torchvision's cache)")
-    else:
-        click.echo(
-            "weights: seeded random (ImageNet weights are not in torchvision's cache; the "
-            "numbers show the pipeline, not pretrained knowledge)"
-        )
-    values = options.defaults(options.RUN_OPTIONS)
-    values["weights"] = "imagenet" if pretrained else "random"
-    cfg = options.run_config(values)
-    if robustness:
-        from cohort.cli.robustness import execute_robustness
-        from cohort.inputs.chain_config import RobustnessConfig
-
-        code = execute_robustness(
-            manifest, out / "results", cfg, RobustnessConfig(), download=False, report=not no_report
-        )
-    else:
-        code = execute(manifest, out / "results", cfg, download=False, report=not no_report)
-    if (out / "results" / "stats.parquet").is_file():
-        click.echo(demo_findings(out / "results", cfg.stats.alpha))
-    sys.exit(code)
-
-
-def demo_findings(folder: Path, alpha: float, most: int = 4) -> str:
-    """What the demo's between-cohort tests found, strongest first, and where to look."""
-    import pandas as pd
-
-    tests = pd.read_parquet(folder / "stats.parquet")
-    between = tests[tests["family"].str.startswith("between") & (tests["status"] == "ok")]
-    found = between[between["q_value"] < alpha].sort_values(["q_value", "p_value"])
-    report = folder / "report" / "report.html"
-    if found.empty:
-        return f"no between-cohort test reached q < {alpha:g}; the tests are in {report}#stats"
-    lines = [f"between the cohorts, {len(found)} test(s) with q < {alpha:g}, strongest first:"]
-    for row in found.head(most).itertuples():
-        lines.append(
-            f"  {row.layer} {row.pair}: {row.test} q = {row.q_value:.2g}, "
-            f"{row.effect_name} {row.effect_size:+.2f}"
-        )
-    layer = str(found.iloc[0]["layer"])
-    lines.append(
-        f"see {report}#distributions (figure cosines_{layer}: each subject's cosines per "
-        "cohort) and #stats (every test, sortable)"
-    )
-    return "\n".join(lines)
