@@ -244,3 +244,50 @@ def test_an_interior_cosine_is_robust_and_a_boundary_cosine_is_not() -> None:
     assert table.loc["interior", "robust"] and table.loc["interior", "icc_low"] >= 0.9
     assert not table.loc["boundary", "robust"] and table.loc["boundary", "icc"] < 0.5
     assert set(table["n_subjects"]) == {6}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_on_ray_every_perturbation_is_a_unit_with_its_parameters(
+    ray_session: str, small_cohort: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    args = ["robustness", str(small_cohort), "--out", str(out), *OPTIONS, "--executor", "ray"]
+    args += ["--actors", "2", "--stall-timeout", "240", "--chain", "translate,rotate"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "18 done, 0 reused, 0 failed of 18 units" in result.output
+    similarity = pd.read_parquet(out / "robustness_similarity.parquet")
+    perturbed = similarity[similarity["perturbation"] > 0]
+    # the parameters came back from the loaders through the feature actors
+    assert perturbed["chain"].eq("translate+rotate").all()
+    assert (perturbed["rotation_deg"].abs() > 0).all() and (perturbed["noise_sd_hu"] == 0).all()
+    assert len(perturbed.groupby(["subject_id", "perturbation"])) == 6 * K
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_report_shows_the_iccs_and_one_subjects_perturbations(
+    robust_run: Path, tmp_path: Path
+) -> None:
+    from cohort.report import write_report
+
+    folder = tmp_path / "run"
+    shutil.copytree(robust_run, folder)
+    html = write_report(folder).read_text()
+    assert 'id="robustness"' in html and 'id="channels"' in html
+    for name in ("robustness_forest", "robustness_contours"):
+        assert (folder / "report" / f"{name}.png").stat().st_size > 1000
+    assert f"original and {K} perturbations" in html
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_demo_robustness_prints_the_icc_table(tmp_path: Path) -> None:
+    args = ["demo", "--robustness", "--out", str(tmp_path / "demo"), "--per-cohort", "2"]
+    result = CliRunner().invoke(main, [*args, "--shape", "64,64,64", "--no-report"])
+    assert result.exit_code == 0, result.output
+    assert "ICC(1,1) of each cosine over 4 subjects x 10 perturbations" in result.output
+    table = pd.read_csv(tmp_path / "demo" / "results" / "robustness.csv")
+    assert len(table) == 9 and table["status"].eq("ok").all()

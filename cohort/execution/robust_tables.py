@@ -12,7 +12,6 @@ the ICC's targets.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -27,6 +26,7 @@ from cohort.outputs.schemas import (
     ROBUST_TESTS_SCHEMA,
     ROBUSTNESS_CHANNELS_SCHEMA,
     ROBUSTNESS_SCHEMA,
+    pair_label,
     typed_frame,
 )
 from cohort.stats.icc import FORMS, icc
@@ -205,11 +205,21 @@ def robust_tests(
     rated = pd.MultiIndex.from_frame(similarity[_COSINE].astype(str))
     chosen = similarity[rated.isin(keep)]
     tests = stats.run_tests(features, chosen, cfg)
-    tests = tests[tests["family"] != FEATURE_FAMILY].reset_index(drop=True)
+    # the families loop over every layer x pair they saw: keep rows of robust cosines only
+    robust_pairs = {(layer, f"{a}-{b}") for layer, a, b in keep}
+    kept = [
+        family != FEATURE_FAMILY
+        and bool(layers)
+        and all((la, pair) in robust_pairs for la in layers.split("|") for pair in pairs.split("|"))
+        for family, layers, pairs in zip(
+            tests["family"], tests["layer"], tests["pair"], strict=True
+        )
+    ]
+    tests = tests[kept].reset_index(drop=True)
     _requantify(tests)
     threshold = float(robustness["threshold"].iloc[0]) if len(robustness) else float("nan")
     form = str(robustness["icc_form"].iloc[0]) if len(robustness) else FORMS[0]
-    names = sorted({f"{a}-{b}@{layer}" for layer, a, b in keep})
+    names = sorted(f"{pair_label(a, b)}@{layer}" for layer, a, b in keep)
     tests["robust_only"] = (
         f"{len(names)} of {len(robustness)} cosines with {form} CI low >= {threshold:g} "
         f"({source}): {', '.join(names) or 'none'}"
@@ -217,13 +227,13 @@ def robust_tests(
     return typed_frame(tests.to_dict("records"), ROBUST_TESTS_SCHEMA)
 
 
-def _requantify(tests: pd.DataFrame, families: Sequence[str] | None = None) -> None:
+def _requantify(tests: pd.DataFrame) -> None:
     """BH q-values within each family and over the run, of the ``ok`` tests, in place."""
     p = tests["p_value"].to_numpy(dtype=np.float64)
     ok = (tests["status"] == "ok").to_numpy(dtype=bool)
     family = tests["family"].to_numpy(dtype=object)
     q_family = np.full(p.shape, np.nan)
-    for name in families or sorted(set(family.tolist())):
+    for name in sorted(set(family.tolist())):
         members = ok & (family == name)
         q_family[members] = stats.bh_qvalues(p[members])
     q_run = np.full(p.shape, np.nan)
