@@ -10,10 +10,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from cohort.cli import options
-from cohort.cli.common import fail
-from cohort.cli.run import NO_REPORT, format_origin, write_report_or_warn
+from cohort.cli.run import NO_REPORT, execute
 from cohort.config import RunConfig
-from cohort.errors import CohortError, ConfigError, ExitCode
+from cohort.errors import ConfigError, ExitCode
 from cohort.inputs.chain_config import (
     COMPONENTS,
     PerturbationConfig,
@@ -29,71 +28,54 @@ __all__ = ["ROBUSTNESS_OPTIONS", "execute_robustness", "format_icc", "robustness
 F = TypeVar("F", bound=Callable[..., Any])
 _P, _R = PerturbationConfig(), RobustnessConfig()
 
+
+def _shown(flag: str, default: Any, text: str, **extra: Any) -> Callable[[F], F]:
+    return click.option(flag, default=default, show_default=True, help=text, **extra)
+
+
 ROBUSTNESS_OPTIONS: list[Callable[[F], F]] = [
-    click.option(
+    _shown(
         "--perturbations",
-        type=int,
-        default=_P.count,
-        show_default=True,
-        help="K perturbed versions of every subject (K + 1 forward passes with the original).",
+        _P.count,
+        "K perturbed versions of every subject (K + 1 forward passes with the original).",
     ),
-    click.option(
+    _shown(
         "--chain",
-        default=",".join(_P.chain),
-        show_default=True,
-        help=f"Components, any of {','.join(COMPONENTS)} (applied in that order); the default "
-        "is Zwanenburg et al. 2019's best chain.",
+        ",".join(_P.chain),
+        f"Components, any of {','.join(COMPONENTS)} (applied in that order); the default is "
+        "Zwanenburg et al. 2019's best chain.",
     ),
-    click.option(
+    _shown(
         "--perturbation-seed",
-        type=int,
-        default=_P.seed,
-        show_default=True,
-        help="Seed of every draw (with the subject's id and the perturbation's index); "
-        "--seed stays the seed of random weights.",
+        _P.seed,
+        "Seed of every draw (with the subject's id and the perturbation's index); --seed "
+        "stays the seed of random weights.",
     ),
-    click.option(
-        "--shift",
-        type=float,
-        default=_P.shift_voxels,
-        show_default=True,
-        help="translate: uniform in [-S, S] voxels along each image axis.",
-    ),
-    click.option(
+    _shown("--shift", _P.shift_voxels, "translate: uniform in [-S, S] voxels along each axis."),
+    _shown(
         "--angle",
-        type=float,
-        default=_P.angle_deg,
-        show_default=True,
-        help="rotate: uniform in [-A, A] degrees about a random axis through the regions' "
-        "centroid.",
+        _P.angle_deg,
+        "rotate: uniform in [-A, A] degrees about a random axis through the regions' centroid.",
     ),
-    click.option(
+    _shown(
         "--volume-change",
-        default=f"{_P.volume_low:g},{_P.volume_high:g}",
-        show_default=True,
-        help="volume: LOW,HIGH fraction; every region grown or shrunk by one draw, exact in "
-        "voxels.",
+        f"{_P.volume_low:g},{_P.volume_high:g}",
+        "volume: LOW,HIGH fraction; every region grown or shrunk by one draw, exact in voxels.",
     ),
-    click.option(
+    _shown(
         "--contour-mm",
-        type=float,
-        default=_P.contour_mm,
-        show_default=True,
-        help="contour: the band around each boundary that is redrawn (volume kept to the voxel).",
+        _P.contour_mm,
+        "contour: the band around each boundary that is redrawn (volume kept to the voxel).",
     ),
-    click.option(
+    _shown(
         "--noise-scale",
-        type=float,
-        default=_P.noise_scale,
-        show_default=True,
-        help="noise: Gaussian SD = this x the image's own noise level (wavelet MAD estimate).",
+        _P.noise_scale,
+        "noise: Gaussian SD = this x the image's own noise level (wavelet MAD estimate).",
     ),
-    click.option(
+    _shown(
         "--icc-threshold",
-        type=float,
-        default=_R.threshold,
-        show_default=True,
-        help="A cosine is robust when the lower 95 % bound of its ICC(1,1) reaches this.",
+        _R.threshold,
+        "A cosine is robust when the lower 95 % bound of its ICC(1,1) reaches this.",
     ),
 ]
 
@@ -155,37 +137,29 @@ def execute_robustness(
     report: bool = True,
 ) -> ExitCode:
     """Run ``cohort robustness``, print the originals' table and the ICCs; the exit status."""
-    import pandas as pd
-
-    from cohort.execution import driver
-    from cohort.execution.robust_tables import ROBUSTNESS_FILE
     from cohort.execution.robustness import Robustness
 
-    try:
-        result = driver.run(manifest, out, cfg, download=download, work=Robustness(robust, out))
-    except click.BadParameter as err:
-        fail(err, ExitCode.UNUSABLE)
-    except CohortError as err:
-        fail(err)
-    click.echo(f"weights: {result.weights}")
-    if result.origin is not None:
-        click.echo(format_origin(result.origin))
-    if (out / ROBUSTNESS_FILE).is_file():
-        click.echo(format_icc(pd.read_parquet(out / ROBUSTNESS_FILE)))
     k = robust.perturb.count
-    click.echo(
-        f"{result.done} done, {result.cached} reused, {result.failed} failed of "
-        f"{result.subjects} units ({result.subjects // (k + 1)} subjects x {k + 1}: the "
-        f"original and {k} perturbations) in {result.seconds:.1f} s -> {out}"
-        + (f", {result.where()}" if result.where() else "")
-    )
-    for error in result.errors:
-        click.echo(
-            f"  failed {error['subject_id']} at {error['stage']}: {error['message']}", err=True
+
+    def units(count: int) -> str:
+        return (
+            f"{count} units ({count // (k + 1)} subjects x {k + 1}: the original and "
+            f"{k} perturbations)"
         )
-    if report:
-        write_report_or_warn(out)
-    return result.exit_code
+
+    work = Robustness(robust, out)
+    return execute(
+        manifest, out, cfg, download=download, report=report, work=work, tables=_iccs, units=units
+    )
+
+
+def _iccs(out: Path) -> str:
+    import pandas as pd
+
+    from cohort.execution.robust_tables import ROBUSTNESS_FILE
+
+    path = out / ROBUSTNESS_FILE
+    return format_icc(pd.read_parquet(path)) if path.is_file() else "(no ICCs were written)"
 
 
 @click.command()

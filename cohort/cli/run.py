@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,8 @@ from cohort.errors import CohortError, ExitCode
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from cohort.execution.units import Work
 
 __all__ = [
     "NO_REPORT",
@@ -44,13 +47,26 @@ def format_origin(origin: pd.DataFrame) -> str:
 
 
 def execute(
-    manifest: Path, out: Path, cfg: RunConfig, *, download: bool = True, report: bool = True
+    manifest: Path,
+    out: Path,
+    cfg: RunConfig,
+    *,
+    download: bool = True,
+    report: bool = True,
+    work: Work | None = None,
+    tables: Callable[[Path], str] | None = None,
+    units: Callable[[int], str] = lambda count: f"{count} subjects",
 ) -> ExitCode:
-    """Run the pipeline, print its summary and write its report; returns the exit status."""
+    """Run the pipeline, print its summary and write its report; returns the exit status.
+
+    ``work`` cuts the manifest into units (default: a subject each, ``cohort run``);
+    ``tables`` gives more text to print after the origin study's table, from the
+    output folder; ``units`` names the count of units in the summary line.
+    """
     from cohort.execution import driver
 
     try:
-        result = driver.run(manifest, out, cfg, download=download)
+        result = driver.run(manifest, out, cfg, download=download, work=work)
     except click.BadParameter as err:
         fail(err, ExitCode.UNUSABLE)
     except CohortError as err:
@@ -58,9 +74,11 @@ def execute(
     click.echo(f"weights: {result.weights}")
     if result.origin is not None:
         click.echo(format_origin(result.origin))
+    if tables is not None:
+        click.echo(tables(out))
     click.echo(
         f"{result.done} done, {result.cached} reused, {result.failed} failed of "
-        f"{result.subjects} subjects in {result.seconds:.1f} s -> {out}"
+        f"{units(result.subjects)} in {result.seconds:.1f} s -> {out}"
         + (f", {result.where()}" if result.where() else "")
     )
     for error in result.errors:
