@@ -123,7 +123,7 @@ def test_the_confounded_demo_cohort_ties_age_to_cohort_and_bone(tmp_path: Path) 
 
 
 def test_confounding_findings_say_what_each_test_found(tmp_path: Path) -> None:
-    from cohort.cli.run import confounding_findings
+    from cohort.cli.demo import confounding_findings
 
     rows = pd.DataFrame(
         {

@@ -366,13 +366,13 @@ def test_readme_query_examples_run(
 
 def test_overlay_names_take_bare_region_names() -> None:
     """Runs on mask folders or Slicer segmentations name regions without values."""
-    from cohort.report.sections import _region_names
+    from cohort.report.sections import region_names
 
     run = {"config": {"regions": {"labels": [["liver", None], ["spleen", None]]}}}
 
     class Row:
         labels = None
 
-    assert _region_names(run, Row()) == (("liver", None), ("spleen", None))
+    assert region_names(run, Row()) == (("liver", None), ("spleen", None))
     Row.labels = (("tibia", 2), ("femur", 1))  # type: ignore[assignment]
-    assert _region_names(run, Row()) == (("tibia", 2), ("femur", 1))
+    assert region_names(run, Row()) == (("tibia", 2), ("femur", 1))

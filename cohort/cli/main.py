@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import click
 
-from cohort.cli import cluster, manifest, report, run, stats, validate
+from cohort.cli import cluster, demo, manifest, report, robustness, run, stats, validate
 
 __all__ = ["main"]
 
@@ -24,7 +24,8 @@ def main() -> None:
 
 for _command in (
     run.run,
-    run.demo,
+    demo.demo,
+    robustness.robustness,
     validate.validate,
     manifest.manifest,
     stats.stats,

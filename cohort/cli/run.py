@@ -1,8 +1,9 @@
-"""``cohort run`` (the main job) and ``cohort demo`` (the same on a synthetic cohort)."""
+"""``cohort run``, the main job (``cohort demo`` runs it on a synthetic cohort)."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,15 @@ from cohort.errors import CohortError, ExitCode
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["confounding_findings", "demo", "demo_findings", "execute", "format_origin", "run"]
+    from cohort.execution.units import Work
+
+__all__ = [
+    "NO_REPORT",
+    "execute",
+    "format_origin",
+    "run",
+    "write_report_or_warn",
+]
 
 
 def format_origin(origin: pd.DataFrame) -> str:
@@ -38,13 +47,26 @@ def format_origin(origin: pd.DataFrame) -> str:
 
 
 def execute(
-    manifest: Path, out: Path, cfg: RunConfig, *, download: bool = True, report: bool = True
+    manifest: Path,
+    out: Path,
+    cfg: RunConfig,
+    *,
+    download: bool = True,
+    report: bool = True,
+    work: Work | None = None,
+    tables: Callable[[Path], str] | None = None,
+    units: Callable[[int], str] = lambda count: f"{count} subjects",
 ) -> ExitCode:
-    """Run the pipeline, print its summary and write its report; returns the exit status."""
+    """Run the pipeline, print its summary and write its report; returns the exit status.
+
+    ``work`` cuts the manifest into units (default: a subject each, ``cohort run``);
+    ``tables`` gives more text to print after the origin study's table, from the
+    output folder; ``units`` names the count of units in the summary line.
+    """
     from cohort.execution import driver
 
     try:
-        result = driver.run(manifest, out, cfg, download=download)
+        result = driver.run(manifest, out, cfg, download=download, work=work)
     except click.BadParameter as err:
         fail(err, ExitCode.UNUSABLE)
     except CohortError as err:
@@ -52,27 +74,35 @@ def execute(
     click.echo(f"weights: {result.weights}")
     if result.origin is not None:
         click.echo(format_origin(result.origin))
+    if tables is not None:
+        click.echo(tables(out))
     click.echo(
         f"{result.done} done, {result.cached} reused, {result.failed} failed of "
-        f"{result.subjects} subjects in {result.seconds:.1f} s -> {out}"
+        f"{units(result.subjects)} in {result.seconds:.1f} s -> {out}"
         + (f", {result.where()}" if result.where() else "")
     )
     for error in result.errors:
         click.echo(
             f"  failed {error['subject_id']} at {error['stage']}: {error['message']}", err=True
         )
-    if report and (out / "run.json").is_file():
-        from cohort.report import write_report
-
-        try:
-            click.echo(f"report: {write_report(out)}")
-        except Exception as err:  # the results stand without their report
-            click.echo(
-                f"warning: the report could not be written ({err}); "
-                f"run `cohort report {out}` to retry",
-                err=True,
-            )
+    if report:
+        write_report_or_warn(out)
     return result.exit_code
+
+
+def write_report_or_warn(out: Path) -> None:
+    """Write the report of the finished run in ``out``; a failure is a warning."""
+    if not (out / "run.json").is_file():
+        return
+    from cohort.report import write_report
+
+    try:
+        click.echo(f"report: {write_report(out)}")
+    except Exception as err:  # the results stand without their report
+        click.echo(
+            f"warning: the report could not be written ({err}); run `cohort report {out}` to retry",
+            err=True,
+        )
 
 
 NO_REPORT = click.option(
@@ -89,109 +119,3 @@ def run(manifest: Path, out: Path, no_report: bool, **values: Any) -> None:
     """Extract region features for every subject in MANIFEST and test them."""
     cfg = options.run_config(values)
     sys.exit(execute(manifest, out, cfg, report=not no_report))
-
-
-@click.command()
-@click.option(
-    "--out", type=click.Path(path_type=Path), default=Path("demo-results"), show_default=True
-)
-@click.option("--per-cohort", default=10, show_default=True, help="Subjects in each cohort.")
-@click.option("--shape", default="96,128,128", show_default=True, help="Volume D,H,W voxels.")
-@click.option("--seed", default=0, show_default=True)
-@click.option(
-    "--confounded",
-    is_flag=True,
-    help="Age drives both cohort membership and the bones (the cohort itself changes "
-    "nothing): the analysis runs with --covariates age and compares the unadjusted and the "
-    "adjusted between-cohort tests.",
-)
-@NO_REPORT
-def demo(
-    out: Path, per_cohort: int, shape: str, seed: int, confounded: bool, no_report: bool
-) -> None:
-    """Make a synthetic two-cohort knee-CT set under OUT and analyse it."""
-    from cohort.model.network import imagenet_available
-    from cohort.synthetic import make_confounded_cohort, make_phantom_cohort
-
-    try:
-        d, h, w = (int(x) for x in shape.split(","))
-    except ValueError:
-        raise click.BadParameter(f"--shape must be D,H,W integers, got {shape!r}") from None
-    kind = " (age drives cohort and bones)" if confounded else ""
-    click.echo(f"making {2 * per_cohort} phantom knee CTs ({d}x{h}x{w}){kind} in {out / 'data'}")
-    make = make_confounded_cohort if confounded else make_phantom_cohort
-    manifest = make(out / "data", n_per_cohort=per_cohort, shape=(d, h, w), seed=seed)
-    pretrained = imagenet_available("densenet121")
-    if pretrained:
-        click.echo("weights: torchvision ImageNet DenseNet121 (found in torchvision's cache)")
-    else:
-        click.echo(
-            "weights: seeded random (ImageNet weights are not in torchvision's cache; the "
-            "numbers show the pipeline, not pretrained knowledge)"
-        )
-    values = options.defaults(options.RUN_OPTIONS)
-    values["weights"] = "imagenet" if pretrained else "random"
-    if confounded:
-        values["covariates"] = "age"
-    cfg = options.run_config(values)
-    code = execute(manifest, out / "results", cfg, download=False, report=not no_report)
-    if (out / "results" / "stats.parquet").is_file():
-        click.echo(demo_findings(out / "results", cfg.stats.alpha))
-        if confounded:
-            click.echo(confounding_findings(out / "results", cfg.stats.alpha))
-    sys.exit(code)
-
-
-def confounding_findings(folder: Path, alpha: float) -> str:
-    """How many cosines the unadjusted and the age-adjusted tests find different."""
-    import pandas as pd
-
-    tests = pd.read_parquet(folder / "stats.parquet")
-    ran = tests[tests["status"] == "ok"]
-    plain = ran[ran["family"] == "between-pairs"]
-    adjusted = ran[ran["family"] == "between-pairs-adjusted"]
-    n_plain = int((plain["q_value"] < alpha).sum())
-    n_adjusted = int((adjusted["q_value"] < alpha).sum())
-    lines = [
-        f"unadjusted (Mann-Whitney): {n_plain} of {len(plain)} cosine tests find the cohorts "
-        f"different (q < {alpha:g})",
-        f"adjusted for age (Freedman-Lane): {n_adjusted} of {len(adjusted)} do",
-    ]
-    if n_plain > 0 and n_adjusted == 0:
-        lines.append(
-            "age drives both cohort membership and the bones here, so the unadjusted "
-            "'difference' is age: adjusted for it, the cohorts do not differ"
-        )
-    elif n_plain == 0:
-        lines.append("the unadjusted tests found no difference to explain in this run")
-    else:
-        lines.append(
-            "some adjusted tests still differ: the age effect is not linear in every cosine, "
-            "or the cohorts differ beyond age; see the report's adjusted section"
-        )
-    lines.append(f"see {folder / 'report' / 'report.html'}#adjusted")
-    return "\n".join(lines)
-
-
-def demo_findings(folder: Path, alpha: float, most: int = 4) -> str:
-    """What the demo's between-cohort tests found, strongest first, and where to look."""
-    import pandas as pd
-
-    tests = pd.read_parquet(folder / "stats.parquet")
-    between = tests[tests["family"].str.startswith("between") & (tests["status"] == "ok")]
-    found = between[between["q_value"] < alpha].sort_values(["q_value", "p_value"])
-    report = folder / "report" / "report.html"
-    if found.empty:
-        return f"no between-cohort test reached q < {alpha:g}; the tests are in {report}#stats"
-    lines = [f"between the cohorts, {len(found)} test(s) with q < {alpha:g}, strongest first:"]
-    for row in found.head(most).itertuples():
-        lines.append(
-            f"  {row.layer} {row.pair}: {row.test} q = {row.q_value:.2g}, "
-            f"{row.effect_name} {row.effect_size:+.2f}"
-        )
-    layer = str(found.iloc[0]["layer"])
-    lines.append(
-        f"see {report}#distributions (figure cosines_{layer}: each subject's cosines per "
-        "cohort) and #stats (every test, sortable)"
-    )
-    return "\n".join(lines)

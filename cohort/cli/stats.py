@@ -17,7 +17,14 @@ __all__ = ["stats"]
 @click.command("stats")
 @click.argument("folder", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @options.apply([*options.STATS_OPTIONS, *options.ADJUST_OPTIONS])
-def stats(folder: Path, **values: Any) -> None:
+@click.option(
+    "--robust-only",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    default=None,
+    help="A cohort robustness folder: test only the cosines it found robust (BH q-values "
+    "over what remains; the between-features tests are left out); rows say so.",
+)
+def stats(folder: Path, robust_only: Path | None, **values: Any) -> None:
     """Recompute stats.parquet/csv and similarity.csv of a finished run in FOLDER.
 
     Every setting is the run's own (from its run.json) unless an option gives
@@ -33,5 +40,11 @@ def stats(folder: Path, **values: Any) -> None:
         run = read_run(folder)
         cfg = options.stats_config(values, base=saved_stats_config(run))
         adjusted = options.adjust_config(values, base=saved_adjust_config(run))
-        origin = restate(folder, cfg, adjusted)
+        origin = restate(folder, cfg, adjusted, robust=robust_only)
     click.echo(format_origin(origin))
+    if robust_only is not None:
+        import pandas as pd
+
+        tests = pd.read_parquet(folder / "stats.parquet")
+        kept = str(tests["robust_only"].iloc[0]) if len(tests) else "no robust cosine"
+        click.echo(f"--robust-only: {len(tests)} tests of {kept}")

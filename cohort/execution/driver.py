@@ -61,6 +61,7 @@ from cohort.execution.session import (
     ray_instance,
     usable_cpus,
 )
+from cohort.execution.units import SubjectRun, Work
 from cohort.outputs import schemas, store
 
 if TYPE_CHECKING:
@@ -142,8 +143,19 @@ class RunResult:
         return ExitCode.FAILURES if self.failed else ExitCode.OK
 
 
-def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True) -> RunResult:
+def run(
+    manifest: Path,
+    out_dir: Path,
+    cfg: RunConfig,
+    *,
+    download: bool = True,
+    work: Work | None = None,
+) -> RunResult:
     """Run the whole analysis; returns counts. Raises only for unusable invocations.
+
+    ``work`` cuts the manifest into units and reduces them (default
+    :class:`~cohort.execution.units.SubjectRun`: a unit per subject, ``cohort run``);
+    the counts, the progress and the error rows are per unit.
 
     A subject whose part file already holds its result (same input contents,
     label map and result-affecting options) is reused, not recomputed. On
@@ -152,6 +164,9 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
     """
     started = time.perf_counter()
     plan, where = _start(manifest, cfg, download)
+    work = SubjectRun() if work is None else work
+    units, stream = work.units(plan.subjects, cfg)
+    plan = dataclasses.replace(plan, subjects=units)  # the driver counts units
     in_process = isinstance(where, InProcess)
     owned = isinstance(where, RayInstance) and where.private  # this run started its Ray
     phases = {("plan_s" if in_process else "ray_and_plan_s"): time.perf_counter() - started}
@@ -185,7 +200,7 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
             result.in_process = InProcess(where.cpus, actors.gpus)
         else:  # nothing is requested in-process: the loaders check --actor-memory alone
             result.memory = memory
-        rows = _stream(plan, cfg, finished, actors, memory, in_process)
+        rows = _stream(plan, stream, cfg, finished, actors, memory, in_process)
         with contextlib.closing(rows):
             try:
                 for row in rows:
@@ -194,6 +209,7 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
                         continue
                     phases.setdefault("first_result_s", time.perf_counter() - started)
                     seen.add(sid)
+                    work.note(row)
                     status = str(row["status"])
                     if RESAMPLED_NOTE in str(row["message"]):
                         result.resampled.append(sid)
@@ -227,12 +243,10 @@ def run(manifest: Path, out_dir: Path, cfg: RunConfig, *, download: bool = True)
         phases["stream_end_s"] = time.perf_counter() - started
         _add_lost(plan, seen, result, broken)
         result.seconds = time.perf_counter() - started
-        from cohort.execution.reduce import finish
-
         provenance = _provenance(cfg, plan, result, devices, extract_seconds)
         ordered = [s for s in plan.subjects if s.subject_id in keys]
         stopping = _stop_ray() if owned else None  # the reducer needs no Ray
-        result.origin = finish(
+        result.origin = work.finish(
             out_dir,
             parts,
             [keys[s.subject_id] for s in ordered],
@@ -305,16 +319,15 @@ def _release(owned: bool, stopping: threading.Thread | None) -> None:
 
 def _stream(
     plan: Plan,
+    rows: list[dict[str, Any]],
     cfg: RunConfig,
     finished: frozenset[str],
     actors: Pool,
     memory: ActorMemory,
     in_process: bool,
 ) -> Generator[dict[str, Any], None, None]:
-    """The run's result rows, from the Ray Data graph or from this process."""
-    from cohort.execution.plan import stream_rows
-
-    rows = stream_rows(plan.subjects, cfg)
+    """The result rows of the units' stream ``rows``, from the Ray Data graph or from
+    this process."""
     if in_process:
         from cohort.execution import inprocess
 

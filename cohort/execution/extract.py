@@ -240,5 +240,7 @@ class FeatureActor:
         return True
 
 
-_PASS = ("subject_id", "cohort", "image", "mask", "key", "status", "stage", "error_type", "message")
+_PASS: tuple[str, ...] = ("subject_id", "cohort", "image", "mask", "key", "status", "stage")
+_PASS += ("error_type", "message")
+_PASS += ("perturbation",)  # cohort robustness: the perturbation's parameters (load.perturbed)
 _RESULT = (*_PASS, "features", "seconds", "device")  # the columns of a result row

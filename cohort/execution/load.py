@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import json
 import pickle
 import time
 import traceback
@@ -22,11 +23,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cohort.config import RunConfig, parse_label_map
+from cohort.config import LabelMap, RunConfig, parse_label_map
 from cohort.errors import CohortError
+from cohort.inputs.chain import perturb_pair
+from cohort.inputs.chain_config import PerturbationConfig
 from cohort.inputs.fingerprint import fingerprint, sha256_file, sha256_path, subject_key
 from cohort.inputs.geometry import Reach, mask_resampled
 from cohort.inputs.preprocess import Prepared
+from cohort.inputs.readers import VolumePair
 from cohort.inputs.stages import Stages
 from cohort.model.memory import Estimate, check_memory
 
@@ -35,15 +39,18 @@ __all__ = [
     "DONE",
     "FAILED",
     "IO_RETRY_DELAY_S",
+    "PERTURB",
     "READY",
     "RESAMPLED_NOTE",
     "check_actor_memory",
     "failure_row",
     "is_transient",
     "load_subject",
+    "perturbed",
 ]
 
 FAILED, READY, CACHED, DONE = "failed", "ready", "cached", "done"
+PERTURB = "perturb"  # the stage of an error while perturbing (cohort robustness)
 # said in a row's message when the subject's mask was put on the image grid (--mask-resample)
 RESAMPLED_NOTE = "(mask resampled onto the image grid by nearest neighbour)"
 IO_RETRY_DELAY_S = 0.5  # first backoff of a transient I/O retry; doubles per attempt
@@ -124,6 +131,9 @@ def load_subject(
     """
     out = {**row, "key": "", "status": READY, "stage": "", "error_type": "", "message": ""}
     out["payload"] = b""
+    spec = str(row.get("perturbation") or "")  # cohort robustness: which perturbation, if any
+    out["perturbation"] = spec
+    perturbing = False
     stages = Stages((), cfg.preprocess, reach)  # the labels once parsed
     series_uid = str(row.get("series_uid") or "") or None
     resampled = False
@@ -140,7 +150,8 @@ def load_subject(
         for attempt in range(attempts):
             try:
                 parts = [_content(image), _content(mask), row["labels"], identity]
-                print_ = fingerprint(parts + ([f"series_uid={series_uid}"] if series_uid else []))
+                parts += [f"series_uid={series_uid}"] if series_uid else []
+                print_ = fingerprint(parts + ([f"perturbation={spec}"] if spec else []))
                 out["key"] = subject_key(row["subject_id"], print_)
                 if out["key"] in finished:
                     out["status"] = CACHED
@@ -154,19 +165,35 @@ def load_subject(
                     raise
                 time.sleep(IO_RETRY_DELAY_S * 2**attempt)
         resampled = mask_resampled(pair, cfg.preprocess)
-        prepared = stages.preprocess(stages.check(pair), cfg.regions.background)
+        checked = stages.check(pair)
+        if spec:  # after the check (grids, regions present), before preprocessing
+            perturbing = True
+            checked, out["perturbation"] = perturbed(checked, stages.labels, spec, row)
+            perturbing = False
+        prepared = stages.preprocess(checked, cfg.regions.background)
         stages.stage = "check"  # memory: a check of the model input, whose size is now final
         where = device or ("cpu" if cfg.execution.device == "auto" else cfg.execution.device)
         check_actor_memory(prepared, cfg, reach, image, where)
         out["message"] = RESAMPLED_NOTE if resampled else ""
         out["payload"] = pickle.dumps(prepared, protocol=5)
     except Exception as err:
-        out.update(failure_row(stages.stage, err, row))
+        out.update(failure_row(PERTURB if perturbing else stages.stage, err, row))
         if getattr(err, "__notes__", None):
             out["message"] = f"{out['message']} {' '.join(err.__notes__)}"
         if resampled:
             out["message"] = f"{out['message']} {RESAMPLED_NOTE}"
     return out
+
+
+def perturbed(
+    pair: VolumePair, labels: LabelMap, spec: str, row: Mapping[str, Any]
+) -> tuple[VolumePair, str]:
+    """``cohort robustness``: the checked pair under the perturbation ``spec`` names
+    (:mod:`cohort.inputs.chain`), and the parameters it applied as JSON."""
+    cfg, index = PerturbationConfig.from_spec(spec)
+    subject_id = str(row.get("subject", row["subject_id"]))
+    pair, applied = perturb_pair(pair, labels, cfg, subject_id, index)
+    return pair, json.dumps(applied, sort_keys=True)
 
 
 # ------------------------------------------------------------- the actor's memory

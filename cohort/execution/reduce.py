@@ -118,6 +118,7 @@ def write_summaries(
     table: SubjectTable | None = None,
     note: str = "",
     kind: str = "",
+    robust: Path | None = None,
 ) -> pd.DataFrame:
     """Stats and the origin-study table (raw or centred cosines, as ``cfg`` says).
 
@@ -125,6 +126,8 @@ def write_summaries(
     whose first column ``cosine`` says which cosines it holds (``raw``,
     ``centred``, or with ``kind`` = ``harmonised`` ``harmonised`` /
     ``harmonised-centred``). ``table`` and ``note``: see :func:`cohort.stats.run_tests`.
+    With ``robust`` (a ``cohort robustness`` folder) the tests are those of the
+    cosines it rates robust (:func:`cohort.execution.robust_tables.robust_tests`).
     """
     origin = stats.origin_table(stats.chosen_cosines(similarity, cfg.centre))
     label = "centred" if cfg.centre else "raw"
@@ -132,23 +135,39 @@ def write_summaries(
         label = f"{kind}-centred" if cfg.centre else kind
     origin.insert(0, "cosine", label)
     store.write_csv(origin, target / "similarity.csv")
-    tests = stats.run_tests(features, similarity, cfg, table, note=note)
+    if robust is None:
+        tests = stats.run_tests(features, similarity, cfg, table, note=note)
+        schema = schemas.TESTS_SCHEMA
+    else:
+        from cohort.execution.robust_tables import read_robust, robust_tests
+
+        found = read_robust(robust)
+        tests = robust_tests(features, similarity, cfg, found, str(robust), table, note=note)
+        schema = schemas.ROBUST_TESTS_SCHEMA
     store.write_parquet(
-        store.stamped(store.table(tests, schemas.TESTS_SCHEMA), provenance),
+        store.stamped(store.table(tests, schema), provenance),
         target / "stats.parquet",
     )
     store.write_csv(tests, target / "stats.csv")
     return origin
 
 
-def restate(folder: Path, cfg: StatsConfig, adjusted: AdjustConfig | None = None) -> pd.DataFrame:
+def restate(
+    folder: Path,
+    cfg: StatsConfig,
+    adjusted: AdjustConfig | None = None,
+    *,
+    robust: Path | None = None,
+) -> pd.DataFrame:
     """Recompute the statistics of the finished run in ``folder`` with ``cfg``.
 
     ``adjusted``: the covariates, strata and harmonisation to use (default: the
     run's own, from run.json). The new summaries and ``run.json`` (whose
     ``config.stats`` and ``config.adjust`` become these) are written to a staging
     folder and moved into place together, so ``run.json`` always states the
-    settings ``stats.parquet`` was made with. Returns the origin study's table.
+    settings ``stats.parquet`` was made with. With ``robust`` (a ``cohort
+    robustness`` folder, recorded as ``robust_only``) only the cosines it found
+    robust are tested. Returns the origin study's table.
     """
     folder = Path(folder)
     provenance = read_run(folder)
@@ -158,6 +177,7 @@ def restate(folder: Path, cfg: StatsConfig, adjusted: AdjustConfig | None = None
         "stats": dataclasses.asdict(cfg),
         "adjust": dataclasses.asdict(adjusted),
     }
+    provenance["robust_only"] = None if robust is None else str(Path(robust).resolve())
     for key in ("covariates", "harmonisation"):
         provenance.pop(key, None)
     staging = store.staging_dir(folder)
@@ -182,6 +202,7 @@ def restate(folder: Path, cfg: StatsConfig, adjusted: AdjustConfig | None = None
         table=prepared.table,
         note=prepared.note,
         kind=prepared.kind,
+        robust=robust,
     )
     store.write_json(provenance, staging / "run.json")
     store.publish(staging, folder, names=(*names, "run.json"))

@@ -13,6 +13,8 @@ are its names in order.
 ``TESTS_SCHEMA``                    ``stats.parquet`` / ``.csv``: one statistical test
 ``SUMMARY_SCHEMA``                  cohort x layer x pair summaries (the report)
 ``FLAGS_SCHEMA``                    one suspicious value (sanity flags)
+``ROBUSTNESS_*``                    ``cohort robustness``: cosines per perturbation, ICCs,
+                                    channel summaries, errors; tests of ``--robust-only``
 ==================================  ====================================================
 """
 
@@ -32,6 +34,12 @@ __all__ = [
     "FEATURES_SCHEMA",
     "FLAGS_COLUMNS",
     "FLAGS_SCHEMA",
+    "PERTURBATION_SCHEMA",
+    "ROBUSTNESS_CHANNELS_SCHEMA",
+    "ROBUSTNESS_ERRORS_SCHEMA",
+    "ROBUSTNESS_SCHEMA",
+    "ROBUSTNESS_SIMILARITY_SCHEMA",
+    "ROBUST_TESTS_SCHEMA",
     "SIMILARITY_COLUMNS",
     "SIMILARITY_HARMONISED_SCHEMA",
     "SIMILARITY_REQUIRED",
@@ -51,6 +59,7 @@ _TYPES: Final = {
     "int64": pa.int64(),
     "float64": pa.float64(),
     "list<float32>": pa.list_(pa.float32()),
+    "bool": pa.bool_(),
 }
 
 
@@ -102,6 +111,56 @@ SUMMARY_SCHEMA: Final = _schema(
     "mean sd median ci_low ci_high: float64",
 )
 FLAGS_SCHEMA: Final = _schema("flag subject_id cohort layer region detail: string")
+
+# cohort robustness. The parameters a perturbation applied (cohort.inputs.chain): noise
+# (the image's estimated level and the SD added, HU), the shift (RAS+ mm), the rotation
+# (degrees about a unit axis "x,y,z" through the regions' centroid), the volume change
+# (fraction), the contour band (mm) and each region's voxels before and after (JSON).
+PERTURBATION_SCHEMA: Final = _schema(
+    "perturbation: int64",
+    "chain: string",
+    "noise_level_hu noise_sd_hu shift_x_mm shift_y_mm shift_z_mm rotation_deg: float64",
+    "rotation_axis: string",
+    "volume_change contour_band_mm: float64",
+    "region_voxels: string",
+)
+# every cosine of every perturbation (0 = the original) with the perturbation's parameters
+ROBUSTNESS_SIMILARITY_SCHEMA: Final = pa.schema(
+    [
+        *_schema("subject_id cohort: string"),
+        PERTURBATION_SCHEMA.field("perturbation"),
+        *_schema("layer region_a region_b: string", "cosine: float64"),
+        *(f for f in PERTURBATION_SCHEMA if f.name != "perturbation"),
+    ]
+)
+# one row per cosine (layer x region pair): ICC(1,1) and its CI (icc, icc_low, icc_high),
+# robust = icc_low >= threshold; ICC(2,1) and ICC(3,1) with theirs; n_subjects: subjects
+# with every perturbation done (they entered), n_excluded: subjects left out.
+ROBUSTNESS_SCHEMA: Final = _schema(
+    "layer region_a region_b: string",
+    "icc icc_low icc_high: float64",
+    "icc_form: string",
+    "n_subjects n_perturbations n_excluded: int64",
+    "threshold: float64",
+    "robust: bool",
+    "icc_2_1 icc_2_1_low icc_2_1_high icc_3_1 icc_3_1_low icc_3_1_high: float64",
+    "status reason: string",
+)
+# one row per layer x region: ICC(1,1) of every channel of the pooled vectors, summarised
+ROBUSTNESS_CHANNELS_SCHEMA: Final = _schema(
+    "layer region: string",
+    "channels n_constant n_subjects n_perturbations: int64",
+    "threshold share_robust share_robust_ci median_icc: float64",
+    "status reason: string",
+)
+# an error row of one (subject, perturbation)
+ROBUSTNESS_ERRORS_SCHEMA: Final = _schema(
+    "subject_id cohort: string",
+    "perturbation: int64",
+    "stage error_type message image mask: string",
+)
+# stats.parquet of `cohort stats --robust-only`: the tests' columns, then what they kept
+ROBUST_TESTS_SCHEMA: Final = TESTS_SCHEMA.append(pa.field("robust_only", pa.string()))
 
 FEATURES_COLUMNS: Final = tuple(FEATURES_SCHEMA.names)
 SIMILARITY_COLUMNS: Final = tuple(SIMILARITY_SCHEMA.names)

@@ -8,6 +8,8 @@
 :mod:`.sections`   overlays, cards, tests, errors, provenance
 :mod:`.page`       the page, in order
 =================  ==========================================================
+
+:mod:`.robustness` adds a section to the page of a ``cohort robustness`` folder.
 """
 
 from cohort.report.page import REPORT_DIR, REPORT_FILE, write_report

@@ -34,6 +34,7 @@ from cohort.report.figures import (
 )
 from cohort.report.markup import Page, escape, html_table, paragraph, static_text
 from cohort.report.results import Results, read_results
+from cohort.report.robustness import robustness_section
 from cohort.report.sections import (
     cards,
     errors_section,
@@ -115,6 +116,11 @@ def write_report(results: Path, out: Path | None = None) -> Path:
             "Site effect before and after ComBat",
             harmonisation_section(page, data),
         )
+
+    # 6b. robustness (a cohort robustness folder)
+    robust = robustness_section(page, data)
+    if robust is not None:
+        page.section("robustness", "Robustness under perturbation", robust)
 
     # 7. subjects
     outliers = [bool(o) for o in subjects["outlier"]]

@@ -23,6 +23,7 @@ __all__ = [
     "manifest_subjects",
     "overlay_section",
     "provenance_section",
+    "region_names",
     "stats_section",
 ]
 
@@ -43,7 +44,7 @@ def manifest_subjects(run: Mapping[str, Any]) -> tuple[list[Any], str]:
         return [], f"the manifest {escape(path)} cannot be read now ({escape(err)})"
 
 
-def _region_names(run: Mapping[str, Any], subject: Any) -> tuple[tuple[str, int | None], ...]:
+def region_names(run: Mapping[str, Any], subject: Any) -> tuple[tuple[str, int | None], ...]:
     """The subject's regions: its own label map, else the run's (values None for names
     that a mask folder or a Slicer segmentation gives)."""
     labels = getattr(subject, "labels", None) or run.get("config", {}).get("regions", {}).get(
@@ -72,7 +73,7 @@ def overlay_section(page: Page, results: Results) -> str:
                         cohort,
                         subject.image,
                         subject.mask,
-                        _region_names(results.run, subject),
+                        region_names(results.run, subject),
                         subject.series_uid,
                     )
                 )
