@@ -147,9 +147,7 @@ def write_seg(
     """A DICOM SEG of ``masks`` (name -> (column, row, slice) bool or [0, 1] float arrays,
     on the datasets' grid, datasets in any order): one segment per mask, labelled by its
     name, empty frames left out (highdicom's default)."""
-    order = sorted(
-        range(len(datasets)), key=lambda n: float(datasets[n].ImagePositionPatient[2])
-    )
+    order = sorted(range(len(datasets)), key=lambda n: float(datasets[n].ImagePositionPatient[2]))
     rank = {n: order.index(n) for n in range(len(datasets))}
     frames = np.stack(
         [
@@ -318,3 +316,71 @@ def edit_enhanced(
     target.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(target, enforce_file_format=True)
     return target
+
+
+def reorder_seg_frames(source: Path, target: Path, order: Sequence[int]) -> Path:
+    """A copy of an uncompressed SEG with its frames (pixel data and per-frame functional
+    groups together) in ``order``; frames must fill whole bytes (64 x 64 binary do)."""
+    ds = pydicom.dcmread(source)
+    size = int(ds.Rows) * int(ds.Columns) * int(ds.BitsAllocated)
+    if size % 8:
+        raise ValueError("frames do not fill whole bytes")
+    data = bytes(ds.PixelData)
+    step = size // 8
+    frames = [data[n * step : (n + 1) * step] for n in range(int(ds.NumberOfFrames))]
+    ds.PixelData = b"".join(frames[n] for n in order) + data[len(frames) * step :]
+    groups = ds.PerFrameFunctionalGroupsSequence
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence([groups[n] for n in order])
+    ds.SOPInstanceUID = uid(target.name)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def centre_line_contours(mask: np.ndarray, affine: np.ndarray) -> list[Contour]:
+    """The boundaries of a (column, row, slice) bool mask drawn through the centres of
+    its edge voxels, as exporters built on OpenCV's findContours draw them: each vertex
+    of :func:`boundary_contours` (half-way between an inside and an outside centre)
+    moved onto the inside centre."""
+    inverse = np.linalg.inv(affine)
+    out: list[Contour] = []
+    for contour in boundary_contours(mask, affine):
+        index = (inverse[:3, :3] @ contour.T).T + inverse[:3, 3]
+        k = round(float(index[0, 2]))
+        moved = []
+        for u, v in index[:, :2]:
+            candidates = [
+                (int(a), int(b))
+                for a in {np.floor(u), np.ceil(u)}
+                for b in {np.floor(v), np.ceil(v)}
+                if 0 <= a < mask.shape[0] and 0 <= b < mask.shape[1] and mask[int(a), int(b), k]
+            ]
+            a, b = min(candidates, key=lambda c: (c[0] - u) ** 2 + (c[1] - v) ** 2)
+            moved.append((a, b, k, 1.0))
+        points = (affine @ np.array(moved).T).T[:, :3]
+        keep = np.any(np.diff(points, axis=0, append=points[:1]) != 0, axis=1)  # no repeats
+        if keep.sum() >= 3:
+            out.append(points[keep])
+    return out
+
+
+def made(root: Path) -> dict[str, Path]:
+    """The usual set under ``root``: the cropped series, its label map as NIfTI, the
+    same regions as SEG and as RTSTRUCT (contours through the label map's boundaries),
+    and an Enhanced CT of the series. Returns their paths by name."""
+    import nibabel as nib
+
+    datasets = cropped_series(root / "series")
+    labels = label_map_of(datasets)
+    lps = affine_lps(datasets)
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    nib.save(nib.Nifti1Image(labels, ras), root / "labels.nii.gz")
+    masks = {name: labels == value for value, name in enumerate(NAMES, start=1)}
+    rois = {name: boundary_contours(mask, lps) for name, mask in masks.items()}
+    return {
+        "series": root / "series",
+        "labels": root / "labels.nii.gz",
+        "seg": write_seg(datasets, masks, root / "seg.dcm"),
+        "rtstruct": write_rtstruct(datasets, rois, root / "rtstruct.dcm"),
+        "enhanced": enhanced_ct(datasets, root / "enhanced" / "ct.dcm"),
+    }

@@ -63,6 +63,10 @@ class SegSegment:
 def seg_segments(ds: pydicom.Dataset, path: Path) -> list[SegSegment]:
     """The segments of a SEG header, in SegmentSequence order, with their frame counts."""
     counts: Counter[int] = Counter()
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+    every_frame = (shared.get("SegmentIdentificationSequence") or []) if shared else []
+    if every_frame:  # one segment in every frame, said once
+        counts[int(every_frame[0].ReferencedSegmentNumber)] = int(ds.get("NumberOfFrames", 0))
     for group in ds.get("PerFrameFunctionalGroupsSequence") or []:
         for item in group.get("SegmentIdentificationSequence") or []:
             counts[int(item.ReferencedSegmentNumber)] += 1
