@@ -29,11 +29,11 @@ import pydicom
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 SERIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct-dicom-20"
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-RTSTRUCT = "1.2.840.10008.5.1.4.1.1.481.3"
+CT_IMAGE = UID("1.2.840.10008.5.1.4.1.1.2")
+RTSTRUCT = UID("1.2.840.10008.5.1.4.1.1.481.3")
 ROWS = slice(270, 334)  # rows and columns of the crop: vertebra, aorta, psoas, kidney edge
 COLUMNS = slice(215, 279)
 NAMES = ("bone", "soft")  # label 1, label 2 of label_map_of
@@ -42,25 +42,33 @@ Contour = np.ndarray  # (n, 3) points, LPS mm
 Rois = Mapping[str, Sequence[Contour]]
 
 
-def uid(name: str) -> str:
+def uid(name: str) -> UID:
     """A UID derived from ``name`` alone (pydicom's root, a hash of the name)."""
-    return str(generate_uid(entropy_srcs=["cohort-tests", name]))
+    return generate_uid(entropy_srcs=["cohort-tests", name])
 
 
 def cropped_series(
-    target: Path, *, series: str = "series", frame_of_reference: str = "for"
+    target: Path,
+    *,
+    series: str = "series",
+    frame_of_reference: str = "for",
+    rows: slice = ROWS,
+    columns: slice = COLUMNS,
 ) -> list[Dataset]:
     """Write the cropped, decompressed series into ``target``; return its datasets in
-    position order (inferior first). ``series`` and ``frame_of_reference`` name the UIDs."""
+    position order (inferior first). ``series`` and ``frame_of_reference`` name the UIDs;
+    ``rows`` and ``columns`` the crop (``slice(None)``: the whole 512 x 512)."""
+    rows = slice(rows.start or 0, rows.stop)
+    columns = slice(columns.start or 0, columns.stop)
     target.mkdir(parents=True, exist_ok=True)
     out: list[Dataset] = []
     for path in sorted(SERIES.glob("CT.*")):
-        ds = pydicom.dcmread(path)
-        pixels = np.ascontiguousarray(ds.pixel_array[ROWS, COLUMNS])
+        ds: Dataset = pydicom.dcmread(path)
+        pixels = np.ascontiguousarray(ds.pixel_array[rows, columns])
         iop = np.array(ds.ImageOrientationPatient, dtype=np.float64)
         row_spacing, column_spacing = (float(v) for v in ds.PixelSpacing)
         ipp = np.array(ds.ImagePositionPatient, dtype=np.float64)
-        ipp = ipp + COLUMNS.start * column_spacing * iop[:3] + ROWS.start * row_spacing * iop[3:]
+        ipp = ipp + columns.start * column_spacing * iop[:3] + rows.start * row_spacing * iop[3:]
         ds.ImagePositionPatient = [f"{v:.6f}" for v in ipp]
         ds.Rows, ds.Columns = pixels.shape
         ds.PixelData = pixels.tobytes()

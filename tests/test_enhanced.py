@@ -13,7 +13,6 @@ import pydicom
 import pytest
 import SimpleITK as sitk  # noqa: N813
 
-from cohort.config import LabelMap, PreprocessConfig
 from cohort.errors import GeometryError, InputError
 from cohort.inputs.dicom import read_dicom_series
 from cohort.inputs.enhanced import read_enhanced
@@ -21,20 +20,12 @@ from cohort.inputs.stages import Stages
 from cohort.inputs.volume import volume_from_sitk
 from cohort.model.hooks import FeatureExtractor
 from tests import dicom_objects as objects
+from tests.dicom_fixtures import CFG, VALUES, built
 from tests.test_input_kinds import assert_same_vectors, extractor, vectors
 
 pytestmark = pytest.mark.timeout(300)
 
-VALUES: LabelMap = (("bone", 1), ("soft", 2))
-CFG = PreprocessConfig()
-__all__ = ["extractor"]  # the shared network fixture, used by name
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    if not objects.SERIES.is_dir():
-        pytest.skip(f"real data not found at {objects.SERIES}")
-    return objects.made(tmp_path_factory.mktemp("enhanced"))
+__all__ = ["built", "extractor"]  # shared fixtures, used by name
 
 
 def pydicom_frames(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -7,52 +7,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
 from matplotlib.path import Path as PolygonPath
 from scipy import ndimage
 
-from cohort.config import LabelMap, PreprocessConfig
 from cohort.errors import GeometryError, InputError, RegionError
 from cohort.inputs.contours import fill_even_odd
-from cohort.inputs.readers import load_pair
 from cohort.inputs.stages import Stages
 from cohort.model.hooks import FeatureExtractor
 from tests import dicom_objects as objects
+from tests.dicom_fixtures import CFG, NAMES, NEAREST, VALUES, built, datasets, labels, masks_of
 from tests.test_input_kinds import assert_same_vectors, extractor, vectors
 
 pytestmark = pytest.mark.timeout(300)
 
-NAMES: LabelMap = (("bone", None), ("soft", None))
-VALUES: LabelMap = (("bone", 1), ("soft", 2))
-CFG = PreprocessConfig()
-NEAREST = PreprocessConfig(mask_resample="nearest")
-__all__ = ["extractor"]  # the shared network fixture, used by name
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    if not objects.SERIES.is_dir():
-        pytest.skip(f"real data not found at {objects.SERIES}")
-    return objects.made(tmp_path_factory.mktemp("rtstruct"))
-
-
-@pytest.fixture(scope="module")
-def datasets(built: dict[str, Path]) -> list[pydicom.Dataset]:
-    found = [pydicom.dcmread(p) for p in built["series"].iterdir()]
-    return sorted(found, key=lambda ds: float(ds.ImagePositionPatient[2]))
-
-
-@pytest.fixture(scope="module")
-def labels(built: dict[str, Path]) -> np.ndarray:
-    return np.asarray(nib.load(built["labels"]).dataobj)
-
-
-def masks_of(image: Path, mask: Path, names: LabelMap, cfg: PreprocessConfig = CFG) -> dict:
-    regions = load_pair(image, mask, cfg, names).regions
-    return dict(regions.select([name for name, _ in names]))
+__all__ = ["built", "datasets", "extractor", "labels"]  # shared fixtures, used by name
 
 
 def reference_fill(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
