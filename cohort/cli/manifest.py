@@ -18,15 +18,22 @@ __all__ = ["manifest"]
 @click.option(
     "--image",
     "image_pattern",
-    required=True,
+    default=None,
     help="Pattern of the images under ROOT, with {subject} (and {cohort}), * and ? "
-    "(e.g. '{subject}/ct.nii.gz', '{cohort}/{subject}/dicom').",
+    "(e.g. '{subject}/ct.nii.gz', '{cohort}/{subject}/dicom'). Not with --match-by-uid.",
 )
 @click.option(
     "--mask",
     "mask_pattern",
     required=True,
     help="Pattern of the masks under ROOT (e.g. '{subject}/seg.nii.gz', '{subject}/masks').",
+)
+@click.option(
+    "--match-by-uid",
+    is_flag=True,
+    help="Pair each DICOM SEG or RTSTRUCT that --mask finds with the image series it "
+    "references (SeriesInstanceUID), among the DICOM files under ROOT; the row gets that "
+    "series' folder and series_uid. Instead of --image.",
 )
 @click.option("--cohort", default=None, help="One cohort name for every subject.")
 @click.option(
@@ -38,8 +45,9 @@ __all__ = ["manifest"]
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Manifest CSV.")
 def manifest(
     root: Path,
-    image_pattern: str,
+    image_pattern: str | None,
     mask_pattern: str,
+    match_by_uid: bool,
     cohort: str | None,
     cohort_table: Path | None,
     out: Path,
@@ -48,13 +56,22 @@ def manifest(
 
     A subject needs an image and a mask; files or folders that match one pattern
     but not the other are listed (exit status 1, the manifest is still written).
+    With --match-by-uid each DICOM SEG or RTSTRUCT found by --mask is paired with
+    the image series it references, found among the DICOM files under ROOT.
     """
     from cohort.inputs.layout import find_layout, read_cohort_table
     from cohort.inputs.manifest import write_manifest
 
     with reported():
         table = read_cohort_table(cohort_table) if cohort_table is not None else None
-        layout = find_layout(root, image_pattern, mask_pattern, cohort=cohort, cohort_table=table)
+        layout = find_layout(
+            root,
+            image_pattern,
+            mask_pattern,
+            cohort=cohort,
+            cohort_table=table,
+            match_by_uid=match_by_uid,
+        )
         write_manifest(layout.subjects, out)
     cohorts = sorted({s.cohort for s in layout.subjects})
     click.echo(
@@ -65,4 +82,6 @@ def manifest(
         click.echo(f"image without mask: {found.path} (subject {found.subject})", err=True)
     for found in layout.masks_without_image:
         click.echo(f"mask without image: {found.path} (subject {found.subject})", err=True)
+    for note in layout.notes:
+        click.echo(f"  {note}", err=True)
     sys.exit(ExitCode.FAILURES if layout.unmatched else ExitCode.OK)

@@ -27,12 +27,17 @@ def validate(manifest: Path, labels: str, mask_resample: str, **values: Any) -> 
     checked: grids in RAS+, regions present, finite image. Whether a volume is
     large enough for the hooked layers needs the network, so `cohort run`
     checks that. The columns --covariates, --strata and --harmonise name are
-    allowed in the manifest and checked as `cohort run` checks them.
+    allowed in the manifest and checked as `cohort run` checks them. After the
+    problems, one line per subject that loaded: the image kind (DICOM series,
+    Enhanced CT, file), the mask kind (DICOM SEG, RTSTRUCT, label-map file, mask
+    folder, 3D Slicer segmentation), the segments, ROIs, files or values it
+    holds, and those the labels use.
     """
     from cohort.config import MaskResample, PreprocessConfig, parse_label_map
     from cohort.execution.adjust import check_run, manifest_extras
     from cohort.inputs.manifest import read_manifest
     from cohort.inputs.stages import Stages
+    from cohort.inputs.summary import summarise
 
     adjusted = options.adjust_config(values)
     with reported():
@@ -41,10 +46,14 @@ def validate(manifest: Path, labels: str, mask_resample: str, **values: Any) -> 
         default_labels = parse_label_map(labels)
         cfg = PreprocessConfig(mask_resample=cast(MaskResample, mask_resample))
     problems: list[tuple[str, str, str]] = []
+    inputs: list[tuple[str, str]] = []
     for subject in subjects:
-        stages = Stages(subject.labels or default_labels, cfg)
+        labels_used = subject.labels or default_labels
+        stages = Stages(labels_used, cfg)
         try:
-            stages.checked(subject.image, subject.mask, subject.series_uid)
+            pair = stages.loaded(subject.image, subject.mask, subject.series_uid)
+            inputs.append((subject.subject_id, summarise(pair, labels_used).line()))
+            stages.check(pair)
         except InputError as err:
             problems.append((subject.subject_id, stages.stage, str(err)))
         except Exception as err:
@@ -52,4 +61,6 @@ def validate(manifest: Path, labels: str, mask_resample: str, **values: Any) -> 
     click.echo(f"{len(subjects)} subjects, {len(problems)} with problems")
     for sid, stage, message in problems:
         click.echo(f"{sid}\t{stage}\t{message}")
+    for sid, line in inputs:
+        click.echo(f"{sid}\tinputs\t{line}")
     sys.exit(ExitCode.FAILURES if problems else ExitCode.OK)

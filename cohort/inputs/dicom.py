@@ -18,13 +18,10 @@ takes to mean "no series chosen". Grouping by the tag value instead keeps a
 ``series_uid`` from a PACS meaningful, and an empty one is a series like any
 other (shown as ``<empty>``).
 
-Slice order and spacing come from ImagePositionPatient projected on the slice
-normal (the cross product of ImageOrientationPatient's row and column
-directions), never from file names, InstanceNumber or SliceThickness. Before
-any pixel is read the slices must be one regular grid: one size, one
-orientation, one pixel spacing, orthogonal row and column directions, the
-slices stacked along the normal (no gantry tilt) at one spacing (no missing
-slice, no two at one position).
+The slices are checked to be one regular grid, and put in position order, by
+:func:`cohort.inputs.slices.check_grid` (positions, never file names). A series
+that is one multi-frame file (an Enhanced CT: one object per series, per-frame
+positions in its functional groups) goes to :mod:`cohort.inputs.enhanced`.
 """
 
 from __future__ import annotations
@@ -32,16 +29,16 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk  # noqa: N813 (the name SimpleITK's own documentation uses)
 
 from cohort.config import PreprocessConfig
-from cohort.errors import GeometryError, InputError
+from cohort.errors import InputError
 from cohort.inputs.itk import itk_error_reason
-from cohort.inputs.volume import Volume, volume_from_sitk
+from cohort.inputs.slices import SliceHeader, check_grid
+from cohort.inputs.volume import SeriesIdentity, Volume, volume_from_sitk
 
 __all__ = ["DicomSeries", "list_dicom_series", "open_dicom_series", "read_dicom_series"]
 
@@ -54,15 +51,9 @@ _COLUMNS = "0028|0011"
 _PIXEL_SPACING = "0028|0030"
 _FRAMES = "0028|0008"  # NumberOfFrames
 _GANTRY_TILT = "0018|1120"  # GantryDetectorTilt
+_FRAME_OF_REFERENCE = "0020|0052"  # FrameOfReferenceUID
 
 _MAX_VOXELS = PreprocessConfig.max_voxels
-_UNIT_TOLERANCE = 1e-3  # ImageOrientationPatient: |length - 1| and |row . column| at most this
-_SAME_TOLERANCE = 1e-3  # two slices' orientations / pixel spacings count as one up to this
-_SPACING_TOLERANCE = 0.01  # a gap may differ from the slice spacing by this fraction of it
-_TILT_TOLERANCE = 1e-3  # sideways drift of the positions, per mm along the normal (~0.06 deg)
-_TILT_SLACK_MM = 1e-3  # ... plus this, for positions written with few decimals
-
-_Numbers = tuple[float | int | None, ...] | None  # a header field as numbers
 
 
 @dataclass(frozen=True)
@@ -78,22 +69,6 @@ class DicomSeries:
         uid = self.uid or "<empty>"
         text = f" {self.description!r}" if self.description else ""
         return f"{uid}{text} ({len(self.files)} slice{'s' if len(self.files) != 1 else ''})"
-
-
-@dataclass(frozen=True)
-class _Slice:
-    """The header fields of one DICOM file that place it in a series and in space."""
-
-    path: Path
-    series_uid: str
-    description: str
-    rows: int | None
-    columns: int | None
-    position: tuple[float, ...] | None  # ImagePositionPatient, LPS mm
-    orientation: tuple[float, ...] | None  # ImageOrientationPatient: row then column cosines
-    pixel_spacing: tuple[float, ...] | None  # between rows, between columns (mm)
-    frames: int
-    gantry_tilt: str
 
 
 def list_dicom_series(folder: Path) -> tuple[DicomSeries, ...]:
@@ -147,7 +122,20 @@ def open_dicom_series(
             f"series there: {listing}; fix the row's `series_uid` in the manifest"
         )
     where = f"DICOM series {_series(chosen).label()} in {folder}"
-    ordered = _check_grid(chosen, where, max_voxels)
+    multi = [s for s in chosen if s.frames > 1]
+    if multi:
+        if len(chosen) > 1:
+            raise InputError(
+                f"{where}: file {multi[0].path.name} holds {multi[0].frames} frames (a "
+                f"multi-frame object such as an Enhanced CT) beside {len(chosen) - 1} other "
+                "file(s) of the same series; a multi-frame object is a whole volume: give its "
+                "file as the image, or move it into a folder of its own"
+            )
+        from cohort.inputs.enhanced import open_enhanced  # highdicom only for multi-frame
+
+        return open_enhanced(multi[0].path, max_voxels=max_voxels)
+    ordered = check_grid(chosen, where, max_voxels)
+    identity = SeriesIdentity(ordered[0].series_uid, ordered[0].frame_of_reference)
 
     def read() -> Volume:
         reader = sitk.ImageSeriesReader()
@@ -163,7 +151,8 @@ def open_dicom_series(
                 "cannot decode: copy the series again, or convert it with dcm2niix"
             ) from None
         uid = ordered[0].series_uid or "<empty SeriesInstanceUID>"
-        return volume_from_sitk(image, folder, f"DICOM series {uid} ({len(ordered)} slices)")
+        volume = volume_from_sitk(image, folder, f"DICOM series {uid} ({len(ordered)} slices)")
+        return replace(volume, identity=identity)
 
     return read
 
@@ -189,9 +178,9 @@ def _looked_at(folder: Path, skipped: Sequence[str]) -> str:
     return f" (found {'; '.join(parts)})" if parts else " (it is empty)"
 
 
-def _scan(folder: Path) -> tuple[list[_Slice], list[str]]:
+def _scan(folder: Path) -> tuple[list[SliceHeader], list[str]]:
     """Read the header of every file directly in ``folder``; (DICOM slices, other names)."""
-    slices: list[_Slice] = []
+    slices: list[SliceHeader] = []
     skipped: list[str] = []
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
         reader = sitk.ImageFileReader()
@@ -206,7 +195,7 @@ def _scan(folder: Path) -> tuple[list[_Slice], list[str]]:
     return slices, skipped
 
 
-def _slice(path: Path, reader: sitk.ImageFileReader) -> _Slice:
+def _slice(path: Path, reader: sitk.ImageFileReader) -> SliceHeader:
     def text(tag: str) -> str:
         return str(reader.GetMetaData(tag)).strip() if reader.HasMetaDataKey(tag) else ""
 
@@ -223,7 +212,7 @@ def _slice(path: Path, reader: sitk.ImageFileReader) -> _Slice:
         except ValueError:
             return None
 
-    return _Slice(
+    return SliceHeader(
         path=path,
         series_uid=text(_SERIES_UID),
         description=text(_SERIES_DESCRIPTION),
@@ -234,183 +223,22 @@ def _slice(path: Path, reader: sitk.ImageFileReader) -> _Slice:
         pixel_spacing=numbers(_PIXEL_SPACING, 2),
         frames=integer(_FRAMES) or 1,
         gantry_tilt=text(_GANTRY_TILT),
+        frame_of_reference=text(_FRAME_OF_REFERENCE),
     )
 
 
-def _group(slices: Sequence[_Slice]) -> dict[str, list[_Slice]]:
+def _group(slices: Sequence[SliceHeader]) -> dict[str, list[SliceHeader]]:
     """Slices by SeriesInstanceUID, series in UID order, files in name order."""
-    groups: dict[str, list[_Slice]] = {}
+    groups: dict[str, list[SliceHeader]] = {}
     for s in slices:
         groups.setdefault(s.series_uid, []).append(s)
     return dict(sorted(groups.items()))
 
 
-def _series(slices: Sequence[_Slice]) -> DicomSeries:
+def _series(slices: Sequence[SliceHeader]) -> DicomSeries:
     described = [s.description for s in slices if s.description]
     return DicomSeries(
         uid=slices[0].series_uid,
         description=Counter(described).most_common(1)[0][0] if described else "",
         files=tuple(s.path for s in slices),
-    )
-
-
-def _check_grid(slices: Sequence[_Slice], where: str, max_voxels: int) -> list[_Slice]:
-    """Check that the slices form one regular 3D grid; return them in position order."""
-    for s in slices:
-        missing = [
-            name
-            for name, value in (
-                ("ImagePositionPatient", s.position),
-                ("ImageOrientationPatient", s.orientation),
-                ("PixelSpacing", s.pixel_spacing),
-                ("Rows", s.rows),
-                ("Columns", s.columns),
-            )
-            if value is None
-        ]
-        if missing:
-            raise InputError(
-                f"{where}: file {s.path.name} has no usable {', '.join(missing)}, so it cannot "
-                "be placed in a volume (a localizer, a screenshot or a report?); remove it "
-                "from the folder"
-            )
-        if s.frames > 1:
-            raise InputError(
-                f"{where}: file {s.path.name} holds {s.frames} frames (multi-frame DICOM), "
-                "which cohort does not read; convert the series with dcm2niix and give the NIfTI"
-            )
-    _check_same(slices, where, "sizes (Rows x Columns)", lambda s: (s.rows, s.columns), _fmt_size)
-    _check_same(
-        slices, where, "orientations (ImageOrientationPatient)", lambda s: s.orientation, _fmt
-    )
-    _check_same(slices, where, "pixel spacings (PixelSpacing)", lambda s: s.pixel_spacing, _fmt)
-    first = slices[0]
-    rows, columns = int(first.rows or 0), int(first.columns or 0)
-    count = rows * columns * len(slices)
-    if count > max_voxels:
-        raise InputError(
-            f"{where} has {columns}x{rows}x{len(slices)} = {count:,} voxels, more than the "
-            f"limit of {max_voxels:,}; crop or downsample it first, or raise the limit with "
-            "--max-voxels"
-        )
-    if len(slices) < 2:
-        raise GeometryError(
-            f"{where} has one slice, a 2D image; cohort needs a 3D volume: give the folder "
-            "that holds every slice of the series"
-        )
-    normal = _normal(first, where)
-    positions = np.array([s.position for s in slices], dtype=np.float64)
-    along = positions @ normal
-    order = sorted(range(len(slices)), key=lambda n: (along[n], slices[n].path.name))
-    ordered = [slices[n] for n in order]
-    _check_spacing(ordered, along[order], where)
-    _check_stacking(ordered, positions[order], normal, where)
-    return ordered
-
-
-def _check_same(
-    slices: Sequence[_Slice],
-    where: str,
-    what: str,
-    key: Callable[[_Slice], _Numbers],
-    show: Callable[[_Numbers], str],
-) -> None:
-    """All slices share ``key(slice)`` (to :data:`_SAME_TOLERANCE`); the odd ones are named."""
-    counts = Counter(tuple(np.round(np.asarray(key(s), dtype=np.float64), 4)) for s in slices)
-    reference = np.asarray(counts.most_common(1)[0][0], dtype=np.float64)
-    usual = [s for s in slices if np.max(np.abs(np.asarray(key(s)) - reference)) <= _SAME_TOLERANCE]
-    if len(usual) == len(slices):
-        return
-    odd = [s for s in slices if s not in usual]
-    raise GeometryError(
-        f"{where} mixes slice {what}: {show(key(usual[0]))} in {len(usual)} file(s) (e.g. "
-        f"{usual[0].path.name}), {show(key(odd[0]))} in {len(odd)} (e.g. {odd[0].path.name}); "
-        "a series must be one volume: remove the odd files from the folder, or give them a "
-        "series of their own"
-    )
-
-
-def _fmt(value: _Numbers) -> str:
-    return "(" + ", ".join(f"{float(v or 0):g}" for v in value or ()) + ")"
-
-
-def _fmt_size(value: _Numbers) -> str:
-    return "x".join(str(v) for v in value or ())
-
-
-def _normal(first: _Slice, where: str) -> np.ndarray:
-    """The unit slice normal, row x column of ImageOrientationPatient, checked orthonormal."""
-    cosines = np.asarray(first.orientation, dtype=np.float64)
-    row, column = cosines[:3], cosines[3:]
-    lengths = (float(np.linalg.norm(row)), float(np.linalg.norm(column)))
-    dot = float(row @ column)
-    if max(abs(lengths[0] - 1), abs(lengths[1] - 1), abs(dot)) > _UNIT_TOLERANCE:
-        raise GeometryError(
-            f"{where}: ImageOrientationPatient {_fmt(first.orientation)} (file "
-            f"{first.path.name}) is not two orthogonal unit vectors (lengths {lengths[0]:.6g} "
-            f"and {lengths[1]:.6g}, dot product {dot:.6g}), so the slices cannot be placed in "
-            "space; export the series again from the scanner or PACS, or convert it with "
-            "dcm2niix"
-        )
-    normal = np.cross(row / lengths[0], column / lengths[1])
-    return np.asarray(normal / np.linalg.norm(normal), dtype=np.float64)
-
-
-def _check_spacing(ordered: Sequence[_Slice], along: np.ndarray, where: str) -> None:
-    """Consecutive positions along the normal are one spacing apart, none repeated."""
-    gaps = np.diff(along)
-    spacing = float(np.median(gaps))
-    for n, gap in enumerate(gaps):
-        a, b = ordered[n], ordered[n + 1]
-        between = (
-            f"from {along[n]:.6g} mm (file {a.path.name}) to {along[n + 1]:.6g} mm "
-            f"(file {b.path.name})"
-        )
-        if gap <= _SPACING_TOLERANCE * spacing:
-            raise GeometryError(
-                f"{where}: two slices at one position along the slice normal, {along[n]:.6g} mm: "
-                f"files {a.path.name} and {b.path.name}; the folder holds more than one volume "
-                "(several acquisitions, echoes or time points, or a copied file): keep one "
-                "volume's files in the folder"
-            )
-        if abs(gap - spacing) <= _SPACING_TOLERANCE * spacing:
-            continue
-        ratio = gap / spacing
-        missing = round(ratio) - 1
-        if missing >= 1 and abs(ratio - round(ratio)) <= 0.2:
-            raise GeometryError(
-                f"{where}: slice positions along the slice normal jump {between}, a gap of "
-                f"{gap:.6g} mm where the other slices are {spacing:.6g} mm apart: "
-                f"{'a missing slice' if missing == 1 else f'{missing} missing slices'}; copy "
-                "the whole series again (every file) into the folder"
-            )
-        raise GeometryError(
-            f"{where}: slices are not evenly spaced: positions along the slice normal go "
-            f"{between}, a gap of {gap:.6g} mm where the other slices are {spacing:.6g} mm "
-            "apart; cohort needs one slice spacing: resample the series to an even spacing "
-            "(e.g. convert it with dcm2niix and resample the NIfTI), or remove the odd slice"
-        )
-
-
-def _check_stacking(
-    ordered: Sequence[_Slice], positions: np.ndarray, normal: np.ndarray, where: str
-) -> None:
-    """The positions lie on one line along the normal: no gantry tilt, no sideways shift."""
-    offsets = positions - positions[0]
-    along = offsets @ normal
-    sideways = np.linalg.norm(offsets - np.outer(along, normal), axis=1)
-    allowed = _TILT_TOLERANCE * np.abs(along) + _TILT_SLACK_MM
-    worst = int(np.argmax(sideways - allowed))
-    if sideways[worst] <= allowed[worst]:
-        return
-    angle = math.degrees(math.atan2(float(sideways[worst]), abs(float(along[worst]))))
-    tilt = ordered[0].gantry_tilt
-    raise GeometryError(
-        f"{where}: the slices are not stacked along the slice normal (the cross product "
-        f"of ImageOrientationPatient's row and column directions): file "
-        f"{ordered[worst].path.name} lies {sideways[worst]:.4g} mm sideways of the line "
-        f"through file {ordered[0].path.name}, "
-        f"{angle:.3g} degrees off the normal (GantryDetectorTilt "
-        f"{tilt or 'not given'}): a tilted gantry or a sheared grid; resample the series "
-        "to an orthogonal grid (dcm2niix corrects gantry tilt) and give the NIfTI"
     )

@@ -15,6 +15,13 @@ series, a folder of masks). For example ``{cohort}/{subject}/ct.nii.gz`` with
 ``labels/{subject}.nii.gz``. A subject needs an image and a mask; a file
 matched by one pattern whose subject has no match of the other is reported
 as unmatched, not guessed at.
+
+With ``match_by_uid`` there is no image pattern: the mask pattern finds DICOM
+SEG and RTSTRUCT files (or folders holding one; other files it matches are
+passed over), and each is paired with the image series it references by
+SeriesInstanceUID, found among every DICOM image file under the root (a folder
+of mixed DICOM files, as PACS exports arrive). The row's image is the folder
+holding that series' files and its ``series_uid`` the UID.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cohort.errors import ConfigError, ManifestError
+from cohort.errors import ConfigError, InputError, ManifestError
+from cohort.inputs.dicom_objects import dicom_object, find_dicom_mask, is_dicom_file
 from cohort.inputs.manifest import DEFAULT_COHORT, Subject
 
 __all__ = ["Found", "Layout", "compile_pattern", "find_layout", "read_cohort_table"]
@@ -51,6 +59,7 @@ class Layout:
     subjects: tuple[Subject, ...]  # sorted by subject id
     images_without_mask: tuple[Found, ...]
     masks_without_image: tuple[Found, ...]
+    notes: tuple[str, ...] = ()  # why masks have no image (match by UID), what was passed over
 
     @property
     def unmatched(self) -> int:
@@ -142,13 +151,15 @@ def read_cohort_table(path: Path) -> dict[str, str]:
 
 def find_layout(
     root: Path,
-    image: str,
+    image: str | None,
     mask: str,
     *,
     cohort: str | None = None,
     cohort_table: Mapping[str, str] | None = None,
+    match_by_uid: bool = False,
 ) -> Layout:
-    """Subjects under ``root`` by the ``image`` and ``mask`` patterns.
+    """Subjects under ``root`` by the ``image`` and ``mask`` patterns, or, with
+    ``match_by_uid`` (and no ``image``), by the series each segmentation references.
 
     The cohort comes from a ``{cohort}`` field, or ``cohort`` (one name for
     all), or ``cohort_table`` (subject id -> cohort), at most one of them;
@@ -159,21 +170,41 @@ def find_layout(
     root = Path(root)
     if not root.is_dir():
         raise ManifestError(f"root folder {root} does not exist or is not a folder")
-    image_regex = compile_pattern(image, "--image")
+    if match_by_uid == (image is not None):
+        raise ConfigError(
+            "give --image PATTERN, or --match-by-uid to pair each segmentation with the image "
+            "series it references (one of them)"
+        )
+    image_regex = compile_pattern(image, "--image") if image is not None else None
     mask_regex = compile_pattern(mask, "--mask")
-    from_path = "cohort" in image_regex.groupindex or "cohort" in mask_regex.groupindex
+    from_path = "cohort" in mask_regex.groupindex or (
+        image_regex is not None and "cohort" in image_regex.groupindex
+    )
     sources = [from_path, cohort is not None, cohort_table is not None]
     if sum(sources) > 1:
         raise ConfigError(
             "the cohort can come from a {cohort} field in the patterns, from --cohort or from "
             "--cohort-table; give one of them"
         )
-    images = _by_subject(_matches(root, image_regex), "--image", image, root)
-    masks = _by_subject(_matches(root, mask_regex), "--mask", mask, root)
-    if not images:
+    found_masks = _matches(root, mask_regex)
+    series: dict[str, str] = {}
+    notes: list[str] = []
+    if image_regex is None:
+        found_masks = [f for f in found_masks if _is_segmentation(f.path)]
+        masks = _by_subject(found_masks, "--mask", mask, root)
+        images, series, notes = _by_uid(root, masks)
+    else:
+        images = _by_subject(_matches(root, image_regex), "--image", str(image), root)
+        masks = _by_subject(found_masks, "--mask", mask, root)
+    if not images and image_regex is not None:
         raise ManifestError(
             f"no file or folder under {root} matches --image {image!r}; check the pattern "
             "(it is relative to the root folder, e.g. '{subject}/ct.nii.gz')"
+        )
+    if not masks and image_regex is None:
+        raise ManifestError(
+            f"no DICOM SEG or RTSTRUCT under {root} matches --mask {mask!r}; check the pattern "
+            "(it is relative to the root folder, e.g. '{subject}/seg.dcm')"
         )
     subjects: list[Subject] = []
     missing: list[str] = []
@@ -193,22 +224,77 @@ def find_layout(
                 missing.append(sid)
                 continue
         subjects.append(
-            Subject(sid, found_image.path, found_mask.path, group or DEFAULT_COHORT, None, 0)
-        )
+            Subject(
+                sid, found_image.path, found_mask.path, group or DEFAULT_COHORT, None, 0,
+                series.get(sid),
+            )
+        )  # fmt: skip
     if missing:
         raise ManifestError(
             f"the cohort table has no row for {len(missing)} subject(s) found under {root}: "
             f"{', '.join(missing[:20])}{', ...' if len(missing) > 20 else ''}; add them"
         )
     numbered = tuple(
-        Subject(s.subject_id, s.image, s.mask, s.cohort, None, n)
+        Subject(s.subject_id, s.image, s.mask, s.cohort, None, n, s.series_uid)
         for n, s in enumerate(subjects, start=1)
     )
     return Layout(
         numbered,
         tuple(images[sid] for sid in sorted(images.keys() - masks.keys())),
         tuple(masks[sid] for sid in sorted(masks.keys() - images.keys())),
+        tuple(notes),
     )
+
+
+def _is_segmentation(path: Path) -> bool:
+    """Whether a path is a DICOM SEG or RTSTRUCT file, or a folder holding one."""
+    try:
+        return find_dicom_mask(path) is not None
+    except InputError:  # another DICOM object, or several segmentations: not a mask
+        return False
+
+
+def _by_uid(
+    root: Path, masks: Mapping[str, Found]
+) -> tuple[dict[str, Found], dict[str, str], list[str]]:
+    """The image series folder and SeriesInstanceUID each segmentation references, from
+    every DICOM image file under ``root``; and a note per segmentation left unmatched."""
+    folders: dict[str, set[Path]] = {}
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        for name in sorted(files):
+            path = Path(folder) / name
+            if name.startswith(".") or not is_dicom_file(path):
+                continue
+            try:
+                found = dicom_object(path)
+            except InputError:
+                continue  # unreadable: not an image this manifest can use
+            if found.kind == "image" and found.series_uid:
+                folders.setdefault(found.series_uid, set()).add(path.parent)
+    images: dict[str, Found] = {}
+    series: dict[str, str] = {}
+    notes: list[str] = []
+    for sid, mask in masks.items():
+        found_mask = find_dicom_mask(mask.path)
+        named = found_mask.referenced_series if found_mask is not None else ()
+        uids = [uid for uid in named if uid in folders]
+        if not uids:
+            notes.append(
+                f"{mask.path} (subject {sid}) references series "
+                f"{', '.join(named) or '(none named)'}, which no DICOM image under {root} is"
+            )
+            continue
+        places = sorted(folders[uids[0]])
+        if len(places) > 1:
+            raise ManifestError(
+                f"series {uids[0]}, which {mask.path} references, has files in "
+                f"{len(places)} folders ({', '.join(str(p) for p in places[:5])}); a series is "
+                "read from one folder: move its files together"
+            )
+        images[sid] = Found(places[0], sid, mask.cohort)
+        series[sid] = uids[0]
+    return images, series, notes
 
 
 def _by_subject(found: list[Found], option: str, pattern: str, root: Path) -> dict[str, Found]:

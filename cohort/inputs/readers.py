@@ -9,16 +9,24 @@ One dispatch for every accepted input, by what the manifest's path is:
 ``*.nrrd``, ``*.nhdr``,     SimpleITK (:mod:`cohort.inputs.itk`)
 ``*.mha``, ``*.mhd``
 a folder                    a DICOM series, by SimpleITK/GDCM (:mod:`cohort.inputs.dicom`);
-                            ``series_uid`` picks one of several
+                            ``series_uid`` picks one of several; a series that is
+                            one multi-frame file is an Enhanced CT
+a DICOM file (``*.dcm``,    an Enhanced CT, by highdicom (:mod:`cohort.inputs.enhanced`)
+or the DICM preamble)
 ==========================  =====================================================
 
 and the mask (:mod:`cohort.inputs.segmentation`): a label-map file (NIfTI,
 NRRD, MetaImage: regions named ``NAME=VALUE``), a folder of binary masks
 (one file per region, named by the file) or a 3D Slicer ``.seg.nrrd``
-(named by segment). Both headers (every file's, for a folder) are checked,
-size limit included, before any voxel is read. SimpleITK is imported only
-when a file needs it, so a NIfTI-only loader never pays for it. Nothing is
-reoriented here: a :class:`VolumePair` holds both as stored.
+(named by segment); or, told apart by content (SOP Class UID,
+:mod:`cohort.inputs.dicom_objects`), a DICOM SEG (:mod:`cohort.inputs.dicom_seg`,
+named by SegmentLabel) or RTSTRUCT (:mod:`cohort.inputs.rtstruct`, named by
+ROIName), as a file or a folder holding it. A SEG or RTSTRUCT is put on the
+image's grid as it is read, so the image is read first. Both headers (every
+file's, for a folder) are checked, size limit included, before any voxel is
+read. SimpleITK, pydicom and highdicom are imported only when a file needs
+them, so a NIfTI-only loader never pays for them. Nothing is reoriented here: a
+:class:`VolumePair` holds both as stored.
 """
 
 from __future__ import annotations
@@ -27,14 +35,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cohort.config import LabelMap, PreprocessConfig
+from cohort.config import LabelMap, PreprocessConfig, names_only
 from cohort.errors import InputError
+from cohort.inputs.dicom_objects import find_dicom_mask, is_dicom_file
 from cohort.inputs.itk import is_itk_file, open_itk
 from cohort.inputs.nifti import open_nifti, read_nifti
 from cohort.inputs.segmentation import Regions, open_regions
 from cohort.inputs.volume import Volume
 
-__all__ = ["EMPTY_SERIES_UID", "VolumePair", "load_pair", "open_image"]
+__all__ = ["EMPTY_SERIES_UID", "VolumePair", "load_pair", "open_dicom_regions", "open_image"]
 
 EMPTY_SERIES_UID = "<empty>"  # a `series_uid` cell naming the series whose UID is empty
 
@@ -74,6 +83,10 @@ def load_pair(
     naming the file and the fix.
     """
     read_image = open_image(Path(image), cfg.max_voxels, series_uid)
+    read_onto = open_dicom_regions(Path(mask), labels, cfg)
+    if read_onto is not None:
+        volume = read_image()
+        return VolumePair(image=volume, regions=read_onto(volume))
     read_regions = open_regions(
         Path(mask),
         () if labels is None else labels,  # (): every region; a label map's names come later
@@ -99,5 +112,45 @@ def open_image(path: Path, max_voxels: int, series_uid: str | None = None) -> Ca
         )
     if is_itk_file(path):
         return open_itk(path, "image", max_voxels, labels=False)
+    if is_dicom_file(path):
+        from cohort.inputs.enhanced import open_enhanced  # pydicom only for DICOM files
+
+        return open_enhanced(path, max_voxels=max_voxels)
     img = open_nifti(path, "image", max_voxels)  # any other name: NIfTI, or a clear error
     return lambda: read_nifti(img, path, "image", labels=False)
+
+
+def open_dicom_regions(
+    mask: Path, labels: LabelMap | None, cfg: PreprocessConfig
+) -> Callable[[Volume], Regions] | None:
+    """For a mask that is a DICOM SEG or RTSTRUCT (a file, or a folder holding one):
+    check its header and ``labels`` (bare names) now, and return the function that
+    puts its regions on the image's grid; None for any other mask."""
+    if not (mask.is_dir() or is_dicom_file(mask)):
+        return None
+    found = find_dicom_mask(mask)
+    if found is None:
+        return None
+    if labels and not names_only(labels):
+        given = ",".join(name if value is None else f"{name}={value}" for name, value in labels)
+        field = "SegmentLabel" if found.kind == "DICOM SEG" else "ROIName"
+        raise InputError(
+            f"{found.kind} {found.path} names its regions by {field}, but the labels {given!r} "
+            "are NAME=VALUE pairs, which name the values of a label-map file; give the region "
+            f"names bare in --labels or the row's `labels` (e.g. "
+            f"{','.join(name for name, _ in labels)!r})"
+        )
+    names = [name for name, _ in labels or ()]
+    if found.kind == "DICOM SEG":
+        from cohort.inputs.dicom_seg import open_seg
+
+        return open_seg(
+            found,
+            names,
+            mask_resample=cfg.mask_resample,
+            max_voxels=cfg.max_voxels,
+            affine_tolerance_mm=cfg.affine_tolerance_mm,
+        )
+    from cohort.inputs.rtstruct import open_rtstruct
+
+    return open_rtstruct(found, names, mask_resample=cfg.mask_resample, max_voxels=cfg.max_voxels)

@@ -25,6 +25,10 @@ So, with ``F = diag(-1, -1, 1)`` (LPS <-> RAS, its own inverse)::
 
 and back: ``spacing`` = the column norms of ``affine[:3, :3]``,
 ``direction = F @ affine[:3, :3] / spacing``, ``origin = F @ affine[:3, 3]``.
+
+A highdicom ``Volume`` (Enhanced CT, DICOM SEG) has array axes (slice, row,
+column) and an affine from those indices to LPS+ mm:
+:func:`from_slice_row_column` reverses the axes and flips to RAS+.
 """
 
 from __future__ import annotations
@@ -45,11 +49,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LPS_TO_RAS",
+    "SeriesIdentity",
     "Volume",
     "axis_mapping",
     "corner_distance",
     "fmt_affine",
     "fmt_shape",
+    "from_slice_row_column",
     "grid_corners",
     "itk_affine",
     "volume_from_sitk",
@@ -57,6 +63,15 @@ __all__ = [
 ]
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])  # flips x and y; its own inverse (RAS -> LPS)
+
+
+@dataclass(frozen=True)
+class SeriesIdentity:
+    """Which DICOM series a volume was read from: what a DICOM SEG or RTSTRUCT names its
+    image by (``""`` where the files leave a UID absent or empty)."""
+
+    series_uid: str  # SeriesInstanceUID
+    frame_of_reference_uid: str  # FrameOfReferenceUID
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,6 +82,7 @@ class Volume:
     affine: np.ndarray  # 4x4 float64: (i, j, k, 1) -> RAS+ world mm (nibabel's convention)
     path: Path  # the file or folder it was read from
     description: str  # what was read, e.g. "DICOM series 1.2.3 (20 slices)"
+    identity: SeriesIdentity | None = None  # the DICOM series' UIDs; None for other files
 
     def __post_init__(self) -> None:
         if self.data.ndim != 3:
@@ -214,3 +230,14 @@ def axis_mapping(
             if corner_distance(target, placed, onto_affine) <= tolerance_mm:
                 return ornt
     return None
+
+
+def from_slice_row_column(
+    array: np.ndarray, affine_lps: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """A highdicom volume's (slice, row, column, ...) array and LPS affine as the stored
+    (column, row, slice, ...) view and its RAS affine (no copy)."""
+    affine = np.eye(4)
+    affine[:3] = LPS_TO_RAS @ np.asarray(affine_lps, dtype=np.float64)[:3][:, [2, 1, 0, 3]]
+    axes = (2, 1, 0, *range(3, np.ndim(array)))
+    return np.asarray(array).transpose(axes), affine
