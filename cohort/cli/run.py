@@ -40,7 +40,20 @@ def format_origin(origin: pd.DataFrame) -> str:
 def execute(
     manifest: Path, out: Path, cfg: RunConfig, *, download: bool = True, report: bool = True
 ) -> ExitCode:
-    """Run the pipeline, print its summary and write its report; returns the exit status."""
+    """Run the pipeline, print its summary and write its report, holding ``out``'s lock
+    (:mod:`cohort.outputs.lock`) throughout; returns the exit status."""
+    from cohort.outputs.lock import hold
+
+    try:
+        with hold(out, ["cohort", "run", str(manifest), "--out", str(out)]):
+            return _execute(manifest, out, cfg, download=download, report=report)
+    except CohortError as err:  # the folder is in use, or cannot be made
+        fail(err)
+
+
+def _execute(
+    manifest: Path, out: Path, cfg: RunConfig, *, download: bool, report: bool
+) -> ExitCode:
     from cohort.execution import driver
 
     try:
@@ -82,7 +95,12 @@ NO_REPORT = click.option(
 
 @click.command()
 @click.argument("manifest", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Output folder (refused while another cohort command writes there).",
+)
 @options.apply(options.RUN_OPTIONS)
 @NO_REPORT
 def run(manifest: Path, out: Path, no_report: bool, **values: Any) -> None:

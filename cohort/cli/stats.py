@@ -21,12 +21,14 @@ def stats(folder: Path, **values: Any) -> None:
     """Recompute stats.parquet/csv and similarity.csv of a finished run in FOLDER.
 
     Every setting is the run's own (from its run.json) unless an option gives
-    another; run.json is updated to say what the new statistics used.
+    another; run.json is updated to say what the new statistics used. Refused
+    while another cohort command writes into FOLDER.
     """
     from cohort.execution.reduce import restate
+    from cohort.outputs.lock import hold
     from cohort.outputs.provenance import read_run, saved_stats_config
 
-    with reported():
+    with reported(), hold(folder, ["cohort", "stats", str(folder)]):
         cfg = options.stats_config(values, base=saved_stats_config(read_run(folder)))
         origin = restate(folder, cfg)
     click.echo(format_origin(origin))
