@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import errno
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -157,3 +160,84 @@ def test_pattern_errors_name_the_fix(tree: Path, tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.exit_code == 2 and "no file or folder under" in result.output
     assert not (tmp_path / "m.csv").exists()
+
+
+# ------------------------------------------------ links, loops, unreadable folders
+
+
+def subject_folders(root: Path, names: list[str]) -> None:
+    touch(root, "\n".join(f"{n}/ct.nii.gz\n{n}/seg.nii.gz" for n in names))
+
+
+def ids_and_paths(root: Path, image: str, mask: str) -> list[tuple[str, str, str]]:
+    layout = find_layout(root, image, mask)
+    return [
+        (s.subject_id, s.image.relative_to(root).as_posix(), s.mask.relative_to(root).as_posix())
+        for s in layout.subjects
+    ]
+
+
+def test_a_farm_of_symlinked_subject_folders_is_found(tmp_path: Path) -> None:
+    """Subject folders that are links into an archive give the subjects real folders give."""
+    real = tmp_path / "real"
+    subject_folders(real, ["s01", "s02", "s03"])
+    archive, farm = tmp_path / "archive", tmp_path / "farm"
+    subject_folders(archive, ["scan-a", "scan-b", "scan-c"])
+    farm.mkdir()
+    for sid, target in (("s01", "scan-a"), ("s02", "scan-b"), ("s03", "scan-c")):
+        (farm / sid).symlink_to(archive / target, target_is_directory=True)
+    pattern = ("{subject}/ct.nii.gz", "{subject}/seg.nii.gz")
+    expected = ids_and_paths(real, *pattern)
+    assert [sid for sid, _, _ in expected] == ["s01", "s02", "s03"]
+    assert ids_and_paths(farm, *pattern) == expected  # the link's path, not the archive's
+    out = tmp_path / "manifest.csv"
+    result = CliRunner().invoke(
+        main,
+        ["manifest", str(farm), "--image", pattern[0], "--mask", pattern[1], "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    assert [row["subject_id"] for row in read_rows(out)] == ["s01", "s02", "s03"]
+
+
+def test_a_symlink_loop_ends_and_is_named(tmp_path: Path) -> None:
+    root = tmp_path / "study"
+    subject_folders(root, ["site/s01", "site/s02"])
+    (root / "site" / "s01" / "back").symlink_to(root, target_is_directory=True)  # a loop
+    (root / "site" / "again").symlink_to(Path("."), target_is_directory=True)  # to itself
+    layout = find_layout(root, "**/{subject}/ct.nii.gz", "**/{subject}/seg.nii.gz")
+    assert [s.subject_id for s in layout.subjects] == ["s01", "s02"]
+    assert layout.unreadable == 0 and layout.unmatched == 0
+    assert sorted(s.path.relative_to(root).as_posix() for s in layout.skipped) == [
+        "site/again",
+        "site/s01/back",
+    ]
+    assert all(s.reason.startswith("not followed: a link back to") for s in layout.skipped)
+
+
+def test_an_unreadable_folder_is_named_and_the_rest_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "study"
+    subject_folders(root, ["s01", "s02", "s03"])
+    locked = root / "s02"
+    if os.geteuid() == 0:  # root reads a chmod 000 folder: refuse it the way the kernel would
+        scandir = os.scandir
+
+        def refusing(path: Any = ".") -> Any:
+            if Path(os.fspath(path)) == locked:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+            return scandir(path)
+
+        monkeypatch.setattr(os, "scandir", refusing)
+    else:
+        locked.chmod(0)
+    try:
+        out = tmp_path / "manifest.csv"
+        args = ["--image", "{subject}/ct.nii.gz", "--mask", "{subject}/seg.nii.gz"]
+        result = CliRunner().invoke(main, ["manifest", str(root), *args, "--out", str(out)])
+    finally:
+        locked.chmod(0o755)
+    assert result.exit_code == 1, result.output
+    assert [row["subject_id"] for row in read_rows(out)] == ["s01", "s03"]
+    assert "1 folder(s) could not be read" in result.output
+    assert f"folder not searched: {locked} cannot be read (Permission denied)" in result.output

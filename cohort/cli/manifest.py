@@ -58,6 +58,8 @@ def manifest(
     but not the other are listed (exit status 1, the manifest is still written).
     With --match-by-uid each DICOM SEG or RTSTRUCT found by --mask is paired with
     the image series it references, found among the DICOM files under ROOT.
+    Symlinked folders are searched (a link back to a folder above it is not
+    followed); folders that cannot be read are listed (exit status 1).
     """
     from cohort.inputs.layout import find_layout, read_cohort_table
     from cohort.inputs.manifest import write_manifest
@@ -77,6 +79,7 @@ def manifest(
     click.echo(
         f"{len(layout.subjects)} subjects ({', '.join(cohorts)}) -> {out}"
         + (f"; {layout.unmatched} unmatched" if layout.unmatched else "")
+        + (f"; {layout.unreadable} folder(s) could not be read" if layout.unreadable else "")
     )
     for found in layout.images_without_mask:
         click.echo(f"image without mask: {found.path} (subject {found.subject})", err=True)
@@ -84,4 +87,8 @@ def manifest(
         click.echo(f"mask without image: {found.path} (subject {found.subject})", err=True)
     for note in layout.notes:
         click.echo(f"  {note}", err=True)
-    sys.exit(ExitCode.FAILURES if layout.unmatched else ExitCode.OK)
+    for skipped in layout.skipped:
+        fix = "; subjects in it are missing: fix its permissions" if skipped.unreadable else ""
+        click.echo(f"folder not searched: {skipped.path} {skipped.reason}{fix}", err=True)
+    problems = layout.unmatched or layout.unreadable
+    sys.exit(ExitCode.FAILURES if problems else ExitCode.OK)

@@ -293,9 +293,9 @@ RUN_OPTIONS: list[Callable[[F], F]] = [
     _shown(
         "--actor-memory",
         _EXEC.actor_memory_gb,
-        "GB of memory each actor reserves; a "
+        "GB of memory each Ray actor reserves; a "
         "subject whose estimated peak needs more fails at the check stage, naming the value "
-        "it needs.",
+        "it needs (in-process, the memory this machine has available decides instead).",
     ),
     click.option("--stall-timeout", type=float, help="Abort after this many s without progress."),
     _shown("--retries", _EXEC.max_retries, "Retries after a worker dies or a transient I/O error."),

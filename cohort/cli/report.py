@@ -20,9 +20,17 @@ __all__ = ["report"]
     help="Report folder [default: FOLDER/report].",
 )
 def report(folder: Path, out: Path | None) -> None:
-    """Write report.html and its figures (PNG + SVG) for the finished run in FOLDER."""
+    """Write report.html and its figures (PNG + SVG) for the finished run in FOLDER.
+
+    Refused while another cohort command writes into FOLDER, when the report goes
+    there (the default).
+    """
+    from contextlib import nullcontext
+
+    from cohort.outputs.lock import hold
     from cohort.report import write_report
 
-    with reported():
+    inside = out is None or out.resolve().is_relative_to(folder.resolve())
+    with reported(), hold(folder, ["cohort", "report", str(folder)]) if inside else nullcontext():
         path = write_report(folder, out)
     click.echo(f"report: {path}")

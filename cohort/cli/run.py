@@ -57,12 +57,43 @@ def execute(
     tables: Callable[[Path], str] | None = None,
     units: Callable[[int], str] = lambda count: f"{count} subjects",
 ) -> ExitCode:
-    """Run the pipeline, print its summary and write its report; returns the exit status.
+    """Run the pipeline, print its summary and write its report, holding ``out``'s lock
+    (:mod:`cohort.outputs.lock`) throughout; returns the exit status.
 
     ``work`` cuts the manifest into units (default: a subject each, ``cohort run``);
     ``tables`` gives more text to print after the origin study's table, from the
     output folder; ``units`` names the count of units in the summary line.
     """
+    from cohort.outputs.lock import hold
+
+    command = "robustness" if work is not None else "run"
+    try:
+        with hold(out, ["cohort", command, str(manifest), "--out", str(out)]):
+            return _execute(
+                manifest,
+                out,
+                cfg,
+                download=download,
+                report=report,
+                work=work,
+                tables=tables,
+                units=units,
+            )
+    except CohortError as err:  # the folder is in use, or cannot be made
+        fail(err)
+
+
+def _execute(
+    manifest: Path,
+    out: Path,
+    cfg: RunConfig,
+    *,
+    download: bool,
+    report: bool,
+    work: Work | None,
+    tables: Callable[[Path], str] | None,
+    units: Callable[[int], str],
+) -> ExitCode:
     from cohort.execution import driver
 
     try:
@@ -112,7 +143,12 @@ NO_REPORT = click.option(
 
 @click.command()
 @click.argument("manifest", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Output folder (refused while another cohort command writes there).",
+)
 @options.apply(options.RUN_OPTIONS)
 @NO_REPORT
 def run(manifest: Path, out: Path, no_report: bool, **values: Any) -> None:

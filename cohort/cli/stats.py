@@ -31,12 +31,14 @@ def stats(folder: Path, robust_only: Path | None, **values: Any) -> None:
     another; run.json is updated to say what the new statistics used. With
     --harmonise or --harmonise-with, features_harmonised.parquet, the model and
     the harmonised cosines of similarity.parquet are rewritten too; an empty
-    value turns a setting off (--covariates '').
+    value turns a setting off (--covariates ''). Refused while another cohort
+    command writes into FOLDER.
     """
     from cohort.execution.reduce import restate
+    from cohort.outputs.lock import hold
     from cohort.outputs.provenance import read_run, saved_adjust_config, saved_stats_config
 
-    with reported():
+    with reported(), hold(folder, ["cohort", "stats", str(folder)]):
         run = read_run(folder)
         cfg = options.stats_config(values, base=saved_stats_config(run))
         adjusted = options.adjust_config(values, base=saved_adjust_config(run))

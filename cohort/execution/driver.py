@@ -198,7 +198,7 @@ def run(
         memory = actor_memory(plan.sizes, cfg, layers, actors.device, actors.actors)
         if isinstance(where, InProcess):  # what it uses: one model, on a GPU or not
             result.in_process = InProcess(where.cpus, actors.gpus)
-        else:  # nothing is requested in-process: the loaders check --actor-memory alone
+        else:  # nothing is requested in-process: the loaders check the machine's memory
             result.memory = memory
         rows = _stream(plan, stream, cfg, finished, actors, memory, in_process)
         with contextlib.closing(rows):
@@ -330,9 +330,19 @@ def _stream(
     this process."""
     if in_process:
         from cohort.execution import inprocess
+        from cohort.execution.machine import in_process_budget, read_host_memory
 
+        # read now: the network is built and no subject is loaded
+        budget = in_process_budget(read_host_memory(), cfg)
         return inprocess.stream(
-            rows, plan.network, cfg, plan.identity, finished, actors, reach=plan.reach
+            rows,
+            plan.network,
+            cfg,
+            plan.identity,
+            finished,
+            actors,
+            reach=plan.reach,
+            budget=budget,
         )
     from cohort.execution import graph
 

@@ -16,7 +16,8 @@ What it gives up against Ray: the loaders are threads of this process, not
 processes of their own; and a subject that kills its worker (an out-of-memory
 kill, a crash in a library) ends the run, where Ray restarts the actor. Every
 finished subject is in its part file by then, so rerunning the same command
-continues. ``--actor-memory`` still bounds what one subject may need, and
+continues. What one subject may need is bounded by the memory this machine has
+available when the run starts (:mod:`cohort.execution.machine`), and
 ``--stall-timeout`` covers a read that hangs (not the model, which runs on the
 driver's own thread).
 """
@@ -37,6 +38,7 @@ from cohort.execution.extract import FaultHook, Features
 from cohort.execution.load import load_subject
 from cohort.execution.session import Pool
 from cohort.inputs.geometry import Reach
+from cohort.model.memory import Budget
 
 __all__ = ["AHEAD", "LOADER_THREADS", "stream"]
 
@@ -55,6 +57,7 @@ def stream(
     finished: frozenset[str],
     pool: Pool,
     reach: Reach | None = None,
+    budget: Budget | None = None,
 ) -> Generator[dict[str, Any], None, None]:
     """Load and extract manifest ``rows`` in this process; yield one result row per
     subject as it finishes (in the order they finish), as
@@ -65,10 +68,11 @@ def stream(
     :func:`cohort.execution.load.load_subject`); ``pool`` gives the torch threads
     (the caller's are given back at the end) and the device of the loaders' memory
     check, which is where :class:`~cohort.execution.extract.Features` puts the
-    network (both follow ``--device``). The model runs on the calling thread, so
-    Ctrl-C stops it between two operations; loaders run in :data:`LOADER_THREADS`
-    daemon threads, at most :data:`AHEAD` subjects ahead. With ``--stall-timeout``,
-    that long without a finished load while some are pending raises
+    network (both follow ``--device``); ``budget`` is what a subject may need in
+    this process (:func:`cohort.execution.machine.in_process_budget`). The model
+    runs on the calling thread, so Ctrl-C stops it between two operations; loaders
+    run in :data:`LOADER_THREADS` daemon threads, at most :data:`AHEAD` subjects
+    ahead. With ``--stall-timeout``, that long without a finished load while some are pending raises
     :class:`~cohort.errors.StalledError` (a stuck thread is left behind: it cannot
     be stopped, and it writes nothing); a read that hangs holds up only its subject.
     """
@@ -80,7 +84,9 @@ def stream(
         features = Features(network, cfg, None, "in-process, without Ray", fault)
 
         def load(row: Mapping[str, Any]) -> dict[str, Any]:
-            return load_subject(dict(row), cfg, identity, finished, reach=reach, device=pool.device)
+            return load_subject(
+                dict(row), cfg, identity, finished, reach=reach, device=pool.device, budget=budget
+            )
 
         for loaded in _ahead(load, rows, cfg.execution.stall_timeout_s):
             result = features(loaded)

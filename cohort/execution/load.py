@@ -6,9 +6,10 @@ least input size of each hooked layer (:class:`~cohort.inputs.geometry.Reach`)
 is worked out on the driver and passed in. The memory a subject needs in its
 feature actor is estimated from the model input's shape
 (:mod:`cohort.model.memory`, pure arithmetic) and checked against
-``--actor-memory`` once preprocessing has fixed that shape (after
-``--spacing`` and ``--crop-margin``); a subject that does not fit fails at the
-``check`` stage instead of having its worker killed.
+``--actor-memory`` (in-process: the machine's available memory) once
+preprocessing has fixed that shape (after ``--spacing`` and ``--crop-margin``);
+a subject that does not fit fails at the ``check`` stage instead of having its
+worker killed.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from cohort.inputs.geometry import Reach, mask_resampled
 from cohort.inputs.preprocess import Prepared
 from cohort.inputs.readers import VolumePair
 from cohort.inputs.stages import Stages
-from cohort.model.memory import Estimate, check_memory
+from cohort.model.memory import Budget, Estimate, check_memory
 
 __all__ = [
     "CACHED",
@@ -114,6 +115,7 @@ def load_subject(
     finished: frozenset[str],
     reach: Reach | None = None,
     device: str | None = None,
+    budget: Budget | None = None,
 ) -> dict[str, Any]:
     """Ray Data map function: fingerprint, load, check and preprocess one subject.
 
@@ -123,7 +125,9 @@ def load_subject(
     model input (checked at the check stage and after cropping); ``device``
     (``cpu`` or ``cuda``) is where the run's feature actors hold the network, as
     the driver decided it for the actor pool (for the memory check; left out:
-    ``--device``, and the CPU for ``auto``). Transient
+    ``--device``, and the CPU for ``auto``); ``budget`` is what the subject may need
+    (left out: a feature actor's, from ``--actor-memory``; an in-process run gives
+    the machine's, :mod:`cohort.execution.machine`). Transient
     I/O errors while reading are retried ``cfg.execution.max_retries`` times
     with a doubling backoff; any other failure becomes an error row. A
     subject whose mask was resampled onto the image grid says so in its
@@ -173,7 +177,7 @@ def load_subject(
         prepared = stages.preprocess(checked, cfg.regions.background)
         stages.stage = "check"  # memory: a check of the model input, whose size is now final
         where = device or ("cpu" if cfg.execution.device == "auto" else cfg.execution.device)
-        check_actor_memory(prepared, cfg, reach, image, where)
+        check_actor_memory(prepared, cfg, reach, image, where, budget)
         out["message"] = RESAMPLED_NOTE if resampled else ""
         out["payload"] = pickle.dumps(prepared, protocol=5)
     except Exception as err:
@@ -200,11 +204,17 @@ def perturbed(
 
 
 def check_actor_memory(
-    prepared: Prepared, cfg: RunConfig, reach: Reach | None, image: Path | str, device: str
+    prepared: Prepared,
+    cfg: RunConfig,
+    reach: Reach | None,
+    image: Path | str,
+    device: str,
+    budget: Budget | None = None,
 ) -> Estimate:
-    """The subject's estimated peak in its feature actor
+    """The subject's estimated peak in its feature actor, or in this process
     (:func:`cohort.model.memory.check_memory`): a ``GeometryError`` with the
-    estimate, the limit and the fixes when it exceeds ``--actor-memory``. The
+    estimate, the limit and the fixes when it exceeds ``budget`` (default:
+    ``--actor-memory`` less the worker process). The
     hooked layers are ``reach``'s module paths (resolved on the driver), else the
     configured ones."""
     index = prepared.region_index
@@ -218,4 +228,5 @@ def check_actor_memory(
         device,
         image,
         planes=int(index.shape[0]) if index.ndim == 4 else 1,
+        budget=budget,
     )

@@ -37,7 +37,7 @@ from cohort.errors import ConfigError, InputError, ManifestError
 from cohort.inputs.dicom_objects import dicom_object, find_dicom_mask, is_dicom_file
 from cohort.inputs.manifest import DEFAULT_COHORT, Subject
 
-__all__ = ["Found", "Layout", "compile_pattern", "find_layout", "read_cohort_table"]
+__all__ = ["Found", "Layout", "Skipped", "compile_pattern", "find_layout", "read_cohort_table"]
 
 _FIELDS = ("subject", "cohort")
 _TOKEN = re.compile(r"\{([^{}]*)\}|\*\*/|\*|\?")
@@ -53,6 +53,19 @@ class Found:
 
 
 @dataclass(frozen=True)
+class Skipped:
+    """A folder under the root that was not searched, and why."""
+
+    path: Path
+    reason: str  # "cannot be read (Permission denied)", "not followed: a link back to ..."
+
+    @property
+    def unreadable(self) -> bool:
+        """True when the folder could not be read (a loop skipped loses nothing)."""
+        return self.reason.startswith("cannot be read")
+
+
+@dataclass(frozen=True)
 class Layout:
     """What a folder layout gives: subjects with an image and a mask, and the rest."""
 
@@ -60,6 +73,12 @@ class Layout:
     images_without_mask: tuple[Found, ...]
     masks_without_image: tuple[Found, ...]
     notes: tuple[str, ...] = ()  # why masks have no image (match by UID), what was passed over
+    skipped: tuple[Skipped, ...] = ()  # folders not searched (unreadable, a link loop)
+
+    @property
+    def unreadable(self) -> int:
+        """Folders that could not be read: subjects in them may be missing."""
+        return sum(s.unreadable for s in self.skipped)
 
     @property
     def unmatched(self) -> int:
@@ -104,12 +123,45 @@ def compile_pattern(pattern: str, option: str) -> re.Pattern[str]:
     return re.compile("".join(parts))
 
 
-def _matches(root: Path, regex: re.Pattern[str]) -> list[Found]:
+def _matches(root: Path, regex: re.Pattern[str]) -> tuple[list[Found], list[Skipped]]:
     """Every file and folder under ``root`` whose relative path matches ``regex``
-    (hidden ones, named ``.*``, and what they hold are left out)."""
+    (hidden ones, named ``.*``, and what they hold are left out), and the folders
+    that were not searched.
+
+    Symlinked folders are followed (archives are often farms of links), except a
+    link back to a folder on its own path (``latest -> ..``), which would loop:
+    that one is listed as skipped, and what it points to is searched where it
+    is. A folder that cannot be listed (permission denied, an I/O error) is
+    listed as skipped with the reason; the rest is still searched.
+    """
     found: list[Found] = []
-    for folder, folders, files in os.walk(root):
-        folders[:] = sorted(name for name in folders if not name.startswith("."))  # not searched
+    skipped: list[Skipped] = []
+    # each folder's own identity and its ancestors' (device, inode), as reached
+    above: dict[str, frozenset[tuple[int, int]]] = {str(root): frozenset({_identity(root)})}
+
+    def unreadable(err: OSError) -> None:
+        where = Path(err.filename) if err.filename else root
+        skipped.append(Skipped(where, f"cannot be read ({err.strerror or err})"))
+
+    for folder, folders, files in os.walk(root, onerror=unreadable, followlinks=True):
+        chain = above.pop(folder, frozenset())
+        kept = []
+        for name in sorted(name for name in folders if not name.startswith(".")):
+            path = os.path.join(folder, name)
+            try:
+                identity = _identity(Path(path))
+            except OSError as err:
+                skipped.append(Skipped(Path(path), f"cannot be read ({err.strerror or err})"))
+                continue
+            if identity in chain:
+                target = os.path.realpath(path)
+                skipped.append(
+                    Skipped(Path(path), f"not followed: a link back to {target}, above it")
+                )
+                continue
+            above[path] = chain | {identity}
+            kept.append(name)
+        folders[:] = kept  # only these are searched
         base = Path(folder).relative_to(root)
         for name in sorted([*folders, *(name for name in files if not name.startswith("."))]):
             relative = (base / name).as_posix()
@@ -117,7 +169,13 @@ def _matches(root: Path, regex: re.Pattern[str]) -> list[Found]:
             if match:
                 fields = match.groupdict()
                 found.append(Found(root / relative, fields["subject"], fields.get("cohort")))
-    return found
+    return found, skipped
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """A folder's (device, inode), through links: the same for every path to it."""
+    status = path.stat()
+    return status.st_dev, status.st_ino
 
 
 def read_cohort_table(path: Path) -> dict[str, str]:
@@ -165,7 +223,9 @@ def find_layout(
     all), or ``cohort_table`` (subject id -> cohort), at most one of them;
     without any it is ``all``. Raises :class:`ManifestError` when nothing
     matches, when a subject matches a pattern twice, or when the cohorts
-    disagree or are missing from the table.
+    disagree or are missing from the table. Symlinked folders are searched;
+    folders that could not be read, and links that would loop, are in
+    :attr:`Layout.skipped`.
     """
     root = Path(root)
     if not root.is_dir():
@@ -186,7 +246,7 @@ def find_layout(
             "the cohort can come from a {cohort} field in the patterns, from --cohort or from "
             "--cohort-table; give one of them"
         )
-    found_masks = _matches(root, mask_regex)
+    found_masks, skipped = _matches(root, mask_regex)
     series: dict[str, str] = {}
     notes: list[str] = []
     if image_regex is None:
@@ -194,12 +254,15 @@ def find_layout(
         masks = _by_subject(found_masks, "--mask", mask, root)
         images, series, notes = _by_uid(root, masks)
     else:
-        images = _by_subject(_matches(root, image_regex), "--image", str(image), root)
+        found_images, _ = _matches(root, image_regex)  # the same folders, skipped the same way
+        images = _by_subject(found_images, "--image", str(image), root)
         masks = _by_subject(found_masks, "--mask", mask, root)
     if not images and image_regex is not None:
+        unread = [f"{s.path} {s.reason}" for s in skipped if s.unreadable]
         raise ManifestError(
             f"no file or folder under {root} matches --image {image!r}; check the pattern "
             "(it is relative to the root folder, e.g. '{subject}/ct.nii.gz')"
+            + (f"; these folders could not be read: {'; '.join(unread[:5])}" if unread else "")
         )
     if not masks and image_regex is None:
         raise ManifestError(
@@ -243,6 +306,7 @@ def find_layout(
         tuple(images[sid] for sid in sorted(images.keys() - masks.keys())),
         tuple(masks[sid] for sid in sorted(masks.keys() - images.keys())),
         tuple(notes),
+        tuple(skipped),
     )
 
 

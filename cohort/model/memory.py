@@ -81,8 +81,10 @@ __all__ = [
     "MIN_PIECE_VOXELS",
     "PROFILES",
     "WORKER_BASE_BYTES",
+    "Budget",
     "Estimate",
     "Profile",
+    "actor_budget",
     "check_memory",
     "estimate_peak_bytes",
     "stage_of",
@@ -363,6 +365,33 @@ def _gb(n: float) -> str:
     return f"{n / GIB:.2f} GB"
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What one subject's estimate (:attr:`Estimate.host`) may reach, and its source.
+
+    A feature actor (:func:`actor_budget`) has ``--actor-memory`` less the worker
+    process (:data:`WORKER_BASE_BYTES`, ``reserved``); an in-process run has the
+    memory this machine has available less what the process already holds
+    (:func:`cohort.execution.machine.in_process_budget`: nothing ``reserved``, the
+    process is measured).
+    """
+
+    bytes: int  # what the estimate may reach
+    reserved: int  # added to the estimate in the need shown: the process, not estimated
+    source: str  # what the limit is, in words: "the 3 GB each actor has (--actor-memory)"
+    in_process: bool = False  # the subject runs in this process, not in a feature actor
+
+
+def actor_budget(cfg: RunConfig) -> Budget:
+    """A feature actor's budget: ``--actor-memory`` less :data:`WORKER_BASE_BYTES`."""
+    gb = cfg.execution.actor_memory_gb
+    return Budget(
+        int(gb * GIB) - WORKER_BASE_BYTES,
+        WORKER_BASE_BYTES,
+        f"the {gb:g} GB each actor has (--actor-memory)",
+    )
+
+
 def check_memory(
     shape: Shape,
     spacing: Sequence[float],
@@ -373,13 +402,15 @@ def check_memory(
     *,
     planes: int = 1,
     gpu_bytes: int | None = None,
+    budget: Budget | None = None,
 ) -> Estimate:
     """Estimate the subject's peak (:func:`estimate_peak_bytes`) and compare it with
-    what its actor has: ``--actor-memory`` less :data:`WORKER_BASE_BYTES`, and
-    ``gpu_bytes`` (the GPU's memory) where known; the loaders do not know it, so
-    there the GPU part is estimated but not checked. When it does not fit: a
-    :class:`~cohort.errors.GeometryError` naming the shape, the estimate, the limit
-    and the fixes. ``spacing`` (mm along D, H, W) and ``image`` are for the message."""
+    ``budget`` (default: what a feature actor has, :func:`actor_budget`; an
+    in-process run passes the machine's), and with ``gpu_bytes`` (the GPU's memory)
+    where known; the loaders do not know it, so there the GPU part is estimated but
+    not checked. When it does not fit: a :class:`~cohort.errors.GeometryError`
+    naming the shape, the estimate, the limit and its source, and the fixes.
+    ``spacing`` (mm along D, H, W) and ``image`` are for the message."""
     model, pooling = cfg.model, cfg.pooling.mode
 
     def estimate(s: Shape) -> Estimate:
@@ -388,9 +419,8 @@ def check_memory(
         )
 
     est = estimate(shape)
-    limit = int(cfg.execution.actor_memory_gb * GIB)
-    budget = limit - WORKER_BASE_BYTES
-    host_over = est.host > budget
+    budget = budget or actor_budget(cfg)
+    host_over = est.host > budget.bytes
     gpu_over = gpu_bytes is not None and est.gpu > gpu_bytes
     if not host_over and not gpu_over:
         return est
@@ -403,21 +433,32 @@ def check_memory(
     )
     fixes = []
     if host_over:
-        need = math.ceil((est.host + WORKER_BASE_BYTES) / GIB * 2) / 2
-        head = (
-            f"needs an estimated {_gb(est.host + WORKER_BASE_BYTES)} in its feature actor "
-            f"({parts if device == 'cpu' else f'input copies {_gb(2 * est.inputs)}'}, plus "
-            f"{_gb(WORKER_BASE_BYTES)} for the worker process), more than the "
-            f"{cfg.execution.actor_memory_gb:g} GB each actor has (--actor-memory)"
-        )
-        fixes.append(f"more memory per actor, --actor-memory {need:g} (or more)")
+        need = math.ceil((est.host + WORKER_BASE_BYTES) / GIB * 2) / 2  # in an actor
+        held = parts if device == "cpu" else f"input copies {_gb(2 * est.inputs)}"
+        if budget.in_process:
+            head = (
+                f"needs an estimated {_gb(est.host)} in this process ({held}), more than "
+                f"{budget.source}"
+            )
+            fixes.append(
+                "free memory on this machine (or raise its cgroup's memory limit); run on "
+                f"Ray workers with more memory, --executor ray --actor-memory {need:g} "
+                "(or more; with --address on a cluster)"
+            )
+        else:
+            head = (
+                f"needs an estimated {_gb(est.host + budget.reserved)} in its feature actor "
+                f"({held}, plus {_gb(budget.reserved)} for the worker process), more than "
+                f"{budget.source}"
+            )
+            fixes.append(f"more memory per actor, --actor-memory {need:g} (or more)")
     else:
         assert gpu_bytes is not None
         head = (
             f"needs an estimated {_gb(est.gpu)} of GPU memory ({parts}), more than the "
             f"GPU's {_gb(gpu_bytes)}"
         )
-    coarser = _coarser(shape, spacing, estimate, budget, gpu_bytes)
+    coarser = _coarser(shape, spacing, estimate, budget.bytes, gpu_bytes)
     if coarser:
         fixes.append(f"resample coarser with --spacing (e.g. --spacing {coarser})")
     crop = cfg.preprocess.crop_margin_mm
