@@ -1,4 +1,5 @@
-"""The README's Reliability table names, for every guarantee, tests that exist.
+"""The README says what the code does: the tests behind its Reliability table exist,
+and the figures it quotes from the code are the code's.
 
 Each row's right column cites tests in backticks: a bare name (`test_x`) is a test of
 ``tests/test_reliability.py``, as the table's preamble says; a test elsewhere is
@@ -87,3 +88,18 @@ def test_every_reliability_row_names_tests_that_exist() -> None:
     assert not uncited, f"rows citing no test: {uncited}"
     assert not missing, f"the README cites tests the suite does not define: {missing}"
     assert not files, f"the README names files that do not exist: {files}"
+
+
+def test_readme_gives_the_medicalnet_parameter_counts_of_the_built_networks() -> None:
+    """Counted on the networks cohort builds (MONAI's modules, no weights loaded)."""
+    from cohort.model import medicalnet
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    quoted = re.search(
+        r"the networks built have ([\d.]+) M, ([\d.]+) M, ([\d.]+) M and ([\d.]+) M "
+        r"parameters \(ResNet-10, -18, -34, -50",
+        readme,
+    )
+    assert quoted is not None, "the README no longer quotes MedicalNet's parameter counts"
+    counts = [sum(p.numel() for p in medicalnet.build(d).parameters()) for d in (10, 18, 34, 50)]
+    assert [f"{n / 1e6:.2f}" for n in counts] == list(quoted.groups())
