@@ -204,7 +204,7 @@ class PreprocessConfig:
     axes: str = _IMAGENET.axes  # directions of the model input's (D, H, W) axes, one of AXES
     target_spacing: tuple[float, float, float] | None = _IMAGENET.target_spacing  # mm (D, H, W)
     crop_margin_mm: float | None = None  # crop to the labelled bounding box plus this margin
-    affine_tolerance_mm: float = 1e-3  # image and mask affines (RAS+) must agree to this
+    affine_tolerance_mm: float = 1e-3  # same grid: every corner voxel centre this close (mm)
     max_voxels: int = 512 * 512 * 1024  # larger volumes are refused before allocation
     mask_resample: MaskResample = "off"  # "nearest": put a mask on another grid onto the image's
 
@@ -450,7 +450,7 @@ class StatsConfig:
     seed: int = 0  # seed of every resampling
     alpha: float = 0.05  # level used for flags and reports
     min_n: int = 3  # fewest subjects per group for a test to run
-    centre: bool = False  # subtract the cohort-wide mean vector per layer before cosine
+    centre: bool = False  # subtract the run's mean vector per layer before cosine
     ci_level: float = 0.95  # coverage of every bootstrap percentile interval
 
     def __post_init__(self) -> None:

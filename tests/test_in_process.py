@@ -13,6 +13,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -230,23 +231,38 @@ def test_a_stall_in_process_keeps_what_finished(
     error row."""
     manifest = make_phantom_cohort(tmp_path / "cohort", n_per_cohort=2, shape=_TINY, seed=7)
     ids = list(pd.read_csv(manifest)["subject_id"])
-    real = inprocess.load_subject
+    real, real_ahead = inprocess.load_subject, inprocess._ahead
     release = threading.Event()
+    waits: list[float] = []  # when the model asked the loaders for its next subject
 
     def hangs_on_the_second(row: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
         if row["subject_id"] == ids[1]:
             release.wait(60)  # a stuck network read
         return real(row, *args, **kwargs)
 
+    def ahead(*args: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        loads = real_ahead(*args, **kwargs)
+        while True:
+            waits.append(time.monotonic())
+            try:
+                loaded = next(loads)
+            except StopIteration:
+                return
+            yield loaded
+
     monkeypatch.setattr(inprocess, "load_subject", hangs_on_the_second)
+    monkeypatch.setattr(inprocess, "_ahead", ahead)
     out = tmp_path / "out"
     try:
         args = ["run", str(manifest), "--out", str(out), "--weights", "random", "--quiet"]
         args += ["--no-report", "--executor", "in-process", "--stall-timeout", "3"]
         result = CliRunner().invoke(main, args)
+        took = time.monotonic() - waits[-1]
     finally:
         release.set()
     assert result.exit_code == 1, result.output
+    # from the moment nothing moved: the model had done the others and waited for a load
+    assert 3 <= took <= 3 + 20, f"ended {took:.0f} s after the wait for a load began"
     assert set(_features(out)["subject_id"]) == set(ids) - {ids[1]}
     errors = pd.read_csv(out / "errors.csv")
     assert list(errors["subject_id"]) == [ids[1]]

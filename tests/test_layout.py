@@ -74,9 +74,20 @@ def imported(path: Path, name: str, known: dict[str, Path]) -> Iterator[str]:
 
 
 def layer_of(module: str) -> int:
-    while module not in LAYERS:
-        module = module.rpartition(".")[0]
-    return LAYERS[module]
+    """The layer of ``module``: its own entry of :data:`LAYERS` or its package's.
+
+    A module in no listed package (a new package or a new top-level module of
+    ``cohort``, which would otherwise fall to the root's layer 0) is refused.
+    """
+    package = module
+    while package not in LAYERS or (package == "cohort" and module != "cohort"):
+        package = package.rpartition(".")[0]
+        if not package:
+            raise LookupError(
+                f"{module} is in no layer: add it (or its package) to LAYERS in "
+                "tests/test_layout.py, at the layer of its pipeline stage"
+            )
+    return LAYERS[package]
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +135,15 @@ def test_no_import_cycle(graph: dict[str, set[str]]) -> None:
 
 
 def test_every_module_is_in_a_layer(graph: dict[str, set[str]]) -> None:
-    for name in graph:
-        assert layer_of(name) >= 0
+    layers = {name: layer_of(name) for name in graph}  # raises for a module in none
+    assert layers["cohort.execution.driver"] == LAYERS["cohort.execution"]
+    assert layers["cohort"] == 0 and layers["cohort.synthetic"] == LAYERS["cohort.synthetic"]
+
+
+@pytest.mark.parametrize("module", ["cohort.robustness.perturb", "cohort.newmodule", "numpy"])
+def test_layer_of_refuses_a_module_in_no_layer(module: str) -> None:
+    with pytest.raises(LookupError, match=rf"{re.escape(module)} is in no layer: add it"):
+        layer_of(module)
 
 
 def modules_after(*argv: str) -> set[str]:

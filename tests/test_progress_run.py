@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import pty
 import re
@@ -52,9 +53,22 @@ def test_a_bar_on_a_terminal_and_summary_lines_in_a_log(small_cohort: Path, tmp_
     in_a_log = run_cohort(small_cohort, tmp_path / "log", terminal=False)
     lines = [x for x in in_a_log.splitlines() if x.startswith("[")]
     assert lines, in_a_log[-2000:]
-    assert len(lines) <= 6  # never one per subject by default: at most every 30 s
     assert re.fullmatch(
         r"\[6/6\] done 6, reused 0, failed 0; [0-9.]+ subjects/s; \d+:\d\d elapsed, 0:00 left",
         lines[-1],
     )
+    # the README's pace: a line only once 30 s and 1 % of the subjects have passed since
+    # the last one, then the last line. Six subjects take a few seconds each, so a line
+    # per subject (or per finished load) breaks this
+    counts = [int(re.match(r"\[(\d+)/6\]", line).group(1)) for line in lines]  # type: ignore[union-attr]
+    elapsed = [_seconds(re.search(r"(\d+):(\d\d) elapsed", line)) for line in lines]
+    assert counts == sorted(set(counts))  # each line a step further
+    for before, after in itertools.pairwise([0, *elapsed[:-1]]):
+        assert after - before >= 30 - 1, lines  # (m:ss rounds each to the second)
+    assert len(lines) <= 1 + elapsed[-1] // 30, lines
     assert "\r" not in in_a_log
+
+
+def _seconds(match: re.Match[str] | None) -> int:
+    assert match is not None
+    return 60 * int(match.group(1)) + int(match.group(2))

@@ -102,8 +102,8 @@ STATS_OPTIONS: list[Callable[[F], F]] = [
         "--centre/--raw",
         default=None,
         show_default="raw" if not _STATS.centre else "centre",
-        help="Subtract the cohort-wide mean vector per layer before cosine (raw keeps the "
-        "origin study's numbers comparable).",
+        help="Subtract, per layer, the mean vector over every subject and region of the run "
+        "before cosine (raw keeps the origin study's numbers comparable).",
     ),
 ]
 

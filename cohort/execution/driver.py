@@ -72,7 +72,7 @@ if TYPE_CHECKING:
     from cohort.model.pooling import RegionVector
 
 
-__all__ = ["RunResult", "cosine_rows", "run", "vector_rows"]
+__all__ = ["RunResult", "add_lost", "cosine_rows", "run", "vector_rows"]
 
 
 def vector_rows(
@@ -241,7 +241,7 @@ def run(
                     )
         progress.close()
         phases["stream_end_s"] = time.perf_counter() - started
-        _add_lost(plan, seen, result, broken)
+        add_lost(plan.subjects, seen, result, broken)
         result.seconds = time.perf_counter() - started
         provenance = _provenance(cfg, plan, result, devices, extract_seconds)
         ordered = [s for s in plan.subjects if s.subject_id in keys]
@@ -403,8 +403,22 @@ def _stop_ray() -> threading.Thread:
     return thread
 
 
-def _add_lost(plan: Plan, seen: set[str], result: RunResult, broken: BaseException | None) -> None:
-    """An error row for every manifest subject the stream did not return."""
+def add_lost(
+    subjects: Sequence[Subject],
+    seen: set[str],
+    result: RunResult,
+    broken: BaseException | None,
+) -> None:
+    """The coverage check before anything is written: an error row in ``result`` for
+    every manifest subject not in ``seen`` (the subjects the stream returned), then
+    results plus error rows must cover ``subjects`` exactly, each subject once.
+
+    A missing subject is a ``Lost`` row of stage ``pipeline``; its message gives the
+    cause when the stream stopped early (``broken``), and a stall (a
+    :class:`StalledError`) makes it a ``Stalled`` row instead. Raises
+    :class:`CohortError` when the rows repeat a subject or do not cover the manifest
+    (a bug, never a subject's input).
+    """
     error_type = "Stalled" if isinstance(broken, StalledError) else "Lost"
     if broken is None:
         why = "the pipeline returned no result for this subject"
@@ -414,7 +428,7 @@ def _add_lost(plan: Plan, seen: set[str], result: RunResult, broken: BaseExcepti
         text = str(broken).strip().splitlines()
         why = f"the pipeline stopped before this subject finished ({type(broken).__name__}"
         why += f": {text[0]})" if text else ")"
-    for subject in plan.subjects:
+    for subject in subjects:
         if subject.subject_id not in seen:
             result.failed += 1
             result.errors.append(
@@ -432,7 +446,7 @@ def _add_lost(plan: Plan, seen: set[str], result: RunResult, broken: BaseExcepti
     failed = {e["subject_id"] for e in result.errors}
     if len(failed) != len(result.errors) or len(failed) != result.failed:
         raise CohortError(f"internal error: error rows repeat a subject ({sorted(failed)})")
-    if failed | seen != {s.subject_id for s in plan.subjects}:
+    if failed | seen != {s.subject_id for s in subjects}:
         raise CohortError("internal error: results and errors do not cover the manifest")
 
 

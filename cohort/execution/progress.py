@@ -2,10 +2,11 @@
 
 - On a terminal: one bar (tqdm) with done / reused / failed counts, the rate and
   the time left.
-- Elsewhere (a Ray job log, a file, CI): one summary line at a steady pace, at
-  most every ``every_s`` seconds (default 30) and at least every 1 % of the
-  subjects, plus the last line: never one line per subject, so a 100,000-subject
-  run writes a few hundred lines.
+- Elsewhere (a Ray job log, a file, CI): one summary line at a steady pace, once
+  both ``every_s`` seconds (default 30) and 1 % of the subjects (at least one)
+  have passed since the last line, plus the last line: never one line per subject
+  of a quick run, and at most one per 1 %, so a 100,000-subject run writes at
+  most 100 lines.
 - ``verbose``: a line per finished subject as well (small runs, debugging);
   ``quiet``: nothing.
 

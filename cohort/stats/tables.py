@@ -116,7 +116,8 @@ def unit_rows(matrix: FloatArray) -> tuple[FloatArray, npt.NDArray[np.bool_]]:
 
 
 def centre_rows(matrix: FloatArray) -> FloatArray:
-    """Subtract the mean of the finite rows (the cohort-wide mean vector)."""
+    """Subtract the mean of the finite rows (the run's mean vector, over every subject
+    and region, when ``matrix`` is a layer's vectors)."""
     finite = np.isfinite(matrix).all(axis=1)
     if not finite.any():
         return matrix
