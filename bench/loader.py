@@ -16,6 +16,7 @@ task returns, made ready for the object store). Best and median of
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import hashlib
 import importlib
@@ -82,12 +83,8 @@ def measure(image: Path, mask: Path, repeats: int) -> dict[str, Any]:
 
     from cohort.config import RunConfig, parse_label_map
     from cohort.execution.load import load_subject
+    from cohort.inputs.handover import handed_bytes, to_columns
     from cohort.inputs.stages import Stages
-
-    try:
-        from cohort.inputs import handover
-    except ImportError:  # the code before the compact hand-over: a pickled float subject
-        handover = None
 
     cfg = RunConfig()
     row = {"subject_id": "s0", "image": str(image), "mask": str(mask), "labels": "tibia=1,femur=2"}
@@ -95,7 +92,7 @@ def measure(image: Path, mask: Path, repeats: int) -> dict[str, Any]:
     raw = image.read_bytes()
     decoded = gzip.decompress(raw)
     out["bytes_decoded"] = len(decoded)
-    reference = np.asarray(nib.load(image).dataobj)
+    reference = np.asarray(nib.load(image).dataobj)  # type: ignore[attr-defined]
     parts: dict[str, dict[str, float]] = {}
     parts["read image + mask (bytes)"] = timed(
         lambda: (image.read_bytes(), mask.read_bytes()), repeats
@@ -106,32 +103,44 @@ def measure(image: Path, mask: Path, repeats: int) -> dict[str, Any]:
     for label, decode in decoders().items():
         if decode(raw) != decoded:
             raise SystemExit(f"{label} decoded other bytes than zlib")
-        parts[f"gzip decode, image: {label}"] = timed(lambda d=decode: d(raw), repeats)
+        parts[f"gzip decode, image: {label}"] = timed(functools.partial(decode, raw), repeats)
     parts["nibabel: np.asarray(dataobj), image"] = timed(
-        lambda: np.asarray(nib.load(image).dataobj), repeats
+        lambda: np.asarray(nib.load(image).dataobj),  # type: ignore[attr-defined]
+        repeats,
     )
     parts["nibabel: get_fdata(float32), image"] = timed(
-        lambda: nib.load(image).get_fdata(dtype=np.float32), repeats
+        lambda: nib.load(image).get_fdata(dtype=np.float32),  # type: ignore[attr-defined]
+        repeats,
     )
     stages = Stages(parse_label_map(row["labels"]), cfg.preprocess)
-    pair = stages.loaded(image, mask)
-    parts["stage load (image + mask)"] = timed(lambda: stages.loaded(image, mask), repeats)
+    contents = {image: raw, mask: mask.read_bytes()}
+    pair = stages.loaded(image, mask, contents=contents)
+    parts["stage load, from the bytes (image + mask)"] = timed(
+        lambda: stages.loaded(image, mask, contents=contents), repeats
+    )
+    parts["stage load, from the files by nibabel (image + mask)"] = timed(
+        lambda: stages.loaded(image, mask), repeats
+    )
     checked = stages.check(pair)
     parts["stage check"] = timed(lambda: stages.check(pair), repeats)
+    placed = stages.place(checked, cfg.regions.background)
+    parts["stage preprocess: placed, HU (handed over)"] = timed(
+        lambda: stages.place(checked, cfg.regions.background), repeats
+    )
     prepared = stages.preprocess(checked, cfg.regions.background)
-    parts["stage preprocess"] = timed(
+    parts["stage preprocess: float32 model input (numpy, before)"] = timed(
         lambda: stages.preprocess(checked, cfg.regions.background), repeats
     )
-    if handover is None:
-        parts["hand-over: pickle.dumps"] = timed(lambda: pickle.dumps(prepared, 5), repeats)
-        out["handover_bytes"] = len(pickle.dumps(prepared, 5))
-    else:
-        parts["hand-over (made ready)"] = timed(lambda: handover.hand_over(prepared), repeats)
-        out["handover_bytes"] = handover.handed_bytes(handover.hand_over(prepared))
-    voxels = int(np.prod(prepared.image.shape))
+    parts["hand-over columns (to_columns)"] = timed(lambda: to_columns(placed), repeats)
+    parts["before: pickle.dumps of the float32 subject"] = timed(
+        lambda: pickle.dumps(prepared, 5), repeats
+    )
+    out["handover_bytes"] = handed_bytes(to_columns(placed))
+    out["pickled_bytes_before"] = len(pickle.dumps(prepared, 5))
+    voxels = int(np.prod(placed.hu.shape))
     out["handover_bytes_per_voxel"] = out["handover_bytes"] / voxels
-    if np.asarray(stages.loaded(image, mask).image.data).size != reference.size:
-        raise SystemExit("the loader read another number of voxels than nibabel")
+    if not np.array_equal(pair.image.data, reference):
+        raise SystemExit("the loader read other voxels than nibabel")
     result = load_subject(row, cfg, "bench", frozenset())
     if result["status"] != "ready":
         raise SystemExit(f"load_subject failed: {result['message']}")
@@ -154,7 +163,8 @@ def table(result: dict[str, Any]) -> str:
         )
     lines.append(
         f"\nhanded over: {result['handover_bytes'] / 2**20:.1f} MiB "
-        f"({result['handover_bytes_per_voxel']:.2f} B/voxel); t_loader CPU "
+        f"({result['handover_bytes_per_voxel']:.2f} B/voxel; pickled float32 before: "
+        f"{result['pickled_bytes_before'] / 2**20:.1f} MiB); t_loader CPU "
         f"{result['t_loader_cpu_s']:.3f} s = {result['t_loader_over_decode']:.2f}x the "
         f"fastest decode ({result['fastest_decode_cpu_s']:.3f} s)"
     )

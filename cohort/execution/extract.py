@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import pickle
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,10 @@ from cohort.config import RunConfig
 from cohort.errors import CohortError
 from cohort.execution.ledger import died_message
 from cohort.execution.load import DONE, FAILED, READY, failure_row
+from cohort.inputs.handover import from_row
+from cohort.inputs.preprocess import Placed
 from cohort.model.hooks import FeatureExtractor, resolve_layers
+from cohort.model.intensity import normalise_hu
 from cohort.model.network import build_network
 from cohort.model.pooling import RegionVector, extract
 
@@ -51,6 +55,7 @@ __all__ = [
     "Features",
     "autocast",
     "pick_device",
+    "to_device",
 ]
 
 FAULT_SUBJECT_ENV = "COHORT_FAULT_KILL_SUBJECT"  # test hook, see the module docstring
@@ -67,6 +72,17 @@ def pick_device(requested: str) -> torch.device:
             )
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A (possibly read-only) numpy array as a tensor on ``device``, never written: the
+    hand-over's arrays are read-only views of Ray's object store, which torch would
+    warn about (it cannot mark a tensor read-only); every use here copies them first
+    (onto the device, or into float32)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.to(device)
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:
@@ -155,13 +171,10 @@ class Features:
             if self.fault is not None:
                 self.fault.maybe_fire(str(out["subject_id"]))
             try:
-                prepared = pickle.loads(row["payload"])
-                vectors = self._extract(prepared)
+                placed = from_row(row)
+                vectors = self._extract(placed, f"image {row['image']}")
                 out["features"] = pickle.dumps(
-                    [
-                        (v, int(prepared.voxels[prepared.region_names.index(v.region)]))
-                        for v in vectors
-                    ],
+                    [(v, int(placed.voxels[placed.region_names.index(v.region)])) for v in vectors],
                     protocol=5,
                 )
                 out["status"] = DONE
@@ -171,13 +184,14 @@ class Features:
         out["device"] = self.device_name
         return out
 
-    def _extract(self, prepared: Any) -> list[RegionVector]:
-        image = torch.from_numpy(np.ascontiguousarray(prepared.image)).to(self.device)
-        index = torch.from_numpy(np.ascontiguousarray(prepared.region_index)).to(self.device)
+    def _extract(self, placed: Placed, origin: str) -> list[RegionVector]:
+        """The pooled vectors of a placed subject: its HU and region index onto the
+        device, window and normalisation there (float32), then the network."""
+        hu, index = to_device(placed.hu, self.device), to_device(placed.region_index, self.device)
+        image, air = normalise_hu(hu, self.cfg.preprocess, origin)
+        del hu
         with autocast(self.device, self.cfg.model.precision):
-            return extract(
-                self.extractor, image, index, prepared.region_names, self.cfg.pooling, prepared.air
-            )
+            return extract(self.extractor, image, index, placed.region_names, self.cfg.pooling, air)
 
 
 class FeatureActor:
