@@ -48,6 +48,7 @@ __all__ = [
     "failure_row",
     "is_transient",
     "load_subject",
+    "read_file",
 ]
 
 FAILED, READY, CACHED, DONE = "failed", "ready", "cached", "done"
@@ -102,12 +103,17 @@ def is_transient(err: BaseException) -> bool:
 # ------------------------------------------------------------- stage: loading
 
 
+def read_file(path: Path) -> bytes:
+    """A subject's file, read once: its bytes are hashed (the resume key), then decoded."""
+    return Path(path).read_bytes()
+
+
 def _content(path: Path, contents: dict[Path, bytes]) -> str:
     """sha256 of a file, or of every file in a folder (a DICOM series, a mask folder); a
     file's bytes are kept in ``contents``, so that reading it needs no second read."""
     if path.is_dir():
         return sha256_path(path)
-    contents[path] = raw = path.read_bytes()
+    contents[path] = raw = read_file(path)
     return hashlib.sha256(raw).hexdigest()  # = sha256_path(path)
 
 
