@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import io
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -325,3 +326,18 @@ def test_a_dicom_series_equals_the_numpy_reference(
     cfg = config(crop=4.0)
     got = handed_over(network, _row(DICOM, mask), cfg)
     assert_close(got, reference(network, DICOM, mask, LABELS, cfg))
+
+
+def test_device_feed_on_the_cpu_shares_the_read_only_arrays_silently() -> None:
+    from cohort.model.transfer import DeviceFeed
+
+    hu = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    hu.flags.writeable = False  # as the object store hands it over
+    feed = DeviceFeed(torch.device("cpu"))
+    assert not feed.ahead  # nothing to overlap on the CPU
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "not writable" warning would fail here
+        (tensor,) = feed.now([hu])
+    assert tensor.dtype == torch.int16 and np.shares_memory(tensor.numpy(), hu)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        feed.start([hu])

@@ -26,8 +26,8 @@ from __future__ import annotations
 import os
 import pickle
 import time
-import warnings
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from cohort.model.hooks import FeatureExtractor, resolve_layers
 from cohort.model.intensity import normalise_hu
 from cohort.model.network import build_network
 from cohort.model.pooling import RegionVector, extract
+from cohort.model.transfer import DeviceFeed
 
 __all__ = [
     "FAULT_MARKER_ENV",
@@ -55,7 +56,6 @@ __all__ = [
     "Features",
     "autocast",
     "pick_device",
-    "to_device",
 ]
 
 FAULT_SUBJECT_ENV = "COHORT_FAULT_KILL_SUBJECT"  # test hook, see the module docstring
@@ -72,17 +72,6 @@ def pick_device(requested: str) -> torch.device:
             )
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A (possibly read-only) numpy array as a tensor on ``device``, never written: the
-    hand-over's arrays are read-only views of Ray's object store, which torch would
-    warn about (it cannot mark a tensor read-only); every use here copies them first
-    (onto the device, or into float32)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
-    return tensor.to(device)
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:
@@ -159,6 +148,16 @@ class Features:
         self.extractor = FeatureExtractor(network, resolve_layers(network, cfg.model.layers))
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.device_name = f"{name} ({where})"
+        self.feed = DeviceFeed(self.device)
+        # the next subject's copy to the device, started while this one computes (CUDA)
+        self._ahead: tuple[str, Future[list[torch.Tensor]]] | None = None
+
+    def prefetch(self, row: Mapping[str, Any]) -> None:
+        """Start copying a ready row's arrays to the device (CUDA; elsewhere nothing), so
+        that the copy overlaps the subject being computed now."""
+        if self.feed.ahead and row["status"] == READY and self._ahead is None:
+            arrays = [np.asarray(row["hu"]), np.asarray(row["planes"])]
+            self._ahead = (str(row["key"]), self.feed.start(arrays))
 
     def __call__(self, row: Mapping[str, Any]) -> dict[str, Any]:
         """A loader's row as a result row: a ready subject becomes ``done`` with its
@@ -172,7 +171,7 @@ class Features:
                 self.fault.maybe_fire(str(out["subject_id"]))
             try:
                 placed = from_row(row)
-                vectors = self._extract(placed, f"image {row['image']}")
+                vectors = self._extract(placed, f"image {row['image']}", str(row["key"]))
                 out["features"] = pickle.dumps(
                     [(v, int(placed.voxels[placed.region_names.index(v.region)])) for v in vectors],
                     protocol=5,
@@ -184,10 +183,18 @@ class Features:
         out["device"] = self.device_name
         return out
 
-    def _extract(self, placed: Placed, origin: str) -> list[RegionVector]:
+    def _extract(self, placed: Placed, origin: str, key: str = "") -> list[RegionVector]:
         """The pooled vectors of a placed subject: its HU and region index onto the
-        device, window and normalisation there (float32), then the network."""
-        hu, index = to_device(placed.hu, self.device), to_device(placed.region_index, self.device)
+        device (prefetched when :meth:`prefetch` started it), window and normalisation
+        there (float32), then the network."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == key:
+            hu, planes = self.feed.take(ahead[1])
+            index = planes[0] if planes.shape[0] == 1 else planes
+        else:
+            if ahead is not None:
+                self.feed.take(ahead[1])  # another subject's copy: let it finish, drop it
+            hu, index = self.feed.now([placed.hu, placed.region_index])
         image, air = normalise_hu(hu, self.cfg.preprocess, origin)
         del hu
         with autocast(self.device, self.cfg.model.precision):
@@ -224,9 +231,11 @@ class FeatureActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [{name: batch[name][i] for name in batch} for i in range(len(batch["subject_id"]))]
         results = []
-        for row in rows:
+        for i, row in enumerate(rows):
             # a subject that killed its worker too often becomes an error row here
             ready = row["status"] == READY and not self._died_too_often(row)
+            if ready and i + 1 < len(rows):
+                self.features.prefetch(rows[i + 1])  # its copy overlaps this one (CUDA)
             results.append(self.features(row))  # any row not ready passes through
             if ready:
                 self.ledger.end.remote(str(row["key"]))
