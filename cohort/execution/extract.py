@@ -184,9 +184,17 @@ class Features:
         return out
 
     def _extract(self, placed: Placed, origin: str, key: str = "") -> list[RegionVector]:
-        """The pooled vectors of a placed subject: its HU and region index onto the
-        device (prefetched when :meth:`prefetch` started it), window and normalisation
-        there (float32), then the network."""
+        """The pooled vectors of a placed subject (:meth:`_inputs`, then the network)."""
+        image, index, air = self._inputs(placed, origin, key)
+        with autocast(self.device, self.cfg.model.precision):
+            return extract(self.extractor, image, index, placed.region_names, self.cfg.pooling, air)
+
+    def _inputs(
+        self, placed: Placed, origin: str, key: str = ""
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """A placed subject as the network's input on its device: HU and region index
+        copied there (prefetched when :meth:`prefetch` started it), then the window and
+        normalisation (float32); returns the image, the index and the value of air."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == key:
             hu, planes = self.feed.take(ahead[1])
@@ -196,9 +204,7 @@ class Features:
                 self.feed.take(ahead[1])  # another subject's copy: let it finish, drop it
             hu, index = self.feed.now([placed.hu, placed.region_index])
         image, air = normalise_hu(hu, self.cfg.preprocess, origin)
-        del hu
-        with autocast(self.device, self.cfg.model.precision):
-            return extract(self.extractor, image, index, placed.region_names, self.cfg.pooling, air)
+        return image, index, air
 
 
 class FeatureActor:
