@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import pickle
 import statistics
 import sys
 import time
@@ -92,11 +94,15 @@ class PassThroughActor(FeatureActor):
         self.features = PassThroughFeatures(cfg, "Ray actor")
 
 
-def handed_bytes(row: dict[str, Any]) -> int:
-    """Bytes a loader's row hands to the actor: the pickled payload, or the arrays."""
+def handed_bytes(row: dict[str, Any]) -> tuple[int, tuple[int, int, int]]:
+    """Bytes a loader's row hands to the actor (the pickled payload, or the arrays), and
+    the model input's shape."""
     if "payload" in row:
-        return len(row["payload"])
-    return int(np.asarray(row["hu"]).nbytes + np.asarray(row["planes"]).nbytes)
+        image = pickle.loads(row["payload"]).image
+        return len(row["payload"]), tuple(int(n) for n in image.shape)  # type: ignore[return-value]
+    hu = np.asarray(row["hu"])
+    shape = (int(hu.shape[0]), int(hu.shape[1]), int(hu.shape[2]))
+    return int(hu.nbytes + np.asarray(row["planes"]).nbytes), shape
 
 
 def manifest_rows(data: Path, n: int) -> list[dict[str, Any]]:
@@ -122,9 +128,9 @@ def manifest_rows(data: Path, n: int) -> list[dict[str, Any]]:
     return rows
 
 
-def time_loader(row: dict[str, Any], cfg: RunConfig, repeats: int) -> dict[str, float]:
+def time_loader(row: dict[str, Any], cfg: RunConfig, repeats: int) -> dict[str, Any]:
     """The loader task alone in this process (one core), best of ``repeats``."""
-    walls, cpus, size = [], [], 0
+    walls, cpus, size, shape = [], [], 0, (0, 0, 0)
     for _ in range(repeats):
         w0, c0 = time.perf_counter(), time.process_time()
         out = load_subject(dict(row), cfg, "feed", frozenset())
@@ -132,12 +138,17 @@ def time_loader(row: dict[str, Any], cfg: RunConfig, repeats: int) -> dict[str, 
         cpus.append(time.process_time() - c0)
         if out["status"] != READY:
             raise SystemExit(f"the loader failed: {out['message']}")
-        size = handed_bytes(out)
+        size, shape = handed_bytes(out)
         del out
-    return {"wall_s": min(walls), "cpu_s": min(cpus), "handed_bytes": size}
+    return {"wall_s": min(walls), "cpu_s": min(cpus), "handed_bytes": size, "shape": shape}
 
 
-def run_stream(rows: list[dict[str, Any]], cfg: RunConfig, args: argparse.Namespace) -> list[Any]:
+def run_stream(
+    rows: list[dict[str, Any]],
+    cfg: RunConfig,
+    args: argparse.Namespace,
+    shape: tuple[int, int, int],
+) -> list[Any]:
     """Results of the pipeline's stream, each with the time it arrived."""
     arrived: list[tuple[float, dict[str, Any]]] = []
     started = time.perf_counter()
@@ -159,7 +170,6 @@ def run_stream(rows: list[dict[str, Any]], cfg: RunConfig, args: argparse.Namesp
         graph.FeatureActor = PassThroughActor  # type: ignore[misc]
         gpus = 1.0 if cfg.execution.device == "cuda" else 0.0
         pool = Pool(1, gpus, None)
-        shape = (216, 512, 512)
         try:  # the loaders' budget as the driver sizes it
             memory = actor_memory(
                 InputSizes(1, 1, (shape,)),
@@ -206,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = manifest_rows(args.data, args.subjects)
     loader = time_loader(rows[0], cfg, args.repeats)
-    results = run_stream(rows, cfg, args)
+    results = run_stream(rows, cfg, args, loader["shape"])
     done = [r for _, r in results if r["status"] == "done"]
     if len(done) != len(rows):
         bad = [(r["subject_id"], r["message"]) for _, r in results if r["status"] != "done"]
@@ -231,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         "t_loader_wall_s": loader["wall_s"],
         "t_loader_cpu_s": loader["cpu_s"],
         "handed_bytes_per_subject": loader["handed_bytes"],
-        "handed_bytes_per_voxel": loader["handed_bytes"] / (216 * 512 * 512),
+        "model_input": "x".join(map(str, loader["shape"])),
+        "handed_bytes_per_voxel": loader["handed_bytes"] / math.prod(loader["shape"]),
         "first_result_s": times[0],
         "last_result_s": times[-1],
         "subjects_per_s_whole": whole,
