@@ -326,8 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     pipes: list[dict[str, Any]] = []
     if args.no_pipeline:
         pipes.append({"skipped": "--no-pipeline"})
-    elif importlib.util.find_spec("nibabel") is None:
-        pipes.append({"skipped": "nibabel not importable here (see ../shared/GPU.md)"})
+    elif missing := [m for m in ("nibabel", "isal") if importlib.util.find_spec(m) is None]:
+        pipes.append({"skipped": f"{', '.join(missing)} not importable (see ../shared/GPU.md)"})
     else:
         folder = make_subjects(shape_of(args.full_shape))
         for suffix in (".nii.gz", ".nii"):
