@@ -134,7 +134,10 @@ def stream(
             batch_size=GPU_BATCH if gpus else 1,
             batch_format="numpy",
             compute=ActorPoolStrategy(
-                min_size=1, max_size=actors, max_tasks_in_flight_per_actor=IN_FLIGHT_PER_ACTOR
+                min_size=1,
+                max_size=actors,
+                initial_size=actors,  # every actor (each GPU) from the start, not on demand
+                max_tasks_in_flight_per_actor=IN_FLIGHT_PER_ACTOR,
             ),
             num_cpus=cfg.execution.actor_cpus,
             num_gpus=gpus,
