@@ -11,13 +11,18 @@ What it measures, on seeded random DenseNet121 weights with the default layers:
    autocast, depth-factorised and plain 3D convolutions; best of ``--repeats``
    seconds, and the peak GPU memory of the pass per input voxel (the allocator's
    ``max_memory_allocated``), for the lean pass and the plain forward;
-2. end to end: ``cohort run`` on ``--subjects`` copies of one full-size phantom
-   (default 40 of 512x512x216) with the machine's CPUs as loaders, sampling the
-   GPU's utilisation (nvidia-smi) the whole time: subjects per second, and the
-   fraction of the run's time the GPU spent computing (the rest it waited for
-   input). Needs ray and nibabel (not on the lent machine by default:
-   ../shared/GPU.md says how to carry their wheels); without them this part is
-   reported as skipped, and the model-only part still stands.
+2. end to end: ``cohort run`` on ``--subjects`` links to one full-size phantom
+   (default 40 of 512x512x216), once as ``.nii.gz`` and once as uncompressed
+   ``.nii``, with the machine's CPUs as loaders, sampling the GPU's utilisation
+   (nvidia-smi) the whole time: subjects per second, the fraction of the run's
+   time the GPU spent computing (the rest it waited for input), and the actor's
+   time per subject beside the forward pass (its mean time less part 1's fp32
+   lean pass at that shape). Needs ray, nibabel and isal (not on the lent
+   machine by default: ../shared/GPU.md says how to carry their wheels); without
+   ray this part is reported as skipped, and the model-only part still stands;
+3. ``bench/feed.py`` on ``--feed-subjects`` of the same phantom: the data path
+   alone (pass-through network) against ``loader cores / t_loader``; on Ray when
+   it is importable, else in-process (loader threads).
 
 The table goes to stdout and, with the raw numbers, to ``$OUT/gpu_check.json``
 (or ``bench/results``).
@@ -56,6 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--subjects", type=int, default=40, help="end-to-end subjects")
     p.add_argument("--full-shape", default="512,512,216", help="end-to-end subject D,H,W")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--feed-subjects", type=int, default=24, help="bench/feed.py subjects")
     p.add_argument("--no-pipeline", action="store_true", help="model-only part only")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench/results")))
     return p.parse_args(argv)
@@ -207,28 +213,42 @@ class UtilisationSampler:
         return statistics.fmean(self.samples) if self.samples else math.nan
 
 
-def end_to_end(device: torch.device, shape: tuple[int, int, int], subjects: int) -> dict[str, Any]:
-    """``cohort run`` on copies of one phantom; subjects/s and the GPU's busy fraction."""
+def make_subjects(shape: tuple[int, int, int]) -> Path:
+    """One full-size phantom pair (``ct.nii.gz``, ``seg.nii.gz``) and the image
+    uncompressed (``ct.nii``: the same bytes without gzip) in a new folder."""
+    from isal import igzip
+
+    from bench.loader import make_full_size
+
+    folder = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    image, _ = make_full_size(folder, shape)
+    (folder / "ct.nii").write_bytes(igzip.decompress(image.read_bytes()))
+    return folder
+
+
+def end_to_end(
+    device: torch.device, folder: Path, subjects: int, suffix: str, forward_s: float
+) -> dict[str, Any]:
+    """``cohort run`` on ``subjects`` links to one phantom stored as ``suffix`` (``.nii.gz``
+    or ``.nii``); subjects/s, the GPU's busy fraction, and the actor's time per subject
+    beyond the forward pass (``forward_s``, the model-only figure of that shape)."""
     missing = [m for m in ("ray", "nibabel") if importlib.util.find_spec(m) is None]
     if missing:
         return {"skipped": f"{', '.join(missing)} not importable here (see ../shared/GPU.md)"}
     import shutil
 
     from cohort.inputs.manifest import Subject, write_manifest
-    from cohort.synthetic import cohort_effect, make_phantom_subject, write_phantom_nifti
 
-    folder = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    hu, label = make_phantom_subject(shape, seed=1, effect=cohort_effect(0))
-    image, mask = folder / "image.nii.gz", folder / "mask.nii.gz"
-    write_phantom_nifti(hu, label, (1.0, 0.8, 0.8), image, mask)
+    work = folder / f"run{suffix}"
+    work.mkdir()
     rows = []
-    for i in range(subjects):
-        copy_image, copy_mask = folder / f"s{i:03d}.nii.gz", folder / f"s{i:03d}-mask.nii.gz"
-        shutil.copyfile(image, copy_image)
-        shutil.copyfile(mask, copy_mask)
+    for i in range(subjects):  # links: each subject's files are read as the loaders read any
+        copy_image, copy_mask = work / f"s{i:03d}{suffix}", work / f"s{i:03d}-mask.nii.gz"
+        copy_image.symlink_to(folder / f"ct{suffix}")
+        copy_mask.symlink_to(folder / "seg.nii.gz")
         rows.append(Subject(f"s{i:03d}", copy_image, copy_mask, "all", None, i + 1))
-    manifest = write_manifest(rows, folder / "manifest.csv")
-    out = folder / "out"
+    manifest = write_manifest(rows, work / "manifest.csv")
+    out = work / "out"
     command = [
         sys.executable, "-m", "cohort", "run", str(manifest), "--out", str(out),
         "--weights", "random", "--device", device.type, "--loader-cpus", "1",
@@ -242,6 +262,7 @@ def end_to_end(device: torch.device, shape: tuple[int, int, int], subjects: int)
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
     result: dict[str, Any] = {"exit": done.returncode, "wall_s": wall, "gpu_busy": sampler.busy}
+    result["format"] = suffix
     if done.returncode != 0:
         result["error"] = (done.stdout + done.stderr)[-2000:]
         return result
@@ -253,9 +274,30 @@ def end_to_end(device: torch.device, shape: tuple[int, int, int], subjects: int)
         extract_mean_s=extract_s,
         # the actor's own compute time over the run's time: the rest it waited for input
         actor_busy=extract_s * run["counts"]["done"] / wall,
+        # what the actor spends per subject beside the forward pass: taking the row,
+        # copying to the device, the window, pooling, the ledger
+        actor_non_compute_s=extract_s - forward_s,
+        actor_non_compute_share=(extract_s - forward_s) / forward_s,
     )
-    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def feed_figures(device: torch.device, folder: Path, subjects: int, out: Path) -> dict[str, Any]:
+    """``bench/feed.py`` (the data path with a pass-through network) on this machine's
+    CPUs; on Ray when it is importable, else in-process."""
+    from bench import feed
+
+    argv = ["--data", str(folder), "--subjects", str(subjects), "--device", device.type]
+    argv += ["--out", str(out / "feed")]
+    if importlib.util.find_spec("ray") is None:
+        argv.append("--in-process")
+    try:
+        feed.main(argv)
+    except SystemExit as exc:  # a failed stream: say so, keep the rest of the check
+        return {"error": str(exc)}
+    figures: dict[str, Any] = json.loads((out / "feed" / "feed.json").read_text())
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,27 +315,50 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{name}, torch {torch.__version__}")
     print(f"{'shape':>12} {'variant':<24} {'prec':>5} {'best s':>9} {'median s':>9} {'B/voxel':>9}")
     report["model"] = model_only(device, shapes, args.repeats)
-    if args.no_pipeline:
-        report["pipeline"] = {"skipped": "--no-pipeline"}
-    else:
-        report["pipeline"] = end_to_end(device, shape_of(args.full_shape), args.subjects)
-    report["total_s"] = time.perf_counter() - started
-    pipe = report["pipeline"]
-    if "skipped" in pipe:
-        print(f"end to end: skipped ({pipe['skipped']})")
-    elif pipe["exit"] != 0:
-        print(f"end to end: cohort run exited {pipe['exit']}:\n{pipe['error']}")
-    else:
-        print(
-            f"end to end: {pipe['subjects']} subjects of {args.full_shape} in "
-            f"{pipe['wall_s']:.1f} s = {pipe['subjects_per_s']:.2f}/s; the actor computed "
-            f"{pipe['actor_busy']:.0%} of the time, the GPU was busy {pipe['gpu_busy']:.0%} "
-            "(nvidia-smi samples)"
-        )
-    print(f"total {report['total_s']:.0f} s")
+    full = "x".join(map(str, shape_of(args.full_shape)))
+    forwards = [
+        r["best_s"]
+        for r in report["model"]
+        if r["shape"] == full and r["factorised"] and r["lean"] and r["precision"] == "fp32"
+    ]
+    forward_s = forwards[0] if forwards else math.nan
     args.out.mkdir(parents=True, exist_ok=True)
+    pipes: list[dict[str, Any]] = []
+    if args.no_pipeline:
+        pipes.append({"skipped": "--no-pipeline"})
+    elif missing := [m for m in ("nibabel", "isal") if importlib.util.find_spec(m) is None]:
+        pipes.append({"skipped": f"{', '.join(missing)} not importable (see ../shared/GPU.md)"})
+    else:
+        folder = make_subjects(shape_of(args.full_shape))
+        for suffix in (".nii.gz", ".nii"):
+            pipes.append(end_to_end(device, folder, args.subjects, suffix, forward_s))
+            _print_pipe(pipes[-1], args.full_shape)
+        report["feed"] = feed_figures(device, folder, args.feed_subjects, args.out)
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+    report["pipeline"] = pipes
+    report["total_s"] = time.perf_counter() - started
+    if "skipped" in pipes[0]:
+        print(f"end to end: skipped ({pipes[0]['skipped']})")
+    print(f"total {report['total_s']:.0f} s")
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
-    return 0 if "error" not in pipe else 1
+    return 0 if all("error" not in p for p in pipes) else 1
+
+
+def _print_pipe(pipe: dict[str, Any], shape: str) -> None:
+    if pipe.get("exit", 0) != 0:
+        print(f"end to end ({pipe['format']}): cohort run exited {pipe['exit']}:\n{pipe['error']}")
+        return
+    print(
+        f"end to end ({pipe['format']}): {pipe['subjects']} subjects of {shape} in "
+        f"{pipe['wall_s']:.1f} s = {pipe['subjects_per_s']:.2f}/s; the actor computed "
+        f"{pipe['actor_busy']:.0%} of the time, the GPU was busy {pipe['gpu_busy']:.0%} "
+        f"(nvidia-smi samples); actor time beside the forward pass "
+        f"{pipe['actor_non_compute_s']:.3f} s a subject ({pipe['actor_non_compute_share']:.0%} "
+        "of the pass)",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 #   bash bench/gpu_check.sh --device cpu --shapes 32,48,48 --no-pipeline   # dry run
 #
 # Uses .venv when it travels with the tree, else python3 (torch present there;
-# ray and nibabel only if their wheels were carried: ../shared/GPU.md). Runs
+# ray, nibabel and isal only if their wheels were carried: ../shared/GPU.md). Runs
 # from the source tree (PYTHONPATH=.), installs nothing. Without CUDA it stops
 # at once with exit 2 and says so.
 set -euo pipefail

@@ -93,6 +93,16 @@ def test_request_is_the_largest_estimate_with_its_margin() -> None:
     assert "96x128x128" in got.basis and "all 5 sized" in got.basis
 
 
+def test_queue_holds_one_input_per_loader_that_can_run() -> None:
+    """16 CPUs of loaders at 0.5 CPU each feeding one GPU actor: 32 loaders + 1 actor."""
+    full = ((216, 512, 512),)
+    got = actor_memory(InputSizes(1, 1, full), _cfg(24.0), LAYERS, "cuda", actors=1, loaders=32)
+    inputs = estimate_peak_bytes(full[0], "densenet121", LAYERS, device="cuda").inputs
+    assert got.queue_bytes == 33 * inputs
+    few = actor_memory(InputSizes(1, 1, full), _cfg(24.0), LAYERS, "cuda", actors=1, loaders=2)
+    assert few.queue_bytes == session.QUEUE_PER_ACTOR * inputs  # the per-actor floor
+
+
 def test_queue_grows_with_large_inputs_and_actors() -> None:
     whole_body = ((1000, 512, 512),)
     got = actor_memory(InputSizes(1, 1, whole_body), _cfg(24.0), LAYERS, "cuda", actors=3)

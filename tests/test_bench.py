@@ -123,7 +123,7 @@ def test_gpu_check_dry_run_on_the_cpu_writes_its_table(tmp_path: Path) -> None:
     variants = {(r["factorised"], r["lean"]) for r in report["model"]}
     assert variants == {(True, True), (True, False), (False, True), (False, False)}
     assert all(r["best_s"] > 0 and r["shape"] == "64x64x64" for r in report["model"])
-    assert report["pipeline"] == {"skipped": "--no-pipeline"}
+    assert report["pipeline"] == [{"skipped": "--no-pipeline"}]
 
 
 @pytest.mark.parametrize("mode", ["masked-pool", "masked-input"])

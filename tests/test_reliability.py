@@ -408,16 +408,16 @@ def test_transient_io_error_is_retried_a_bounded_number_of_times(
 ) -> None:
     """EIO while reading: retried max_retries (2) times; a third failure is an error row."""
     subject = read_manifest(good)[0]
-    real_load = nib.load
+    real_read = loading.read_file  # each file is read once, for its hash and its voxels
     calls: list[Path] = []
 
-    def flaky(path: Path, **kwargs: object) -> object:
+    def flaky(path: Path) -> bytes:
         calls.append(Path(path))
         if len(calls) <= failures:
             raise OSError(errno.EIO, "Input/output error", str(path))
-        return real_load(path, **kwargs)
+        return real_read(path)
 
-    monkeypatch.setattr(nib, "load", flaky)
+    monkeypatch.setattr(loading, "read_file", flaky)
     monkeypatch.setattr(loading, "IO_RETRY_DELAY_S", 0.0)
     cfg = RunConfig(execution=ExecutionConfig(max_retries=2))
     out = loading.load_subject(_row(subject), cfg, "identity", frozenset())
@@ -436,17 +436,18 @@ def test_corrupt_file_is_not_retried(
     subject = read_manifest(good)[0]
     junk = tmp_path / "junk.nii.gz"
     junk.write_bytes(b"not gzip at all" * 100)
-    real_load = nib.load
+    real_read = loading.read_file
     calls: list[Path] = []
 
-    def counting(path: Path, **kwargs: object) -> object:
+    def counting(path: Path) -> bytes:
         calls.append(Path(path))
-        return real_load(path, **kwargs)
+        return real_read(path)
 
-    monkeypatch.setattr(nib, "load", counting)
+    monkeypatch.setattr(loading, "read_file", counting)
     row = {**_row(subject), "image": str(junk)}
     out = loading.load_subject(row, RunConfig(), "identity", frozenset())
-    assert (out["status"], out["stage"], len(calls)) == ("failed", "load", 1)
+    assert (out["status"], out["stage"]) == ("failed", "load")
+    assert calls.count(junk) == 1  # read once, not retried
 
 
 def test_transient_retries_back_off_doubling(good: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -455,10 +456,10 @@ def test_transient_retries_back_off_doubling(good: Path, monkeypatch: pytest.Mon
     slept: list[float] = []
     monkeypatch.setattr(loading.time, "sleep", slept.append)
 
-    def always_eio(path: Path, **kwargs: object) -> object:
+    def always_eio(path: Path) -> bytes:
         raise OSError(errno.EIO, "Input/output error", str(path))
 
-    monkeypatch.setattr(nib, "load", always_eio)
+    monkeypatch.setattr(loading, "read_file", always_eio)
     cfg = RunConfig(execution=ExecutionConfig(max_retries=3))
     out = loading.load_subject(_row(subject), cfg, "identity", frozenset())
     assert out["status"] == "failed" and "after 4 attempts" in out["message"]
@@ -471,16 +472,16 @@ def test_transient_error_while_hashing_is_retried(
 ) -> None:
     """EIO while computing the resume key's file hashes: retried like a read."""
     subject = read_manifest(good)[0]
-    real_hash = loading.sha256_file
+    real_read = loading.read_file  # the bytes the hash is computed from
     calls: list[Path] = []
 
-    def flaky(path: Path) -> str:
+    def flaky(path: Path) -> bytes:
         calls.append(Path(path))
         if len(calls) <= 2:
             raise OSError(errno.EIO, "Input/output error", str(path))
-        return real_hash(path)
+        return real_read(path)
 
-    monkeypatch.setattr(loading, "sha256_file", flaky)
+    monkeypatch.setattr(loading, "read_file", flaky)
     monkeypatch.setattr(loading.time, "sleep", lambda _: None)
     out = loading.load_subject(_row(subject), RunConfig(), "identity", frozenset())
     assert out["status"] == "ready", out["message"]
@@ -491,11 +492,11 @@ def test_permission_error_is_not_retried(good: Path, monkeypatch: pytest.MonkeyP
     subject = read_manifest(good)[0]
     calls: list[Path] = []
 
-    def denied(path: Path, **kwargs: object) -> object:
+    def denied(path: Path) -> bytes:
         calls.append(Path(path))
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr(nib, "load", denied)
+    monkeypatch.setattr(loading, "read_file", denied)
     monkeypatch.setattr(loading.time, "sleep", lambda _: pytest.fail("slept before a retry"))
     out = loading.load_subject(_row(subject), RunConfig(), "identity", frozenset())
     assert (out["status"], out["stage"], len(calls)) == ("failed", "load", 1)

@@ -195,7 +195,8 @@ def run(
     try:
         actors = plan_pool(cfg, where)
         layers = [info.module_path for info in plan.layers]
-        memory = actor_memory(plan.sizes, cfg, layers, actors.device, actors.actors)
+        loaders = 0 if isinstance(where, InProcess) else int(where.cpus / cfg.execution.loader_cpus)
+        memory = actor_memory(plan.sizes, cfg, layers, actors.device, actors.actors, loaders)
         if isinstance(where, InProcess):  # what it uses: one model, on a GPU or not
             result.in_process = InProcess(where.cpus, actors.gpus)
         else:  # nothing is requested in-process: the loaders check the machine's memory

@@ -27,6 +27,7 @@ import os
 import pickle
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,13 @@ from cohort.config import RunConfig
 from cohort.errors import CohortError
 from cohort.execution.ledger import died_message
 from cohort.execution.load import DONE, FAILED, READY, failure_row
+from cohort.inputs.handover import from_row, hu_of
+from cohort.inputs.preprocess import Placed
 from cohort.model.hooks import FeatureExtractor, resolve_layers
+from cohort.model.intensity import normalise_hu
 from cohort.model.network import build_network
 from cohort.model.pooling import RegionVector, extract
+from cohort.model.transfer import DeviceFeed
 
 __all__ = [
     "FAULT_MARKER_ENV",
@@ -143,6 +148,16 @@ class Features:
         self.extractor = FeatureExtractor(network, resolve_layers(network, cfg.model.layers))
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.device_name = f"{name} ({where})"
+        self.feed = DeviceFeed(self.device)
+        # the next subject's copy to the device, started while this one computes (CUDA)
+        self._ahead: tuple[str, Future[list[torch.Tensor]]] | None = None
+
+    def prefetch(self, row: Mapping[str, Any]) -> None:
+        """Start copying a ready row's arrays to the device (CUDA; elsewhere nothing), so
+        that the copy overlaps the subject being computed now."""
+        if self.feed.ahead and row["status"] == READY and self._ahead is None:
+            arrays = [hu_of(row), np.asarray(row["planes"])]
+            self._ahead = (str(row["key"]), self.feed.start(arrays))
 
     def __call__(self, row: Mapping[str, Any]) -> dict[str, Any]:
         """A loader's row as a result row: a ready subject becomes ``done`` with its
@@ -155,13 +170,10 @@ class Features:
             if self.fault is not None:
                 self.fault.maybe_fire(str(out["subject_id"]))
             try:
-                prepared = pickle.loads(row["payload"])
-                vectors = self._extract(prepared)
+                placed = from_row(row)
+                vectors = self._extract(placed, f"image {row['image']}", str(row["key"]))
                 out["features"] = pickle.dumps(
-                    [
-                        (v, int(prepared.voxels[prepared.region_names.index(v.region)]))
-                        for v in vectors
-                    ],
+                    [(v, int(placed.voxels[placed.region_names.index(v.region)])) for v in vectors],
                     protocol=5,
                 )
                 out["status"] = DONE
@@ -171,13 +183,28 @@ class Features:
         out["device"] = self.device_name
         return out
 
-    def _extract(self, prepared: Any) -> list[RegionVector]:
-        image = torch.from_numpy(np.ascontiguousarray(prepared.image)).to(self.device)
-        index = torch.from_numpy(np.ascontiguousarray(prepared.region_index)).to(self.device)
+    def _extract(self, placed: Placed, origin: str, key: str = "") -> list[RegionVector]:
+        """The pooled vectors of a placed subject (:meth:`_inputs`, then the network)."""
+        image, index, air = self._inputs(placed, origin, key)
         with autocast(self.device, self.cfg.model.precision):
-            return extract(
-                self.extractor, image, index, prepared.region_names, self.cfg.pooling, prepared.air
-            )
+            return extract(self.extractor, image, index, placed.region_names, self.cfg.pooling, air)
+
+    def _inputs(
+        self, placed: Placed, origin: str, key: str = ""
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """A placed subject as the network's input on its device: HU and region index
+        copied there (prefetched when :meth:`prefetch` started it), then the window and
+        normalisation (float32); returns the image, the index and the value of air."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == key:
+            hu, planes = self.feed.take(ahead[1])
+            index = planes[0] if planes.shape[0] == 1 else planes
+        else:
+            if ahead is not None:
+                self.feed.take(ahead[1])  # another subject's copy: let it finish, drop it
+            hu, index = self.feed.now([placed.hu, placed.region_index])
+        image, air = normalise_hu(hu, self.cfg.preprocess, origin)
+        return image, index, air
 
 
 class FeatureActor:
@@ -210,9 +237,11 @@ class FeatureActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [{name: batch[name][i] for name in batch} for i in range(len(batch["subject_id"]))]
         results = []
-        for row in rows:
+        for i, row in enumerate(rows):
             # a subject that killed its worker too often becomes an error row here
             ready = row["status"] == READY and not self._died_too_often(row)
+            if ready and i + 1 < len(rows):
+                self.features.prefetch(rows[i + 1])  # its copy overlaps this one (CUDA)
             results.append(self.features(row))  # any row not ready passes through
             if ready:
                 self.ledger.end.remote(str(row["key"]))

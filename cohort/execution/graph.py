@@ -28,7 +28,16 @@ from cohort.execution.load import load_subject
 from cohort.execution.session import ActorMemory, Pool
 from cohort.inputs.geometry import Reach
 
-__all__ = ["stream"]
+__all__ = ["GPU_BATCH", "IN_FLIGHT_PER_ACTOR", "stream"]
+
+# subjects per call of a GPU actor: the second one's copy to the device overlaps the
+# first one's pass (cohort.model.transfer); a CPU actor takes one at a time (a subject
+# that kills its worker then takes no other finished subject's result with it)
+GPU_BATCH = 2
+# calls Ray Data may queue at each actor: the next call's blocks are fetched to the
+# actor's node while it computes (2 is Ray Data 2.60's default for one thread; stated
+# here so that a change of default does not change the pipeline)
+IN_FLIGHT_PER_ACTOR = 2
 
 
 def stream(
@@ -122,9 +131,14 @@ def stream(
                 "fault": FaultHook.from_env(os.environ),
                 "ledger": ledger,
             },
-            batch_size=1,
+            batch_size=GPU_BATCH if gpus else 1,
             batch_format="numpy",
-            compute=ActorPoolStrategy(min_size=1, max_size=actors),
+            compute=ActorPoolStrategy(
+                min_size=1,
+                max_size=actors,
+                initial_size=actors,  # every actor (each GPU) from the start, not on demand
+                max_tasks_in_flight_per_actor=IN_FLIGHT_PER_ACTOR,
+            ),
             num_cpus=cfg.execution.actor_cpus,
             num_gpus=gpus,
             memory=memory.request_bytes,

@@ -10,14 +10,20 @@ feature actor is estimated from the model input's shape
 preprocessing has fixed that shape (after ``--spacing`` and ``--crop-margin``);
 a subject that does not fit fails at the ``check`` stage instead of having its
 worker killed.
+
+Each input file is read once: its bytes give the content hash (the resume
+key), and a NIfTI file is decoded from them (:func:`cohort.inputs.nifti.nifti_from_bytes`).
+The task hands over the subject placed on the model's grid, in HU, without the
+intensity work, as numpy columns that Ray moves without pickling
+(:mod:`cohort.inputs.handover`).
 """
 
 from __future__ import annotations
 
 import errno
 import gzip
+import hashlib
 import json
-import pickle
 import time
 import traceback
 from collections.abc import Mapping
@@ -28,9 +34,10 @@ from cohort.config import LabelMap, RunConfig, parse_label_map
 from cohort.errors import CohortError
 from cohort.inputs.chain import perturb_pair
 from cohort.inputs.chain_config import PerturbationConfig
-from cohort.inputs.fingerprint import fingerprint, sha256_file, sha256_path, subject_key
+from cohort.inputs.fingerprint import fingerprint, sha256_path, subject_key
 from cohort.inputs.geometry import Reach, mask_resampled
-from cohort.inputs.preprocess import Prepared
+from cohort.inputs.handover import empty_columns, to_columns
+from cohort.inputs.preprocess import Placed
 from cohort.inputs.readers import VolumePair
 from cohort.inputs.stages import Stages
 from cohort.model.memory import Budget, Estimate, check_memory
@@ -48,6 +55,7 @@ __all__ = [
     "is_transient",
     "load_subject",
     "perturbed",
+    "read_file",
 ]
 
 FAILED, READY, CACHED, DONE = "failed", "ready", "cached", "done"
@@ -103,9 +111,18 @@ def is_transient(err: BaseException) -> bool:
 # ------------------------------------------------------------- stage: loading
 
 
-def _content(path: Path) -> str:
-    """sha256 of a file, or of every file in a folder (a DICOM series, a mask folder)."""
-    return sha256_path(path) if path.is_dir() else sha256_file(path)
+def read_file(path: Path) -> bytes:
+    """A subject's file, read once: its bytes are hashed (the resume key), then decoded."""
+    return Path(path).read_bytes()
+
+
+def _content(path: Path, contents: dict[Path, bytes]) -> str:
+    """sha256 of a file, or of every file in a folder (a DICOM series, a mask folder); a
+    file's bytes are kept in ``contents``, so that reading it needs no second read."""
+    if path.is_dir():
+        return sha256_path(path)
+    contents[path] = raw = read_file(path)
+    return hashlib.sha256(raw).hexdigest()  # = sha256_path(path)
 
 
 def load_subject(
@@ -134,7 +151,7 @@ def load_subject(
     ``message`` (:data:`RESAMPLED_NOTE`), also when it fails later.
     """
     out = {**row, "key": "", "status": READY, "stage": "", "error_type": "", "message": ""}
-    out["payload"] = b""
+    out.update(empty_columns())
     spec = str(row.get("perturbation") or "")  # cohort robustness: which perturbation, if any
     out["perturbation"] = spec
     perturbing = False
@@ -153,14 +170,16 @@ def load_subject(
         attempts = cfg.execution.max_retries + 1
         for attempt in range(attempts):
             try:
-                parts = [_content(image), _content(mask), row["labels"], identity]
-                parts += [f"series_uid={series_uid}"] if series_uid else []
+                contents: dict[Path, bytes] = {}
+                parts = [_content(image, contents), _content(mask, contents), row["labels"]]
+                parts += [identity] + ([f"series_uid={series_uid}"] if series_uid else [])
                 print_ = fingerprint(parts + ([f"perturbation={spec}"] if spec else []))
                 out["key"] = subject_key(row["subject_id"], print_)
                 if out["key"] in finished:
                     out["status"] = CACHED
                     return out
-                pair = stages.loaded(image, mask, series_uid)
+                pair = stages.loaded(image, mask, series_uid, contents)
+                del contents  # the voxels are decoded; the file bytes are not needed
                 break
             except Exception as err:
                 if attempt + 1 == attempts or not is_transient(err):
@@ -170,16 +189,18 @@ def load_subject(
                 time.sleep(IO_RETRY_DELAY_S * 2**attempt)
         resampled = mask_resampled(pair, cfg.preprocess)
         checked = stages.check(pair)
-        if spec:  # after the check (grids, regions present), before preprocessing
+        del pair
+        if spec:  # after the check (grids, regions present), before placing
             perturbing = True
             checked, out["perturbation"] = perturbed(checked, stages.labels, spec, row)
             perturbing = False
-        prepared = stages.preprocess(checked, cfg.regions.background)
+        placed = stages.place(checked, cfg.regions.background)
+        del checked  # what is not placed (e.g. the voxels a crop leaves out)
         stages.stage = "check"  # memory: a check of the model input, whose size is now final
         where = device or ("cpu" if cfg.execution.device == "auto" else cfg.execution.device)
-        check_actor_memory(prepared, cfg, reach, image, where, budget)
+        check_actor_memory(placed, cfg, reach, image, where, budget)
         out["message"] = RESAMPLED_NOTE if resampled else ""
-        out["payload"] = pickle.dumps(prepared, protocol=5)
+        out.update(to_columns(placed))
     except Exception as err:
         out.update(failure_row(PERTURB if perturbing else stages.stage, err, row))
         if getattr(err, "__notes__", None):
@@ -204,7 +225,7 @@ def perturbed(
 
 
 def check_actor_memory(
-    prepared: Prepared,
+    placed: Placed,
     cfg: RunConfig,
     reach: Reach | None,
     image: Path | str,
@@ -217,12 +238,12 @@ def check_actor_memory(
     ``--actor-memory`` less the worker process). The
     hooked layers are ``reach``'s module paths (resolved on the driver), else the
     configured ones."""
-    index = prepared.region_index
-    d, h, w = (int(n) for n in prepared.image.shape)
+    index = placed.region_index
+    d, h, w = (int(n) for n in placed.hu.shape)
     layers = [r.module_path for r in reach.layers] if reach is not None else cfg.model.layers
     return check_memory(
         (d, h, w),
-        prepared.spacing_mm,
+        placed.spacing_mm,
         cfg,
         layers,
         device,

@@ -215,7 +215,12 @@ class ActorMemory:
 
 
 def actor_memory(
-    sizes: InputSizes | None, cfg: RunConfig, layers: Sequence[str], device: str, actors: int
+    sizes: InputSizes | None,
+    cfg: RunConfig,
+    layers: Sequence[str],
+    device: str,
+    actors: int,
+    loaders: int = 0,
 ) -> ActorMemory:
     """Size the actors from the largest model input the header scan found.
 
@@ -227,6 +232,11 @@ def actor_memory(
     store (at least :data:`QUEUE_FLOOR_BYTES`), so a long run of small volumes
     does not fill the store ahead of the actors; with none sized, Ray Data keeps
     its own budget. An input larger than the queue still passes, one at a time.
+    The queue also holds one input per loader that can run at once (``loaders``,
+    the cluster's CPUs over ``--loader-cpus``) and per actor: Ray Data starts a
+    loader only when its output fits the budget, so a smaller one would idle
+    loader CPUs that a fast (GPU) actor needs, which consumes a subject in far less
+    than a loader takes to make one.
     """
     limit = int(cfg.execution.actor_memory_gb * GIB)
     if sizes is None or not sizes.largest:
@@ -237,7 +247,8 @@ def actor_memory(
         estimate_peak_bytes(shape, model.backbone, layers, pooling, model.precision, device)
         for shape in sizes.largest
     ]
-    queue = max(QUEUE_FLOOR_BYTES, actors * QUEUE_PER_ACTOR * max(e.inputs for e in estimates))
+    ahead = max(actors * QUEUE_PER_ACTOR, loaders + actors)  # model inputs in flight
+    queue = max(QUEUE_FLOOR_BYTES, ahead * max(e.inputs for e in estimates))
     if not sizes.complete:
         basis = f"--actor-memory ({sizes.sized} of {sizes.total} sized by their headers)"
         return ActorMemory(limit, queue, basis)

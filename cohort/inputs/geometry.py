@@ -179,7 +179,10 @@ def check_pair(
     resample = not same_grid(image_grid, mask_grid, cfg.affine_tolerance_mm)
     if resample and cfg.mask_resample == "off":
         raise GeometryError(_grid_message(pair, image_grid, mask_grid, cfg))
-    not_finite = int(pair.image.data.size - np.count_nonzero(np.isfinite(pair.image.data)))
+    data = pair.image.data  # integers are finite: only a float image is looked at
+    not_finite = (
+        0 if data.dtype.kind in "iu" else int(data.size - np.count_nonzero(np.isfinite(data)))
+    )
     if not_finite:
         raise InputError(
             f"image file {pair.image_path} has {not_finite:,} NaN or infinite voxels; "

@@ -1,11 +1,15 @@
 """Stage "preprocess": reorient, put the mask on the image grid, resample, crop, window
 and normalise, orient the axes as the backbone's preset says; build the region index.
 
-Pure numpy + nibabel (scipy only when resampling the image). The output
-:class:`Prepared` is what the model stage receives: a float32 image and a
-uint8 region index (:mod:`cohort.inputs.regions`), 5 bytes per voxel when
-the regions are disjoint, one more byte per voxel per extra plane when
-regions overlap.
+Pure numpy + nibabel (scipy only when resampling the image). :func:`place_pair`
+does everything but the intensity work and gives a :class:`Placed` subject: the
+image in HU as read (2 bytes per voxel for int16 CT) and a uint8 region index
+(:mod:`cohort.inputs.regions`), one byte per voxel when the regions are
+disjoint, one more per extra plane when they overlap; this is what the
+pipeline's loaders hand to the feature actors. :func:`preprocess_pair` adds the
+HU window and normalisation in numpy and gives :class:`Prepared`, a float32
+model input (the reference of the actors' device-side intensity step, and what
+scripts and ``cohort validate`` use).
 """
 
 from __future__ import annotations
@@ -33,18 +37,22 @@ from cohort.inputs.regions import (
     MAX_REGIONS,
     NO_REGION,
     as_region_index,
+    label_plane,
     region_counts,
     stack,
 )
+from cohort.inputs.segmentation import LabelRegions, check_label_kind
 from cohort.inputs.volume import fmt_shape
 
 __all__ = [
     "NO_REGION",
+    "Placed",
     "Prepared",
     "air_value",
     "axis_flips",
     "crop_box",
     "normalise_intensity",
+    "place_pair",
     "preprocess_pair",
     "resample_image",
     "resample_mask",
@@ -68,6 +76,23 @@ class Prepared:
     mask_resampled: bool = False  # the mask was put on the image grid (--mask-resample)
 
 
+@dataclass(frozen=True, eq=False)
+class Placed:
+    """One subject on the model's grid before any intensity work, (D, H, W): the image in
+    HU as read (the stored integers, or float32 where the image was stored as floats or
+    has been resampled), and the region index. :func:`preprocess_pair` windows and
+    normalises it; the pipeline hands it to the feature actor, which does that on the
+    network's device (:mod:`cohort.inputs.handover`)."""
+
+    hu: np.ndarray  # (D,H,W) HU, axes as PreprocessConfig.axes; integers or float32
+    region_index: np.ndarray  # as Prepared.region_index
+    region_names: tuple[str, ...]
+    voxels: tuple[int, ...]
+    spacing_mm: tuple[float, float, float]
+    original_orientation: str
+    mask_resampled: bool = False
+
+
 def preprocess_pair(
     pair: VolumePair,
     labels: LabelMap,
@@ -78,8 +103,38 @@ def preprocess_pair(
     """Reorient to RAS+ (D, H, W), put the regions on the image grid, resample, crop,
     window and normalise, reverse the axes ``cfg.axes`` reverses; build the region index.
 
+    :func:`place_pair`, then :func:`normalise_intensity` in numpy (float32): the
+    reference the feature actor's device-side intensity step is tested against.
+    """
+    placed = place_pair(pair, labels, background, cfg, reach)
+    image, air = normalise_intensity(placed.hu, cfg, f"image {pair.image_path}")
+    return Prepared(
+        image=np.ascontiguousarray(image),
+        region_index=placed.region_index,
+        region_names=placed.region_names,
+        voxels=placed.voxels,
+        spacing_mm=placed.spacing_mm,
+        original_orientation=placed.original_orientation,
+        air=air,
+        mask_resampled=placed.mask_resampled,
+    )
+
+
+def place_pair(
+    pair: VolumePair,
+    labels: LabelMap,
+    background: bool,
+    cfg: PreprocessConfig,
+    reach: Reach | None = None,
+) -> Placed:
+    """Reorient to RAS+ (D, H, W), put the regions on the image grid, resample, crop,
+    reverse the axes ``cfg.axes`` reverses; build the region index. No intensity work.
+
     Assumes :func:`cohort.inputs.geometry.check_pair` passed. With ``reach``
-    a crop that leaves the model input too small is an error.
+    a crop that leaves the model input too small is an error. A label map on the
+    image's grid becomes its region index in one table lookup per voxel
+    (:func:`cohort.inputs.regions.label_plane`); other masks one plane per
+    region, stacked.
     """
     n_regions = len(labels) + (1 if background else 0)
     if n_regions > MAX_REGIONS:
@@ -89,9 +144,14 @@ def preprocess_pair(
     image_grid = dhw_grid(pair.image.shape, pair.image.affine)
     mask_grid = dhw_grid(pair.regions.shape, pair.regions.affine)
     image, spacing = to_dhw(pair.image.data, pair.image.affine)
-    selected = select_regions(pair.regions, labels)
-    planes = stack([to_dhw(mask, pair.regions.affine)[0] for _, mask in selected])
     resampled = not same_grid(image_grid, mask_grid, cfg.affine_tolerance_mm)
+    rest = len(labels) if background else NO_REGION  # what a voxel in no named region is
+    planes, names = _label_planes(pair, labels, rest) if not resampled else (None, [])
+    if planes is None:
+        selected = select_regions(pair.regions, labels)
+        names = [name for name, _ in selected]
+        planes = stack([to_dhw(mask, pair.regions.affine)[0] for _, mask in selected])
+        rest = NO_REGION  # background is set below, after resampling and cropping
     if resampled:
         planes = np.stack(
             [
@@ -108,41 +168,70 @@ def preprocess_pair(
         image = resample_image(image, spacing, target)
         planes = np.stack([resample_mask(p, spacing, target) for p in planes])
         spacing = target
-    named = np.any(planes != NO_REGION, axis=0)
     if cfg.crop_margin_mm is not None:
+        named = _named(planes, len(labels), rest)
         box = crop_box(named, spacing, cfg.crop_margin_mm)
-        image, planes, named = image[box], planes[(slice(None), *box)], named[box]
+        image, planes = image[box], planes[(slice(None), *box)]
         if reach is not None:
             d, h, w = (int(n) for n in image.shape)
             check_size((d, h, w), spacing, reach, pair.image_path, cropped=True)
     planes = np.ascontiguousarray(planes)
-    names = [name for name, _ in selected]
     if background:
-        planes[0][~named] = len(labels)
+        if rest == NO_REGION:
+            planes[0][~_named(planes, len(labels), rest)] = len(labels)
         names.append(BACKGROUND)
     voxels = region_counts(planes, len(names))  # before flipping: the counts do not change
     for name, count in zip(names, voxels, strict=True):
         if count == 0:
             raise RegionError(
                 f"region {name!r} of mask {pair.mask_path} has no voxels after "
-                f"resampling/cropping (grid {fmt_shape(named.shape)}); use a finer "
+                f"resampling/cropping (grid {fmt_shape(planes.shape[1:])}); use a finer "
                 "target spacing or a larger crop margin, or check the label map"
             )
-    image, air = normalise_intensity(image, cfg, f"image {pair.image_path}")
     flips = axis_flips(cfg.axes)
     if flips:
         image = np.flip(image, flips)
         planes = np.flip(planes, tuple(axis + 1 for axis in flips))
-    return Prepared(
-        image=np.ascontiguousarray(image),
+    return Placed(
+        hu=np.ascontiguousarray(image),
         region_index=as_region_index(np.ascontiguousarray(planes)),
         region_names=tuple(names),
         voxels=voxels,
         spacing_mm=spacing,
         original_orientation=orientation,
-        air=air,
         mask_resampled=resampled,
     )
+
+
+def _label_planes(
+    pair: VolumePair, labels: LabelMap, rest: int
+) -> tuple[np.ndarray | None, list[str]]:
+    """A label map's (1, D, H, W) plane by one table lookup (background already ``rest``),
+    or None where the regions must be stacked (named masks, repeated values, wide
+    integers, a region with no voxel: :func:`select_regions` then says which)."""
+    regions = pair.regions
+    if not isinstance(regions, LabelRegions):
+        return None, []
+    check_label_kind(regions.path, labels, by_name=False)
+    values = [value for _, value in labels if value is not None]
+    if len(values) != len(labels):
+        return None, []
+    dhw, _ = to_dhw(regions.labels, regions.affine)
+    plane = label_plane(dhw, values, rest)
+    if plane is None:
+        return None, []
+    counts = region_counts(plane[np.newaxis], len(values))
+    if not all(counts):
+        return None, []  # select_regions names the empty region
+    return plane[np.newaxis], [name for name, _ in labels]
+
+
+def _named(planes: np.ndarray, n_named: int, rest: int) -> np.ndarray:
+    """Voxels in any named region of (P, D, H, W) planes, whose other voxels are ``rest``
+    (:data:`NO_REGION`, or the background's id ``n_named`` in plane 0)."""
+    if rest == NO_REGION:
+        return np.any(planes != NO_REGION, axis=0)
+    return planes[0] < n_named
 
 
 def axis_flips(axes: str) -> tuple[int, ...]:

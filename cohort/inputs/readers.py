@@ -31,7 +31,7 @@ them, so a NIfTI-only loader never pays for them. Nothing is reoriented here: a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +52,7 @@ EMPTY_SERIES_UID = "<empty>"  # a `series_uid` cell naming the series whose UID 
 class VolumePair:
     """An image and its mask's regions, as stored on disk (original orientation)."""
 
-    image: Volume  # float32 HU
+    image: Volume  # HU: float32, or the stored integers when they are HU as stored
     regions: Regions  # a label map and its names, or named binary masks; on the mask's grid
 
     @property
@@ -71,6 +71,7 @@ def load_pair(
     labels: LabelMap | None = None,
     *,
     series_uid: str | None = None,
+    contents: Mapping[Path, bytes] | None = None,
 ) -> VolumePair:
     """Read an image and its mask; every header is checked before any voxel is read.
 
@@ -79,25 +80,33 @@ def load_pair(
     bare names for a folder or ``.seg.nrrd``. Without it a folder or
     ``.seg.nrrd`` reads every region, and a label map's values are named at
     the check stage.
+    ``contents``: the bytes of files read already (by path; a NIfTI file among
+    them is decoded from them instead of being read again).
     Raises :class:`InputError` (or :class:`GeometryError` for non-3D shapes)
     naming the file and the fix.
     """
-    read_image = open_image(Path(image), cfg.max_voxels, series_uid)
-    read_onto = open_dicom_regions(Path(mask), labels, cfg)
+    contents = contents or {}
+    image, mask = Path(image), Path(mask)
+    read_image = open_image(image, cfg.max_voxels, series_uid, raw=contents.get(image))
+    read_onto = open_dicom_regions(mask, labels, cfg)
     if read_onto is not None:
         volume = read_image()
         return VolumePair(image=volume, regions=read_onto(volume))
     read_regions = open_regions(
-        Path(mask),
+        mask,
         () if labels is None else labels,  # (): every region; a label map's names come later
         max_voxels=cfg.max_voxels,
         affine_tolerance_mm=cfg.affine_tolerance_mm,
+        raw=contents.get(mask),
     )
     return VolumePair(image=read_image(), regions=read_regions())
 
 
-def open_image(path: Path, max_voxels: int, series_uid: str | None = None) -> Callable[[], Volume]:
-    """Check an image's header(s) now; the returned function reads its voxels (float32 HU)."""
+def open_image(
+    path: Path, max_voxels: int, series_uid: str | None = None, raw: bytes | None = None
+) -> Callable[[], Volume]:
+    """Check an image's header(s) now; the returned function reads its voxels (HU).
+    ``raw``: the bytes of a NIfTI file, read already."""
     path = Path(path)
     if path.is_dir():
         from cohort.inputs.dicom import open_dicom_series  # GDCM only for DICOM folders
@@ -116,7 +125,7 @@ def open_image(path: Path, max_voxels: int, series_uid: str | None = None) -> Ca
         from cohort.inputs.enhanced import open_enhanced  # pydicom only for DICOM files
 
         return open_enhanced(path, max_voxels=max_voxels)
-    img = open_nifti(path, "image", max_voxels)  # any other name: NIfTI, or a clear error
+    img = open_nifti(path, "image", max_voxels, raw=raw)  # any other name: NIfTI, or an error
     return lambda: read_nifti(img, path, "image", labels=False)
 
 

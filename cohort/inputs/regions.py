@@ -19,10 +19,19 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["MAX_REGIONS", "NO_REGION", "as_region_index", "planes_of", "region_counts", "stack"]
+__all__ = [
+    "MAX_REGIONS",
+    "NO_REGION",
+    "as_region_index",
+    "label_plane",
+    "planes_of",
+    "region_counts",
+    "stack",
+]
 
 NO_REGION = 255  # value of voxels in no region of a plane
 MAX_REGIONS = NO_REGION  # region ids 0..254
+_SLAB = 1 << 22  # voxels per slab of the passes below: their index temporaries stay small
 
 
 def planes_of(region_index: np.ndarray) -> np.ndarray:
@@ -56,8 +65,37 @@ def stack(masks: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def region_counts(planes: np.ndarray, n_regions: int) -> tuple[int, ...]:
-    """Voxels of each region 0..n_regions-1 in (P, D, H, W) planes."""
-    counts = np.zeros(NO_REGION + 1, dtype=np.int64)
+    """Voxels of each region 0..n_regions-1 in (P, D, H, W) planes (a compare and a
+    count per region and plane: no index temporaries)."""
+    counts = [0] * n_regions
     for plane in planes:
-        counts += np.bincount(plane.ravel(), minlength=NO_REGION + 1)
-    return tuple(int(counts[r]) for r in range(n_regions))
+        for r in range(n_regions):
+            counts[r] += int(np.count_nonzero(plane == r))
+    return tuple(counts)
+
+
+def label_plane(labels: np.ndarray, values: Sequence[int], rest: int) -> np.ndarray | None:
+    """One uint8 plane from a 3D integer label map in one pass: voxels of ``values[r]``
+    take ``r``, every other voxel ``rest`` (:data:`NO_REGION`, or the background's id).
+
+    The regions of a label map with distinct values are disjoint, so this is
+    :func:`stack` of ``labels == value`` for each value, with ``rest`` where none is
+    set, at the cost of one table lookup per voxel. Returns None where that does not
+    hold or costs too much: a value repeated (overlapping regions), or labels of more
+    than 16 bits (no small table).
+    """
+    kind = labels.dtype
+    if kind.kind not in "iu" or kind.itemsize > 2 or len(set(values)) != len(values):
+        return None
+    if len(values) > MAX_REGIONS or labels.ndim != 3:
+        return None
+    info, unsigned = np.iinfo(kind), np.dtype(f"u{kind.itemsize}")
+    table = np.full(1 << (8 * kind.itemsize), rest, dtype=np.uint8)
+    for r, value in enumerate(values):
+        if info.min <= value <= info.max:  # indexed by the value's bits read unsigned
+            table[int(np.array(value, dtype=kind).view(unsigned))] = r
+    plane = np.empty(labels.shape, dtype=np.uint8)
+    step = max(1, _SLAB // max(1, labels.shape[1] * labels.shape[2]))
+    for d0 in range(0, labels.shape[0], step):
+        plane[d0 : d0 + step] = table[labels[d0 : d0 + step].view(unsigned)]
+    return plane

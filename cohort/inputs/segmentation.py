@@ -203,14 +203,16 @@ def is_slicer_segmentation(path: Path) -> bool:
     return Path(path).name.lower().endswith(SLICER_SUFFIX)
 
 
-def open_label_file(path: Path, *, max_voxels: int = _MAX_VOXELS) -> Callable[[], Volume]:
+def open_label_file(
+    path: Path, *, max_voxels: int = _MAX_VOXELS, raw: bytes | None = None
+) -> Callable[[], Volume]:
     """Check the header of an integer label map (NIfTI with nibabel, NRRD/MetaImage with
     SimpleITK) now; the returned function reads its voxels."""
     path = Path(path)
     if is_itk_file(path):
         return open_itk(path, "mask", max_voxels, labels=True)
     if is_nifti_file(path):
-        img = open_nifti(path, "mask", max_voxels)
+        img = open_nifti(path, "mask", max_voxels, raw=raw)
         return lambda: read_nifti(img, path, "mask", labels=True)
     if not path.exists():
         raise InputError(
@@ -523,8 +525,10 @@ def open_regions(
     *,
     max_voxels: int = _MAX_VOXELS,
     affine_tolerance_mm: float = _TOLERANCE_MM,
+    raw: bytes | None = None,
 ) -> Callable[[], Regions]:
     """Check a mask's kind and headers now; the returned function reads its voxels.
+    ``raw``: the bytes of a NIfTI label-map file, read already.
 
     A folder of masks and a ``.seg.nrrd`` name their regions, so ``label_map``
     must then hold bare names (only those are read); a label-map file needs
@@ -547,7 +551,7 @@ def open_regions(
             f"mask file {path} is a label map, and no label map NAME=VALUE,... was given for "
             "it; give one with --labels or the row's `labels` (e.g. tibia=1,femur=2)"
         )
-    read = open_label_file(path, max_voxels=max_voxels)
+    read = open_label_file(path, max_voxels=max_voxels, raw=raw)
 
     def regions() -> LabelRegions:
         volume = read()

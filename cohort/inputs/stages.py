@@ -7,12 +7,13 @@ a failure is labelled with it (``errors.csv``'s ``stage`` column).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Final, Literal
 
 from cohort.config import LabelMap, PreprocessConfig
 from cohort.inputs.geometry import Reach, check_pair
-from cohort.inputs.preprocess import Prepared, preprocess_pair
+from cohort.inputs.preprocess import Placed, Prepared, place_pair, preprocess_pair
 from cohort.inputs.readers import VolumePair, load_pair
 
 __all__ = ["STAGES", "Stage", "Stages", "prepare"]
@@ -33,10 +34,19 @@ class Stages:
         self.labels, self.cfg, self.reach = labels, cfg, reach
         self.stage: Stage = "load"
 
-    def loaded(self, image: Path, mask: Path, series_uid: str | None = None) -> VolumePair:
-        """Stage load: the pair as stored (only the named regions of a mask folder)."""
+    def loaded(
+        self,
+        image: Path,
+        mask: Path,
+        series_uid: str | None = None,
+        contents: Mapping[Path, bytes] | None = None,
+    ) -> VolumePair:
+        """Stage load: the pair as stored (only the named regions of a mask folder);
+        ``contents``: bytes of its files read already (:func:`load_pair`)."""
         self.stage = "load"
-        return load_pair(image, mask, self.cfg, self.labels, series_uid=series_uid)
+        return load_pair(
+            image, mask, self.cfg, self.labels, series_uid=series_uid, contents=contents
+        )
 
     def check(self, pair: VolumePair) -> VolumePair:
         """Stage check of a loaded pair; returns it, its mask re-indexed onto the image's
@@ -53,6 +63,12 @@ class Stages:
         model's input."""
         self.stage = "preprocess"
         return preprocess_pair(pair, self.labels, background, self.cfg, self.reach)
+
+    def place(self, pair: VolumePair, background: bool) -> Placed:
+        """Stage preprocess of a checked pair without the intensity work (the feature
+        actor does that on its device); returns what the loader hands over."""
+        self.stage = "preprocess"
+        return place_pair(pair, self.labels, background, self.cfg, self.reach)
 
     def prepared(self, image: Path, mask: Path, background: bool) -> Prepared:
         """All three stages; returns the model's input."""
