@@ -62,6 +62,7 @@ from cohort.execution.session import (
     usable_cpus,
 )
 from cohort.execution.units import SubjectRun, Work
+from cohort.inputs.fingerprint import execution_identity
 from cohort.outputs import schemas, store
 
 if TYPE_CHECKING:
@@ -328,7 +329,9 @@ def _stream(
     in_process: bool,
 ) -> Generator[dict[str, Any], None, None]:
     """The result rows of the units' stream ``rows``, from the Ray Data graph or from
-    this process."""
+    this process. The subjects' keys hold the plan's options with the device and
+    the torch threads of the actors (:func:`~cohort.inputs.fingerprint.execution_identity`)."""
+    identity = execution_identity(plan.identity, actors.device, actors.threads)
     if in_process:
         from cohort.execution import inprocess
         from cohort.execution.machine import in_process_budget, read_host_memory
@@ -339,7 +342,7 @@ def _stream(
             rows,
             plan.network,
             cfg,
-            plan.identity,
+            identity,
             finished,
             actors,
             reach=plan.reach,
@@ -351,7 +354,7 @@ def _stream(
         rows,
         plan.weights.state_dict,
         cfg,
-        plan.identity,
+        identity,
         finished,
         actors,
         memory,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import errno
 import gzip
-import hashlib
 import json
 import time
 import traceback
@@ -34,7 +33,7 @@ from cohort.config import LabelMap, RunConfig, parse_label_map
 from cohort.errors import CohortError
 from cohort.inputs.chain import perturb_pair
 from cohort.inputs.chain_config import PerturbationConfig
-from cohort.inputs.fingerprint import fingerprint, sha256_path, subject_key
+from cohort.inputs.fingerprint import content_hash, fingerprint, sha256_path, subject_key
 from cohort.inputs.geometry import Reach, mask_resampled
 from cohort.inputs.handover import empty_columns, to_columns
 from cohort.inputs.preprocess import Placed
@@ -122,7 +121,7 @@ def _content(path: Path, contents: dict[Path, bytes]) -> str:
     if path.is_dir():
         return sha256_path(path)
     contents[path] = raw = read_file(path)
-    return hashlib.sha256(raw).hexdigest()  # = sha256_path(path)
+    return content_hash(path, raw)  # = sha256_path(path)
 
 
 def load_subject(

@@ -18,6 +18,9 @@ __all__ = [
     "IN_KEY",
     "OUT_OF_KEY",
     "config_value",
+    "content_hash",
+    "data_files",
+    "execution_identity",
     "fingerprint",
     "options_identity",
     "sha256_file",
@@ -36,13 +39,56 @@ def sha256_file(path: Path) -> str:
 
 
 def sha256_path(path: Path) -> str:
-    """:func:`sha256_file` of a file; of a folder (a DICOM series, a mask folder), a
-    fingerprint of the name and sha256 of every file directly in it."""
+    """:func:`content_hash` of a file; of a folder (a DICOM series, a mask folder), a
+    fingerprint of the name and content hash of every file directly in it."""
     path = Path(path)
     if not path.is_dir():
-        return sha256_file(path)
+        return content_hash(path, path.read_bytes())
     files = sorted(p for p in path.iterdir() if p.is_file())
-    return fingerprint(["folder", *(f"{p.name}:{sha256_file(p)}" for p in files)])
+    return fingerprint(["folder", *(f"{p.name}:{sha256_path(p)}" for p in files)])
+
+
+def content_hash(path: Path, raw: bytes) -> str:
+    """sha256 of a file's bytes ``raw``; for a detached header (``.mhd``, ``.nhdr``)
+    also of every data file it names, so a corrected ``ct.raw`` moves the key."""
+    digest = hashlib.sha256(raw).hexdigest()
+    detached = data_files(Path(path), raw)
+    if not detached:
+        return digest
+    return fingerprint(["detached", digest, *(f"{p.name}:{sha256_file(p)}" for p in detached)])
+
+
+_MHD_DATA = re.compile(rb"^\s*ElementDataFile\s*=\s*(.*?)\s*$", re.M)
+_NHDR_DATA = re.compile(rb"^\s*data ?file\s*:\s*(.*?)\s*$", re.M | re.I)
+
+
+def data_files(path: Path, raw: bytes) -> list[Path]:
+    """The data files a detached MetaImage (``.mhd``) or NRRD (``.nhdr``) header ``raw``
+    names: one file, a ``LIST`` of them, or a printf pattern with min, max and step;
+    none for any other file (or ``LOCAL``: the data follow the header)."""
+    suffix = path.name.lower()
+    if suffix.endswith(".mhd"):
+        found = _MHD_DATA.search(raw)
+    elif suffix.endswith(".nhdr"):
+        found = _NHDR_DATA.search(raw)
+    else:
+        return []
+    if found is None:
+        return []
+    value = found.group(1).decode("utf-8", "replace").strip()
+    words = value.split()
+    if not words or words[0] == "LOCAL":
+        return []
+    if words[0] == "LIST":  # the names follow, one per line, to the end of the header
+        tail = raw[found.end() :].decode("utf-8", "replace").splitlines()
+        return [path.parent / line.strip() for line in tail if line.strip()]
+    if "%" in words[0] and len(words) >= 4:  # printf pattern, min, max, step
+        start, stop, step = (int(w) for w in words[1:4])
+        if step == 0:
+            return [path.parent / (words[0] % start)]
+        stop += 1 if step > 0 else -1
+        return [path.parent / (words[0] % n) for n in range(start, stop, step)]
+    return [path.parent / value]
 
 
 def fingerprint(parts: Iterable[str]) -> str:
@@ -95,14 +141,17 @@ OUT_OF_KEY: Final[Mapping[str, str]] = {
     "model.seed": "seeds random weights, whose sha256 is in the key instead",
     "model.weights_sha256": "checks the weights file, whose own sha256 is in the key",
     "pooling.min_coverage": "decides whether a region is refused, never its vector",
-    "execution.device": "CPU and GPU give the same vectors to float32 rounding",
+    "execution.device": "the device the run resolves it to is in the key "
+    "(execution_identity), not the option: auto and cpu on a machine without GPUs agree",
     "execution.address": "where the run goes",
     "execution.executor": "the same stage code in this process or on Ray; equal vectors at "
     "equal torch threads (tests/test_in_process.py)",
-    "execution.num_actors": "how wide the run goes",
+    "execution.num_actors": "how wide the run goes; the torch threads it leaves each actor "
+    "are in the key (execution_identity)",
     "execution.actor_cpus": "resources of the actors",
     "execution.loader_cpus": "resources of the loaders",
-    "execution.torch_threads": "threads of the actors",
+    "execution.torch_threads": "the threads a run resolves (this option, or the CPUs per "
+    "actor) are in the key (execution_identity), whatever gave them",
     "execution.progress": "what is printed",
     "execution.stall_timeout_s": "when a hung run stops",
     "execution.max_retries": "how often a failed attempt is repeated",
@@ -131,6 +180,13 @@ def config_value(cfg: RunConfig, path: str) -> Any:
     for name in path.split("."):
         value = getattr(value, name)
     return value
+
+
+def execution_identity(identity: str, device: str, threads: int | None) -> str:
+    """:func:`options_identity` with where the network runs and with how many torch
+    threads: both change float32 reductions' order, so vectors at the last digits
+    (1e-5 has been measured between thread counts), so both are in the key."""
+    return fingerprint([identity, f"device={device}", f"threads={threads}"])
 
 
 def options_identity(cfg: RunConfig, weights_sha256: str) -> str:
