@@ -519,6 +519,7 @@ def _provenance(
         "executor": result.executor,
         "ray": None if result.ray is None else dataclasses.asdict(result.ray),
         "in_process": None if result.in_process is None else dataclasses.asdict(result.in_process),
+        "robust_only": None,  # cohort stats --robust-only names its folder here
     }
 
 
