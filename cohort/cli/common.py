@@ -11,7 +11,7 @@ import click
 
 from cohort.errors import CohortError, ExitCode
 
-__all__ = ["fail", "reported"]
+__all__ = ["command_line", "fail", "reported"]
 
 
 def fail(err: BaseException, code: ExitCode | None = None) -> NoReturn:
@@ -28,3 +28,11 @@ def reported() -> Iterator[None]:
         yield
     except CohortError as err:
         fail(err)
+
+
+def command_line() -> list[str]:
+    """This process's command line as its user typed it (``cohort run ...``, a job
+    script's), for the record of who holds an output folder."""
+    from pathlib import Path
+
+    return [Path(sys.argv[0]).name, *sys.argv[1:]]

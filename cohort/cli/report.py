@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cohort.cli.common import reported
+from cohort.cli.common import command_line, reported
 
 __all__ = ["report"]
 
@@ -31,6 +31,6 @@ def report(folder: Path, out: Path | None) -> None:
     from cohort.report import write_report
 
     inside = out is None or out.resolve().is_relative_to(folder.resolve())
-    with reported(), hold(folder, ["cohort", "report", str(folder)]) if inside else nullcontext():
+    with reported(), hold(folder, command_line()) if inside else nullcontext():
         path = write_report(folder, out)
     click.echo(f"report: {path}")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from cohort.cli import options
-from cohort.cli.common import fail
+from cohort.cli.common import command_line, fail
 from cohort.config import RunConfig
 from cohort.errors import CohortError, ExitCode
 
@@ -66,9 +66,8 @@ def execute(
     """
     from cohort.outputs.lock import hold
 
-    command = "robustness" if work is not None else "run"
     try:
-        with hold(out, ["cohort", command, str(manifest), "--out", str(out)]):
+        with hold(out, command_line()):
             return _execute(
                 manifest,
                 out,

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from cohort.cli import options
-from cohort.cli.common import reported
+from cohort.cli.common import command_line, reported
 from cohort.cli.run import format_origin
 
 __all__ = ["stats"]
@@ -38,7 +38,7 @@ def stats(folder: Path, robust_only: Path | None, **values: Any) -> None:
     from cohort.outputs.lock import hold
     from cohort.outputs.provenance import read_run, saved_adjust_config, saved_stats_config
 
-    with reported(), hold(folder, ["cohort", "stats", str(folder)]):
+    with reported(), hold(folder, command_line()):
         run = read_run(folder)
         cfg = options.stats_config(values, base=saved_stats_config(run))
         adjusted = options.adjust_config(values, base=saved_adjust_config(run))

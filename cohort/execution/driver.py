@@ -61,13 +61,14 @@ from cohort.execution.session import (
     ray_instance,
     usable_cpus,
 )
-from cohort.execution.units import SubjectRun, Work
+from cohort.execution.units import Finished, SubjectRun, Work
 from cohort.inputs.fingerprint import execution_identity
 from cohort.outputs import schemas, store
 
 if TYPE_CHECKING:
     import pandas as pd
 
+    from cohort.execution.adjust import Columns
     from cohort.execution.plan import Plan
     from cohort.inputs.manifest import Subject
     from cohort.model.pooling import RegionVector
@@ -248,16 +249,17 @@ def run(
         provenance = _provenance(cfg, plan, result, devices, extract_seconds)
         ordered = [s for s in plan.subjects if s.subject_id in keys]
         stopping = _stop_ray() if owned else None  # the reducer needs no Ray
-        result.origin = work.finish(
+        done = Finished(
             out_dir,
             parts,
             [keys[s.subject_id] for s in ordered],
             result.errors,
             cfg,
             provenance,
-            cohorts=[s.cohort for s in ordered],
-            columns=_columns(plan, cfg),
+            [s.cohort for s in ordered],
+            _columns(plan, cfg),
         )
+        result.origin = work.finish(done)
         phases["published_s"] = time.perf_counter() - started
     except KeyboardInterrupt:
         progress.close()
@@ -375,7 +377,7 @@ def _read(manifest: Path, cfg: RunConfig) -> tuple[Subject, ...] | None:
         return None
 
 
-def _columns(plan: Plan, cfg: RunConfig) -> Any:
+def _columns(plan: Plan, cfg: RunConfig) -> Columns | None:
     """The covariates, strata and batch of the manifest's subjects, for the reducer (the
     per-subject values only; None for an unadjusted run)."""
     if not cfg.adjust.active:

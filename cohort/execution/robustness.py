@@ -41,6 +41,7 @@ from cohort.inputs.chain_config import RobustnessConfig
 from cohort.outputs import schemas, store
 
 if TYPE_CHECKING:
+    from cohort.execution.units import Finished
     from cohort.inputs.manifest import Subject
 
 __all__ = ["ROBUSTNESS_FILES", "Robustness", "unit_id"]
@@ -129,20 +130,10 @@ class Robustness:
 
     # ------------------------------------------------------------------ the end
 
-    def finish(
-        self,
-        out_dir: Path,
-        parts: store.Parts,
-        keys: Sequence[str],
-        errors: Sequence[Mapping[str, str]],
-        cfg: RunConfig,
-        provenance: Mapping[str, Any],
-        cohorts: Sequence[str],
-        columns: Any = None,
-    ) -> pd.DataFrame:
-        from cohort.execution.reduce import finish, read_features
+    def finish(self, done: Finished) -> pd.DataFrame:
+        from cohort.execution.reduce import read_features
 
-        out_dir = Path(out_dir)
+        out_dir, keys, errors = Path(done.out_dir), done.keys, done.errors
         unit_of = {key: uid for uid, key in self.keys.items()}
         units = [unit_of[key] for key in keys]
         count, threshold = self.cfg.perturb.count, self.cfg.threshold
@@ -153,11 +144,11 @@ class Robustness:
             "counts": dict(self.counts),
             "files": list(ROBUSTNESS_FILES),
         }
-        stamp = {**provenance, "robustness": record}
+        stamp = {**done.provenance, "robustness": record}
 
         combined = out_dir / store.STATE_DIR / "robustness-features.parquet"
         features_schema = store.with_provenance(schemas.FEATURES_SCHEMA, stamp)
-        parts.combine(keys, features_schema, combined, cohorts=cohorts)
+        done.parts.combine(keys, features_schema, combined, cohorts=done.cohorts)
         features = read_features(combined)
         similarity = stats.cosine_table(features).drop(columns="cosine_centred")
         similarity = self._label(similarity).merge(self._parameters(units), on="unit", how="left")
@@ -189,16 +180,14 @@ class Robustness:
             "subjects": self.counts["units"] // (count + 1),
             **{state: states.count(state) for state in (DONE, "cached", FAILED)},
         }
-        return finish(
-            out_dir,
-            parts,
-            [keys[i] for i in original],
-            first,
-            cfg,
-            stamp,
-            cohorts=[cohorts[i] for i in original],
-            columns=columns,
+        originals = dataclasses.replace(
+            done,
+            keys=[keys[i] for i in original],
+            errors=first,
+            provenance=stamp,
+            cohorts=[done.cohorts[i] for i in original],
         )
+        return originals.reduce()
 
     def _label(self, frame: pd.DataFrame) -> pd.DataFrame:
         """``frame`` (one ``subject_id`` per unit) with ``unit``, the subject's own id

@@ -11,7 +11,9 @@ own error row.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -20,10 +22,36 @@ from cohort.config import RunConfig
 if TYPE_CHECKING:
     import pandas as pd
 
+    from cohort.execution.adjust import Columns
     from cohort.inputs.manifest import Subject
     from cohort.outputs import store
 
-__all__ = ["SubjectRun", "Work"]
+__all__ = ["Finished", "SubjectRun", "Work"]
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What a run hands its :class:`Work` at the end: the finished units' part ``keys``
+    (in unit order, with each unit's cohort in ``cohorts``), the error rows, the
+    settings and record of the run, and the subjects' covariates, strata and batch
+    (``columns``; None unadjusted)."""
+
+    out_dir: Path
+    parts: store.Parts
+    keys: Sequence[str]
+    errors: Sequence[Mapping[str, str]]
+    cfg: RunConfig
+    provenance: Mapping[str, Any]
+    cohorts: Sequence[str]
+    columns: Columns | None = None
+
+    def reduce(self) -> pd.DataFrame:
+        """The usual outputs of ``cohort run`` from these units
+        (:func:`cohort.execution.reduce.finish`); returns the origin study's table."""
+        from cohort.execution.reduce import finish
+
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return finish(**fields)
 
 
 class Work(Protocol):
@@ -39,20 +67,8 @@ class Work(Protocol):
         """A result row as it arrives (once per unit: done, cached or failed)."""
         ...
 
-    def finish(
-        self,
-        out_dir: Path,
-        parts: store.Parts,
-        keys: Sequence[str],
-        errors: Sequence[Mapping[str, str]],
-        cfg: RunConfig,
-        provenance: Mapping[str, Any],
-        cohorts: Sequence[str],
-        columns: Any = None,
-    ) -> pd.DataFrame:
-        """Write the outputs from the finished units' parts (``keys``, in unit order) and
-        the error rows; ``columns``: the subjects' covariates, strata and batch (None
-        unadjusted). Returns the origin study's table."""
+    def finish(self, done: Finished) -> pd.DataFrame:
+        """Write the outputs of the finished units; returns the origin study's table."""
         ...
 
 
@@ -70,19 +86,5 @@ class SubjectRun:
     def note(self, row: Mapping[str, Any]) -> None:
         return None
 
-    def finish(
-        self,
-        out_dir: Path,
-        parts: store.Parts,
-        keys: Sequence[str],
-        errors: Sequence[Mapping[str, str]],
-        cfg: RunConfig,
-        provenance: Mapping[str, Any],
-        cohorts: Sequence[str],
-        columns: Any = None,
-    ) -> pd.DataFrame:
-        from cohort.execution.reduce import finish
-
-        return finish(
-            out_dir, parts, keys, errors, cfg, provenance, cohorts=cohorts, columns=columns
-        )
+    def finish(self, done: Finished) -> pd.DataFrame:
+        return done.reduce()
