@@ -647,6 +647,8 @@ def test_sigint_keeps_finished_subjects_and_rerun_does_only_the_rest(
     )
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=_stderr_lines, args=(proc.stderr, lines), daemon=True).start()
+    printed: queue.Queue[str] = queue.Queue()  # drained, so that a full pipe blocks nothing
+    threading.Thread(target=_stderr_lines, args=(proc.stdout, printed), daemon=True).start()
     seen: list[str] = []
     try:
         deadline = time.monotonic() + 400
@@ -660,7 +662,11 @@ def test_sigint_keeps_finished_subjects_and_rerun_does_only_the_rest(
             seen.append(line)
         proc.send_signal(signal.SIGINT)
         sent = time.monotonic()
-        proc.wait(timeout=120)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # say where it is stuck: every thread's stack
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(5)
         stopped_in = time.monotonic() - sent
         print(f"SIGINT after {len(seen)} stderr lines; stopped in {stopped_in:.1f} s")
     finally:
@@ -691,6 +697,53 @@ def test_sigint_keeps_finished_subjects_and_rerun_does_only_the_rest(
     for name in ("similarity.csv", "stats.csv"):
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
     assert not list(parts.root.glob(".*.tmp-*"))
+
+
+@pytest.mark.timeout(600)
+def test_sigusr1_prints_every_threads_stack_and_the_run_goes_on(
+    good: Path, tmp_path: Path
+) -> None:
+    """README: a run that seems stuck prints its threads' stacks on ``kill -USR1`` and
+    goes on. In-process, the main thread is in the hang of the manifest's last
+    subject when the signal comes; after the dump the run still answers Ctrl-C."""
+    victim = list(read_manifest(good))[-1].subject_id
+    hung = tmp_path / "hung"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "COHORT_"))}
+    env[extraction.FAULT_SUBJECT_ENV] = victim
+    env[extraction.FAULT_MARKER_ENV] = str(hung)
+    env[extraction.FAULT_MODE_ENV] = "hang:3600"
+    command = [str(Path(sys.executable).with_name("cohort")), "run", str(good)]
+    proc = subprocess.Popen(
+        [*command, "--out", str(tmp_path / "out"), *FAST, "--executor", "in-process"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=_stderr_lines, args=(proc.stderr, lines), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 400
+        while not hung.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the hang never began"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR1)
+        dump: list[str] = []
+        while not any("maybe_fire" in line for line in dump):
+            dump.append(lines.get(timeout=60))  # queue.Empty: no stack within a minute
+        time.sleep(1)
+        alive = proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = "".join(dump)
+    assert "Current thread 0x" in text and "(most recent call first)" in text, text
+    assert alive, "SIGUSR1 ended the run"
+    assert proc.returncode == 130
 
 
 # ----------------------------------------------------------------------- weights

@@ -9,6 +9,10 @@ what it needs when it runs.
 
 from __future__ import annotations
 
+import faulthandler
+import signal
+import sys
+
 import click
 
 from cohort.cli import cluster, demo, manifest, report, robustness, run, stats, validate
@@ -20,6 +24,9 @@ __all__ = ["main"]
 @click.version_option(package_name="cohort")
 def main() -> None:
     """Deep region features and defensible statistics for CT cohorts."""
+    # `kill -USR1 PID`: every thread's stack to the process's stderr, and the run goes on
+    if hasattr(signal, "SIGUSR1") and sys.__stderr__ is not None:
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
 
 
 for _command in (
