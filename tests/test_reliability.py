@@ -700,9 +700,7 @@ def test_sigint_keeps_finished_subjects_and_rerun_does_only_the_rest(
 
 
 @pytest.mark.timeout(600)
-def test_sigusr1_prints_every_threads_stack_and_the_run_goes_on(
-    good: Path, tmp_path: Path
-) -> None:
+def test_sigusr1_prints_every_threads_stack_and_the_run_goes_on(good: Path, tmp_path: Path) -> None:
     """README: a run that seems stuck prints its threads' stacks on ``kill -USR1`` and
     goes on. In-process, the main thread is in the hang of the manifest's last
     subject when the signal comes; after the dump the run still answers Ctrl-C."""
