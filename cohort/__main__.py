@@ -1,5 +1,5 @@
 """``python -m cohort``: the same as the ``cohort`` command."""
 
-from cohort.cli.main import main
+from cohort.cli.main import entry
 
-main()
+entry()

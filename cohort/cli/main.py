@@ -10,14 +10,16 @@ what it needs when it runs.
 from __future__ import annotations
 
 import faulthandler
+import os
 import signal
 import sys
 
 import click
 
 from cohort.cli import cluster, demo, manifest, report, robustness, run, stats, validate
+from cohort.errors import ExitCode
 
-__all__ = ["main"]
+__all__ = ["entry", "main"]
 
 
 @click.group()
@@ -43,3 +45,27 @@ for _command in (
     cluster.stop,
 ):
     main.add_command(_command)
+
+
+def entry() -> None:
+    """The ``cohort`` console script: :func:`main`, and after Ctrl-C an exit at once.
+
+    By the time an interrupted command exits, what it keeps is on disk (whole part
+    files), its message is printed and the output folder's lock is released; what is
+    left is the interpreter tearing torch down, which took 1.6 s idle and up to
+    13 s on a loaded 2-core machine. That is skipped (``os._exit``), after the
+    process's connection to a Ray it joined is closed.
+    """
+    try:
+        main()
+    except SystemExit as stop:
+        if stop.code != ExitCode.INTERRUPTED:
+            raise
+        if "ray" in sys.modules:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(ExitCode.INTERRUPTED)
