@@ -14,10 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.stats
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from cohort.cli.main import main
 from cohort.inputs.manifest import read_manifest
+from cohort.synthetic import make_phantom_cohort
 
 
 def test_validate_clean_manifest_exits_0(small_cohort: Path) -> None:
@@ -46,6 +47,62 @@ def test_validate_lists_each_problem(small_cohort: Path, tmp_path: Path) -> None
     absent = next(line for line in lines if line.startswith(subjects[2].subject_id))
     assert "\tcheck\t" in absent
     assert "femur" in absent
+
+
+@pytest.fixture(scope="module")
+def shallow(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two phantoms of 24 slices (36 mm): DenseNet121's conv-1 needs 29 along D."""
+    folder = tmp_path_factory.mktemp("shallow")
+    return make_phantom_cohort(folder, n_per_cohort=1, shape=(24, 64, 64), seed=1)
+
+
+def _problems(result: Result) -> dict[str, str]:
+    lines = [line.split("\t") for line in result.output.splitlines()[1:]]
+    return {sid: f"{stage}\t{message}" for sid, stage, message in lines if stage != "inputs"}
+
+
+@pytest.mark.timeout(300)
+def test_validate_checks_the_size_as_run_does_with_the_backbone_spacing_and_layers(
+    shallow: Path, tmp_path: Path
+) -> None:
+    """The network's reach is built from the architecture (no weights read): the run
+    refuses the same subjects with the same message; the backbone, --spacing and
+    --layers given to validate change its answer as they change the run's."""
+    found = _problems(CliRunner().invoke(main, ["validate", str(shallow)]))
+    assert len(found) == 2 and all("too small for hooked layers" in m for m in found.values())
+    assert all("29 voxels along D" in m for m in found.values()), found
+
+    out = tmp_path / "out"
+    ran = CliRunner().invoke(
+        main, ["run", str(shallow), "--out", str(out), "--weights", "random", "--no-report"]
+    )
+    assert ran.exit_code == 1, ran.output
+    errors = pd.read_csv(out / "errors.csv", keep_default_na=False)
+    assert {r.subject_id: f"{r.stage}\t{r.message}" for r in errors.itertuples()} == found
+
+    for accepted in (
+        ["--backbone", "medicalnet-resnet10"],  # dilated, not strided, deep layers
+        ["--spacing", "1.2,0.8,0.8"],  # 30 slices after resampling
+        ["--layers", "features.denseblock3"],  # the shallower stage the message names
+    ):
+        result = CliRunner().invoke(main, ["validate", str(shallow), *accepted])
+        assert result.exit_code == 0, (accepted, result.output)
+        assert "2 subjects, 0 with problems" in result.output
+
+
+def test_validate_takes_max_voxels_that_its_refusal_names(shallow: Path) -> None:
+    shallower = ("--layers", "features.denseblock3")
+    result = CliRunner().invoke(
+        main, ["validate", str(shallow), "--max-voxels", "1000", *shallower]
+    )
+    assert result.exit_code == 1, result.output
+    found = _problems(result)
+    assert len(found) == 2 and all("--max-voxels" in m for m in found.values()), found
+    assert "2 subjects, 0 with problems" in (
+        CliRunner()
+        .invoke(main, ["validate", str(shallow), "--max-voxels", "98304", *shallower])
+        .output
+    )
 
 
 def test_validate_unusable_manifest_exits_2(tmp_path: Path) -> None:

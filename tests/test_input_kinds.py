@@ -405,6 +405,10 @@ def test_a_nifti_only_loader_never_imports_simpleitk(pair: tuple[Path, Path]) ->
 # ------------------------------------------------------ validate and the report
 
 
+# a layer these small volumes reach (DenseNet121's conv-1 needs 29 voxels along D)
+SHALLOW = ("--layers", "features.denseblock3.denselayer1.conv2")
+
+
 def test_validate_reads_every_kind_and_takes_the_resample_option(
     pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -423,12 +427,23 @@ def test_validate_reads_every_kind_and_takes_the_resample_option(
         f'big,{pair[0]},{big},"tibia=1,femur=2"\n',
         encoding="utf-8",
     )
-    result = CliRunner().invoke(main, ["validate", str(manifest), "--labels", "tibia,femur"])
+    result = CliRunner().invoke(
+        main, ["validate", str(manifest), "--labels", "tibia,femur", *SHALLOW]
+    )
     assert result.exit_code == 1, result.output
     assert "3 subjects, 1 with problems" in result.output
     assert "big\tcheck\tmask grid 22x30x28" in result.output and "--mask-resample" in result.output
     again = CliRunner().invoke(
-        main, ["validate", str(manifest), "--labels", "tibia,femur", "--mask-resample", "nearest"]
+        main,
+        [
+            "validate",
+            str(manifest),
+            "--labels",
+            "tibia,femur",
+            "--mask-resample",
+            "nearest",
+            *SHALLOW,
+        ],
     )
     assert again.exit_code == 0, again.output
 

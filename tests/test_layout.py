@@ -167,17 +167,14 @@ def test_help_imports_no_torch_and_no_pandas() -> None:
     assert not {"torch", "torchvision", "pandas", "ray"} & loaded
 
 
-def test_stats_report_and_validate_never_import_torch(tmp_path: Path, small_cohort: Path) -> None:
+def test_stats_and_report_never_import_torch(tmp_path: Path) -> None:
+    """(``cohort validate`` builds the network's architecture to check sizes: it does.)"""
     folder = synthetic_results(
         tmp_path / "run", n_per_cohort=4, cfg=StatsConfig(bootstrap=20, permutations=9)
     )
-    for argv in (
-        ("stats", str(folder)),
-        ("report", str(folder)),
-        ("validate", str(small_cohort)),
-    ):
+    for argv in (("stats", str(folder)), ("report", str(folder))):
         loaded = modules_after(*argv)
-        assert "pandas" in loaded or argv[0] == "validate"  # the command did its work
+        assert "pandas" in loaded  # the command did its work
         assert "torch" not in loaded, argv
     assert (folder / "report" / "report.html").is_file()
 

@@ -44,13 +44,18 @@ from cohort.errors import ConfigError
 
 __all__ = [
     "ADJUST_OPTIONS",
+    "BACKBONE",
+    "BACKGROUND",
     "LABELS",
+    "LAYERS",
     "MASK_RESAMPLE",
+    "PREPROCESS_OPTIONS",
     "RUN_OPTIONS",
     "STATS_OPTIONS",
     "adjust_config",
     "apply",
     "defaults",
+    "preprocess_config",
     "run_config",
     "stats_config",
 ]
@@ -201,53 +206,25 @@ _VERBOSE_HELP = (
     "of the subjects in a log)."
 )
 
-RUN_OPTIONS: list[Callable[[F], F]] = [
-    LABELS,
-    _shown(
-        "--background/--no-background",
-        _REG.background,
-        "Add the region 'background' (every voxel in no named label).",
-    ),
-    _shown(
-        "--layers",
-        ",".join(_MODEL.layers),
-        "conv-K (K-th conv from the end, in execution order) or module paths.",
-    ),
-    _choice(
-        "--pooling",
-        PoolingMode,
-        _POOL.mode,
-        "masked-pool: one pass, mask-weighted mean; masked-input: origin protocol.",
-    ),
-    _shown("--gem-p", _POOL.gem_p, "GeM exponent."),
-    _shown(
-        "--min-coverage",
-        _POOL.min_coverage,
-        "Least region weight, in grid cells, a hooked layer must see.",
-    ),
-    click.option(
-        "--weights",
-        default=None,
-        show_default="imagenet for the inflated backbones, pretrained for the 3D ones",
-        help=_WEIGHTS_HELP,
-    ),
-    click.option("--weights-sha256", default=None, help="Expected sha256 of the weights file."),
-    _shown(
-        "--backbone",
-        _MODEL.backbone,
-        "Inflated torchvision networks (ImageNet) or 3D "
-        "networks pretrained on CT (MedicalNet, CT-FM); each brings its preprocessing preset.",
-        type=click.Choice(BACKBONES),
-    ),
-    _shown("--seed", _MODEL.seed, "Seed of random weights."),
-    _choice("--inflation", Inflation, _MODEL.inflation),
-    _choice(
-        "--precision",
-        Precision,
-        _MODEL.precision,
-        "bf16: autocast the network on CUDA "
-        "(faster; vectors differ from fp32 by about 1e-2 relative). CUDA only.",
-    ),
+BACKGROUND = _shown(
+    "--background/--no-background",
+    _REG.background,
+    "Add the region 'background' (every voxel in no named label).",
+)
+LAYERS = _shown(
+    "--layers",
+    ",".join(_MODEL.layers),
+    "conv-K (K-th conv from the end, in execution order) or module paths.",
+)
+BACKBONE = _shown(
+    "--backbone",
+    _MODEL.backbone,
+    "Inflated torchvision networks (ImageNet) or 3D "
+    "networks pretrained on CT (MedicalNet, CT-FM); each brings its preprocessing preset.",
+    type=click.Choice(BACKBONES),
+)
+# how a subject becomes model input: `cohort run` and `cohort validate` take them alike
+PREPROCESS_OPTIONS: list[Callable[[F], F]] = [
     _preset(
         "--hu-window", lambda p: f"{p.hu_min:g},{p.hu_max:g}", "HU clip LOW,HIGH, scaled to [0, 1]."
     ),
@@ -277,6 +254,42 @@ RUN_OPTIONS: list[Callable[[F], F]] = [
     click.option("--crop-margin", type=float, default=None, help="Crop to labels + mm margin."),
     MASK_RESAMPLE,
     _shown("--max-voxels", _PRE.max_voxels, "Refuse larger volumes before reading them."),
+]
+
+RUN_OPTIONS: list[Callable[[F], F]] = [
+    LABELS,
+    BACKGROUND,
+    LAYERS,
+    _choice(
+        "--pooling",
+        PoolingMode,
+        _POOL.mode,
+        "masked-pool: one pass, mask-weighted mean; masked-input: origin protocol.",
+    ),
+    _shown("--gem-p", _POOL.gem_p, "GeM exponent."),
+    _shown(
+        "--min-coverage",
+        _POOL.min_coverage,
+        "Least region weight, in grid cells, a hooked layer must see.",
+    ),
+    click.option(
+        "--weights",
+        default=None,
+        show_default="imagenet for the inflated backbones, pretrained for the 3D ones",
+        help=_WEIGHTS_HELP,
+    ),
+    click.option("--weights-sha256", default=None, help="Expected sha256 of the weights file."),
+    BACKBONE,
+    _shown("--seed", _MODEL.seed, "Seed of random weights."),
+    _choice("--inflation", Inflation, _MODEL.inflation),
+    _choice(
+        "--precision",
+        Precision,
+        _MODEL.precision,
+        "bf16: autocast the network on CUDA "
+        "(faster; vectors differ from fp32 by about 1e-2 relative). CUDA only.",
+    ),
+    *PREPROCESS_OPTIONS,
     _choice("--device", Device, _EXEC.device),
     _choice(
         "--executor",
@@ -392,12 +405,21 @@ def _preprocess_given(values: Mapping[str, Any]) -> dict[str, Any]:
     return given
 
 
+def preprocess_config(values: Mapping[str, Any]) -> PreprocessConfig:
+    """The backbone's preset with the preprocessing options given; bad values become
+    click errors."""
+    try:
+        return PreprocessConfig.for_backbone(values["backbone"], **_preprocess_given(values))
+    except ConfigError as err:
+        raise click.BadParameter(str(err)) from None
+
+
 def run_config(values: Mapping[str, Any]) -> RunConfig:
     """Validated RunConfig from parsed options; bad values become click errors."""
     try:
         backbone = values["backbone"]
         return RunConfig(
-            preprocess=PreprocessConfig.for_backbone(backbone, **_preprocess_given(values)),
+            preprocess=preprocess_config(values),
             regions=RegionConfig(
                 labels=parse_label_map(values["labels"]), background=values["background"]
             ),

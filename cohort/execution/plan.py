@@ -12,17 +12,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cohort.config import LabelMap, RunConfig, format_label_map
+from cohort.config import LabelMap, ModelConfig, RunConfig, format_label_map
 from cohort.execution.adjust import check_run, manifest_extras
 from cohort.inputs.fingerprint import options_identity
 from cohort.inputs.geometry import Reach
 from cohort.inputs.headers import InputSizes, scan_sizes
 from cohort.inputs.manifest import Subject, read_manifest
 from cohort.model.hooks import LayerInfo, resolve_layers
-from cohort.model.network import Weights, architecture, build_network, load_weights
+from cohort.model.network import (
+    Weights,
+    architecture,
+    build_network,
+    load_weights,
+    random_weights,
+)
 from cohort.model.reach import layer_reach
 
-__all__ = ["Plan", "prepare_run", "stream_rows", "subject_labels"]
+__all__ = ["Plan", "network_reach", "prepare_run", "stream_rows", "subject_labels"]
 
 
 def subject_labels(subject: Subject, cfg: RunConfig) -> LabelMap:
@@ -74,6 +80,16 @@ def prepare_run(
         sizes,
         network,
     )
+
+
+def network_reach(model: ModelConfig) -> Reach:
+    """The least model input of each layer ``model`` hooks, from the architecture alone:
+    the network is built with seeded random weights (no download; the weights do not
+    change a feature map's size). Refuses layers the network does not have, as a run
+    does."""
+    weights = random_weights(model.backbone, 0)
+    network, _ = build_network(model.backbone, weights.state_dict, model.inflation)
+    return layer_reach(network, resolve_layers(network, model.layers))
 
 
 def stream_rows(subjects: Sequence[Subject], cfg: RunConfig) -> list[dict[str, Any]]:
