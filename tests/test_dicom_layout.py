@@ -74,6 +74,26 @@ def test_match_by_uid_pairs_each_segmentation_with_its_series(export: Path) -> N
     assert both.exit_code == 2 and "one of them" in both.output
 
 
+def test_match_by_uid_finds_series_in_symlinked_folders(export: Path, tmp_path: Path) -> None:
+    """The image series are searched through links, as the masks are: a PACS export
+    whose series folder is a link (an archive's farm) still pairs its segmentation."""
+    root = tmp_path / "linked"
+    (root / "segs").mkdir(parents=True)
+    shutil.copy2(export / "export" / "SEG_s01.dcm", root / "segs" / "SEG_s01.dcm")
+    (root / "series").symlink_to(export / "export", target_is_directory=True)
+    out = tmp_path / "manifest.csv"
+    result = CliRunner().invoke(
+        main,
+        ["manifest", str(root), "--mask", "segs/*_{subject}.dcm", "--match-by-uid",
+         "--out", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = {row["subject_id"]: row for row in csv.DictReader(out.open())}
+    assert set(rows) == {"s01"}
+    assert rows["s01"]["image"] == "linked/series"  # relative to the manifest
+    assert rows["s01"]["series_uid"] == objects.uid("series-a")
+
+
 def write_manifest(export: Path) -> Path:
     manifest = export / "three.csv"
     manifest.write_text(
@@ -86,9 +106,13 @@ def write_manifest(export: Path) -> Path:
     return manifest
 
 
+# a layer these 20-slice series reach (DenseNet121's conv-1 needs 29 voxels along D)
+SHALLOW = ("--layers", "features.denseblock3.denselayer1.conv2")
+
+
 def test_validate_names_each_subjects_kinds_and_regions(export: Path) -> None:
     result = CliRunner().invoke(
-        main, ["validate", str(write_manifest(export)), "--labels", "bone,soft"]
+        main, ["validate", str(write_manifest(export)), "--labels", "bone,soft", *SHALLOW]
     )
     assert result.exit_code == 0, result.output
     lines = {line.split("\t")[0]: line for line in result.output.splitlines()[1:]}
@@ -99,7 +123,9 @@ def test_validate_names_each_subjects_kinds_and_regions(export: Path) -> None:
     )
     assert "mask: RTSTRUCT, ROIs (ROIName) 'bone', 'soft'" in lines["rt"]
     assert "mask: label-map file, values 0, 1, 2; labels use: bone=1, soft=2" in lines["nifti"]
-    only = CliRunner().invoke(main, ["validate", str(write_manifest(export)), "--labels", "soft"])
+    only = CliRunner().invoke(
+        main, ["validate", str(write_manifest(export)), "--labels", "soft", *SHALLOW]
+    )
     lines = {line.split("\t")[0]: line for line in only.output.splitlines()[1:]}
     assert "segments (SegmentLabel) 'bone', 'soft'; labels use: soft" in lines["seg"]
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import csv
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +136,21 @@ def _matches(root: Path, regex: re.Pattern[str]) -> tuple[list[Found], list[Skip
     """
     found: list[Found] = []
     skipped: list[Skipped] = []
+    for folder, folders, files in _walk(root, skipped):
+        base = Path(folder).relative_to(root)
+        for name in sorted([*folders, *files]):
+            relative = (base / name).as_posix()
+            match = regex.fullmatch(relative)
+            if match:
+                fields = match.groupdict()
+                found.append(Found(root / relative, fields["subject"], fields.get("cohort")))
+    return found, skipped
+
+
+def _walk(root: Path, skipped: list[Skipped]) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk`` of ``root`` that follows symlinked folders except those that would
+    loop, and leaves hidden names out; yields each folder with its subfolders and
+    files (sorted). Loops and folders that cannot be listed go into ``skipped``."""
     # each folder's own identity and its ancestors' (device, inode), as reached
     above: dict[str, frozenset[tuple[int, int]]] = {str(root): frozenset({_identity(root)})}
 
@@ -162,14 +177,7 @@ def _matches(root: Path, regex: re.Pattern[str]) -> tuple[list[Found], list[Skip
             above[path] = chain | {identity}
             kept.append(name)
         folders[:] = kept  # only these are searched
-        base = Path(folder).relative_to(root)
-        for name in sorted([*folders, *(name for name in files if not name.startswith("."))]):
-            relative = (base / name).as_posix()
-            match = regex.fullmatch(relative)
-            if match:
-                fields = match.groupdict()
-                found.append(Found(root / relative, fields["subject"], fields.get("cohort")))
-    return found, skipped
+        yield folder, folders, sorted(name for name in files if not name.startswith("."))
 
 
 def _identity(path: Path) -> tuple[int, int]:
@@ -324,11 +332,11 @@ def _by_uid(
     """The image series folder and SeriesInstanceUID each segmentation references, from
     every DICOM image file under ``root``; and a note per segmentation left unmatched."""
     folders: dict[str, set[Path]] = {}
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-        for name in sorted(files):
+    # the folders the mask pattern's search skipped, skipped the same way (not listed twice)
+    for folder, _, files in _walk(root, []):
+        for name in files:
             path = Path(folder) / name
-            if name.startswith(".") or not is_dicom_file(path):
+            if not is_dicom_file(path):
                 continue
             try:
                 found = dicom_object(path)
