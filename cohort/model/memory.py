@@ -13,9 +13,12 @@ fixes, instead of having its worker killed.
   hooked layer, and the pooling), as the torch allocator counts it, relative
   to the start of the call. Calibrated by measurement (below).
 - ``inputs``: the actor's copies of the model input, 4 bytes per voxel of
-  float32 image and 1 per region-index plane: the pickled payload Ray Data
-  hands the actor and the unpickled arrays it runs (two copies; on CUDA a
-  third lives on the GPU).
+  float32 image and 1 per region-index plane, counted twice (on CUDA a third
+  lives on the GPU). This is the pickled hand-over's model, kept although
+  loaders now hand over int16 HU and uint8 planes without pickle
+  (:mod:`cohort.inputs.handover`; the actor holds those 3 bytes per voxel and
+  the 4-byte float32 image it makes): the estimate is high by about 3 bytes
+  per voxel until ``python -m bench.actor_peak`` recalibrates it.
 - ``weights``: the network's parameters and buffers as built (measured per
   backbone; on CUDA on the GPU).
 
