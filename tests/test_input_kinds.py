@@ -405,8 +405,8 @@ def test_a_nifti_only_loader_never_imports_simpleitk(pair: tuple[Path, Path]) ->
 # ------------------------------------------------------ validate and the report
 
 
-# a layer these small volumes reach (DenseNet121's conv-1 needs 29 voxels along D)
-SHALLOW = ("--layers", "features.denseblock3.denselayer1.conv2")
+# layers these small volumes reach (DenseNet121's conv-1 needs 29 voxels along D)
+SHALLOW_ARGS = ("--layers", ",".join(SHALLOW))
 
 
 def test_validate_reads_every_kind_and_takes_the_resample_option(
@@ -428,7 +428,7 @@ def test_validate_reads_every_kind_and_takes_the_resample_option(
         encoding="utf-8",
     )
     result = CliRunner().invoke(
-        main, ["validate", str(manifest), "--labels", "tibia,femur", *SHALLOW]
+        main, ["validate", str(manifest), "--labels", "tibia,femur", *SHALLOW_ARGS]
     )
     assert result.exit_code == 1, result.output
     assert "3 subjects, 1 with problems" in result.output
@@ -442,7 +442,7 @@ def test_validate_reads_every_kind_and_takes_the_resample_option(
             "tibia,femur",
             "--mask-resample",
             "nearest",
-            *SHALLOW,
+            *SHALLOW_ARGS,
         ],
     )
     assert again.exit_code == 0, again.output
