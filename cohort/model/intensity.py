@@ -32,7 +32,8 @@ def normalise_hu(
         return torch.tensor(value, dtype=torch.float32, device=hu.device)
 
     low, high = const(cfg.hu_min), const(cfg.hu_max)
-    x = torch.clamp(hu.to(torch.float32), low, high)  # a new tensor: ``hu`` is not written
+    # one new float32 tensor (``hu`` is not written: it may be a read-only hand-over)
+    x = hu.to(torch.float32, copy=True).clamp_(low, high)
     x.sub_(low).div_(const(cfg.hu_max - cfg.hu_min))
     if cfg.normalise == "fixed":
         mean, std = cfg.mean, cfg.std
