@@ -217,10 +217,10 @@ def _label_planes(
     if len(values) != len(labels):
         return None, []
     dhw, _ = to_dhw(regions.labels, regions.affine)
-    plane = label_plane(dhw, values, rest)
+    counts: list[int] = []
+    plane = label_plane(dhw, values, rest, counts)
     if plane is None:
         return None, []
-    counts = region_counts(plane[np.newaxis], len(values))
     if not all(counts):
         return None, []  # select_regions names the empty region
     return plane[np.newaxis], [name for name, _ in labels]

@@ -1,0 +1,61 @@
+"""One uint8 region plane from a label map: each value's voxels take the value's index.
+
+The reference is a per-voxel dictionary lookup in Python on small random maps; the
+fast paths (a compare per value for a few values, a table lookup for more) must
+agree with it for unsigned and signed maps, values the dtype cannot hold, and
+maps thicker than one slab.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cohort.inputs.regions import NO_REGION, label_plane
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def reference(labels: np.ndarray, values: list[int], rest: int) -> np.ndarray:
+    index = {int(v): r for r, v in enumerate(values)}
+    flat = [index.get(int(x), rest) for x in labels.ravel()]
+    return np.asarray(flat, dtype=np.uint8).reshape(labels.shape)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "uint16", "int8"])
+@pytest.mark.parametrize("count", [1, 2, 4, 5, 12])
+@pytest.mark.parametrize("background", [False, True])
+def test_label_plane_equals_a_per_voxel_lookup(dtype: str, count: int, background: bool) -> None:
+    """``rest``: NO_REGION, or the background region's index (after the named ones)."""
+    rest = count if background else NO_REGION
+    rng = np.random.default_rng([count, rest, len(dtype)])
+    info = np.iinfo(dtype)
+    pool = rng.choice(np.arange(max(info.min, -20), min(info.max, 40)), 16, replace=False)
+    labels = rng.choice(pool, size=(6, 9, 11)).astype(dtype)
+    values = [int(v) for v in pool[:count]]
+    if count > 2:
+        values[-1] = int(info.max) + 1000  # a value this dtype cannot hold: no voxel
+    counts: list[int] = []
+    got = label_plane(labels, values, rest, counts)
+    assert got is not None and got.dtype == np.uint8
+    expected = reference(labels, values, rest)
+    np.testing.assert_array_equal(got, expected)
+    assert counts == [int(np.count_nonzero(labels == v)) for v in values]
+
+
+def test_label_plane_over_several_slabs() -> None:
+    """A map of more than one slab (4 Mi voxels) in each path."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 6, size=(40, 256, 512), dtype=np.uint8)
+    for values in ([1, 2], [1, 2, 3, 4, 5]):
+        got = label_plane(labels, values, NO_REGION)
+        expected = np.full(labels.shape, NO_REGION, dtype=np.uint8)
+        for r, v in enumerate(values):
+            expected[labels == v] = r
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_repeated_values_and_wide_labels_are_left_to_the_stacking() -> None:
+    labels = np.zeros((2, 3, 4), dtype=np.uint8)
+    assert label_plane(labels, [1, 1], NO_REGION) is None
+    assert label_plane(labels.astype(np.int32), [1, 2], NO_REGION) is None
