@@ -19,6 +19,21 @@ from cohort.synthetic import make_phantom_cohort
 # what cohort keeps in the user's cache (e.g. the model's reach) goes to a fresh folder
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="cohort-test-cache-")
 
+# A test that uses the session's small_run may be the one that pays for it (a Ray run
+# of six subjects: 30 s idle, more than 120 s on a loaded 2-core machine), so its
+# bound is at least this, whatever its module says (the bound is on hangs).
+SMALL_RUN_TIMEOUT_S = 600
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "small_run" not in getattr(item, "fixturenames", ()):
+            continue
+        marker = item.get_closest_marker("timeout")
+        if marker is None or not marker.args or marker.args[0] < SMALL_RUN_TIMEOUT_S:
+            item.add_marker(pytest.mark.timeout(SMALL_RUN_TIMEOUT_S), append=False)
+
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SMALL_SHAPE = (64, 64, 64)  # DenseNet121's block 4 sees a 2x2x2 grid
 

@@ -43,6 +43,7 @@ from cohort.inputs.manifest import Subject, read_manifest, write_manifest
 from cohort.model.network import load_weights
 from cohort.outputs import store
 from cohort.synthetic import make_phantom_cohort
+from tests.processes import interruptible
 
 Patch = pytest.MonkeyPatch
 SHAPE = (32, 64, 64)  # (D, H, W): DenseNet121's block 4 sees a 1x2x2 grid; ~1 s a subject
@@ -638,7 +639,7 @@ def test_sigint_keeps_finished_subjects_and_rerun_does_only_the_rest(
     command = [str(Path(sys.executable).with_name("cohort")), "run", str(good), "--out", str(out)]
     proc = subprocess.Popen(
         # --verbose: a line per finished subject
-        [*command, *FAST, "--verbose", "--executor", executor, "--threads", "2"],
+        interruptible([*command, *FAST, "--verbose", "--executor", executor, "--threads", "2"]),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -711,8 +712,9 @@ def test_sigusr1_prints_every_threads_stack_and_the_run_goes_on(good: Path, tmp_
     env[extraction.FAULT_MARKER_ENV] = str(hung)
     env[extraction.FAULT_MODE_ENV] = "hang:3600"
     command = [str(Path(sys.executable).with_name("cohort")), "run", str(good)]
+    command += ["--out", str(tmp_path / "out"), *FAST, "--executor", "in-process"]
     proc = subprocess.Popen(
-        [*command, "--out", str(tmp_path / "out"), *FAST, "--executor", "in-process"],
+        interruptible(command),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
