@@ -35,12 +35,12 @@ def test_label_plane_equals_a_per_voxel_lookup(dtype: str, count: int, backgroun
     values = [int(v) for v in pool[:count]]
     if count > 2:
         values[-1] = int(info.max) + 1000  # a value this dtype cannot hold: no voxel
-    counts: list[int] = []
-    got = label_plane(labels, values, rest, counts)
-    assert got is not None and got.dtype == np.uint8
-    expected = reference(labels, values, rest)
-    np.testing.assert_array_equal(got, expected)
-    assert counts == [int(np.count_nonzero(labels == v)) for v in values]
+    made = label_plane(labels, values, rest)
+    assert made is not None
+    got, counts = made
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, reference(labels, values, rest))
+    assert counts == tuple(int(np.count_nonzero(labels == v)) for v in values)
 
 
 def test_label_plane_over_several_slabs() -> None:
@@ -48,7 +48,9 @@ def test_label_plane_over_several_slabs() -> None:
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 6, size=(40, 256, 512), dtype=np.uint8)
     for values in ([1, 2], [1, 2, 3, 4, 5]):
-        got = label_plane(labels, values, NO_REGION)
+        made = label_plane(labels, values, NO_REGION)
+        assert made is not None
+        got = made[0]
         expected = np.full(labels.shape, NO_REGION, dtype=np.uint8)
         for r, v in enumerate(values):
             expected[labels == v] = r

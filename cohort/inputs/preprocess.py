@@ -217,10 +217,10 @@ def _label_planes(
     if len(values) != len(labels):
         return None, []
     dhw, _ = to_dhw(regions.labels, regions.affine)
-    counts: list[int] = []
-    plane = label_plane(dhw, values, rest, counts)
-    if plane is None:
+    made = label_plane(dhw, values, rest)
+    if made is None:
         return None, []
+    plane, counts = made
     if not all(counts):
         return None, []  # select_regions names the empty region
     return plane[np.newaxis], [name for name, _ in labels]
