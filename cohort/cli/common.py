@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import NoReturn
 
 import click
@@ -33,6 +34,4 @@ def reported() -> Iterator[None]:
 def command_line() -> list[str]:
     """This process's command line as its user typed it (``cohort run ...``, a job
     script's), for the record of who holds an output folder."""
-    from pathlib import Path
-
     return [Path(sys.argv[0]).name, *sys.argv[1:]]

@@ -55,6 +55,7 @@ __all__ = [
     "adjust_config",
     "apply",
     "defaults",
+    "layer_specs",
     "preprocess_config",
     "run_config",
     "stats_config",
@@ -405,6 +406,11 @@ def _preprocess_given(values: Mapping[str, Any]) -> dict[str, Any]:
     return given
 
 
+def layer_specs(text: str) -> tuple[str, ...]:
+    """The hooked layers ``--layers`` names (comma-separated; blanks left out)."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def preprocess_config(values: Mapping[str, Any]) -> PreprocessConfig:
     """The backbone's preset with the preprocessing options given; bad values become
     click errors."""
@@ -428,7 +434,7 @@ def run_config(values: Mapping[str, Any]) -> RunConfig:
                 weights=values["weights"] or default_weights(backbone),
                 seed=values["seed"],
                 inflation=values["inflation"],
-                layers=tuple(x.strip() for x in values["layers"].split(",") if x.strip()),
+                layers=layer_specs(values["layers"]),
                 weights_sha256=values["weights_sha256"],
                 precision=values["precision"],
             ),

@@ -55,7 +55,7 @@ def validate(
         subjects = read_manifest(manifest, manifest_extras(adjusted))
         check_run(subjects, manifest, adjusted)
         default_labels = parse_label_map(labels)
-        hooked = tuple(x.strip() for x in layers.split(",") if x.strip())
+        hooked = options.layer_specs(layers)
         reach = network_reach(ModelConfig(backbone=backbone, weights="random", layers=hooked))
     problems: list[tuple[str, str, str]] = []
     inputs: list[tuple[str, str]] = []
