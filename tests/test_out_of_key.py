@@ -122,14 +122,17 @@ def _weights_file(folder: Path) -> str:
     return str(path)
 
 
-def _sha256(folder: Path) -> str:
-    return sha256_file(Path(_weights_file(folder)))
+def _checked_file(ray: str, folder: Path) -> RunConfig:
+    """The weights file with its sha256 given (``--weights-sha256``)."""
+    path = _weights_file(folder)
+    model = ModelConfig(weights=path, weights_sha256=sha256_file(Path(path)))
+    return dataclasses.replace(BASE, model=model)
 
 
-# Each out-of-key field: how a run with another valid value is configured. ``cfg``
-# is the defaults' config, ``ray`` the session's GCS address, ``folder`` a scratch
-# folder; the columns manifest is used where the field names a column.
-Change = Callable[[RunConfig, str, Path], RunConfig]
+# Each out-of-key field: how a run with another valid value is configured, from the
+# session's GCS address (``ray``) and a scratch folder; the columns manifest is used
+# where the field names a column.
+Change = Callable[[str, Path], RunConfig]
 # The fields that only a Ray run uses are changed together, in one Ray run (each Ray
 # run takes 20 s here, minutes on a loaded machine); the in-process defaults' vectors
 # are the reference, so the executor itself is changed there too.
@@ -156,25 +159,22 @@ ADJUSTED = dataclasses.replace(BASE, adjust=AdjustConfig(covariates=("age",)))
 
 
 def _set(path: str, value: Any, base: RunConfig = BASE) -> Change:
-    return lambda cfg, ray, folder: changed(path, value, base)
+    return lambda ray, folder: changed(path, value, base)
 
 
 CHANGES: dict[str, Change] = {
     "preprocess.affine_tolerance_mm": _set("preprocess.affine_tolerance_mm", 0.5),
     "preprocess.max_voxels": _set("preprocess.max_voxels", SHAPE[0] * SHAPE[1] * SHAPE[2]),
     "regions.labels": _set("regions.labels", (("tibia", 2), ("femur", 1))),
-    "model.weights": lambda cfg, ray, folder: changed("model.weights", _weights_file(folder)),
+    "model.weights": lambda ray, folder: changed("model.weights", _weights_file(folder), BASE),
     "model.seed": _set("model.seed", 1),
-    "model.weights_sha256": lambda cfg, ray, folder: dataclasses.replace(
-        BASE,
-        model=ModelConfig(weights=_weights_file(folder), weights_sha256=_sha256(folder)),
-    ),
+    "model.weights_sha256": _checked_file,
     "pooling.min_coverage": _set("pooling.min_coverage", 0.0),
     "execution.device": _set("execution.device", "auto"),  # no GPU in this process
     "execution.torch_threads": _set("execution.torch_threads", 2),
     "execution.progress": _set("execution.progress", "verbose"),
     "execution.stall_timeout_s": _set("execution.stall_timeout_s", 300.0),
-    "ray": lambda cfg, ray, folder: changed("execution.address", ray, ON_RAY),  # RAY_FIELDS
+    "ray": lambda ray, folder: changed("execution.address", ray, ON_RAY),  # RAY_FIELDS
     "execution.max_retries": _set("execution.max_retries", 0),
     "stats.bootstrap": _set("stats.bootstrap", 30),
     "stats.permutations": _set("stats.permutations", 19),
@@ -216,7 +216,7 @@ def test_an_out_of_key_option_leaves_the_vectors_bit_for_bit(
     ray_session: str,
     tmp_path: Path,
 ) -> None:
-    cfg = CHANGES[path](BASE, ray_session, tmp_path)
+    cfg = CHANGES[path](ray_session, tmp_path)
     manifest = cohort_dir / "manifest.csv"
     if path == "adjust.subjects_table":
         cfg = changed(path, str(cohort_dir / "subjects.csv"), cfg)
