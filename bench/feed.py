@@ -92,6 +92,7 @@ class PassThroughActor(FeatureActor):
         if threads is not None:
             torch.set_num_threads(threads)
         self.features = PassThroughFeatures(cfg, "Ray actor")
+        self.node = self.arrive(ledger)
 
 
 def handed_bytes(row: dict[str, Any]) -> tuple[int, tuple[int, int, int]]:

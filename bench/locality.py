@@ -8,11 +8,10 @@
 A local two-node cluster (``ray.cluster_utils.Cluster``: a head without CPUs,
 two nodes of 2 CPUs and one logical GPU each, so that the pool puts one actor
 on each) runs the pipeline's stream with the pass-through actor of
-``bench/feed.py``; every loader task notes its node and the actor compares it
-with its own. Prints how many subjects were consumed on the node that loaded
-them. Ray Data 2.60 gives a block to an actor on the block's node when that
-actor has a free slot, else to the least busy actor anywhere, so this counts,
-it does not guarantee.
+``bench/feed.py``; every result row says the node its subject was loaded on
+and the one it was consumed on (:mod:`cohort.execution.placement`). Prints how
+many subjects were consumed on the node that loaded them, and how the loaders
+and the actors' work split between the nodes.
 """
 
 import argparse
@@ -20,35 +19,14 @@ import json
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import ray
 from ray.cluster_utils import Cluster
 
 from bench.feed import PassThroughActor, manifest_rows
 from cohort.config import ExecutionConfig, ModelConfig, RunConfig
 from cohort.execution import graph
-from cohort.execution.load import load_subject
 from cohort.execution.session import ActorMemory, Pool
-
-
-def located_load(row: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-    """The loader task, its row's message replaced by the node it ran on."""
-    out = load_subject(row, **kwargs)
-    out["message"] = ray.get_runtime_context().get_node_id()
-    return out
-
-
-class LocatedActor(PassThroughActor):
-    """The pass-through actor; its rows' device says loader node > actor node."""
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        here = ray.get_runtime_context().get_node_id()
-        loaded = list(batch["message"])
-        out = super().__call__(batch)
-        out["device"] = np.asarray([f"{m}>{here}" for m in loaded], dtype=object)
-        return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,13 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address=cluster.address, log_to_driver=False)
     for _ in range(2):
         cluster.add_node(num_cpus=2, num_gpus=1)  # a logical GPU: one actor per node
-    graph.FeatureActor = LocatedActor  # type: ignore[misc]
-    graph.load_subject = located_load  # type: ignore[assignment]
+    graph.FeatureActor = PassThroughActor  # type: ignore[misc]
     execution = ExecutionConfig(device="cpu", executor="ray", max_retries=0)
     cfg = RunConfig(model=ModelConfig(weights="random"), execution=execution)
     memory = ActorMemory(2**30, 256 * 2**20, "bench")
     pairs = [
-        str(r["device"]).split(">")
+        (str(r["loaded_on"]), str(r["consumed_on"]))
         for r in graph.stream(
             manifest_rows(data, n), {}, cfg, "loc", frozenset(), Pool(2, 1.0, 1), memory
         )

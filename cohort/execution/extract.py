@@ -233,6 +233,19 @@ class FeatureActor:
         granted = ray.get_runtime_context().get_assigned_resources()
         grants = ", ".join(f"{k}={v:g}" for k, v in sorted(granted.items()))
         self.features = Features(network, cfg, threads, f"Ray resources: {grants}", fault)
+        self.node = self.arrive(ledger)
+
+    @staticmethod
+    def arrive(ledger: Any) -> str:
+        """Tell the run's ledger which node this actor runs on (the driver places the
+        loaders beside the actors: :mod:`cohort.execution.placement`); returns the node."""
+        import ray
+
+        context = ray.get_runtime_context()
+        node = context.get_node_id()
+        if ledger is not None:
+            ray.get(ledger.arrive.remote(context.get_actor_id(), node))
+        return node
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [{name: batch[name][i] for name in batch} for i in range(len(batch["subject_id"]))]
@@ -242,10 +255,13 @@ class FeatureActor:
             ready = row["status"] == READY and not self._died_too_often(row)
             if ready and i + 1 < len(rows):
                 self.features.prefetch(rows[i + 1])  # its copy overlaps this one (CUDA)
-            results.append(self.features(row))  # any row not ready passes through
+            result = self.features(row)  # any row not ready passes through
+            # where the subject was prepared and where it was consumed (the placement)
+            result.update(loaded_on=row.get("loaded_on", ""), consumed_on=self.node)
+            results.append(result)
             if ready:
                 self.ledger.end.remote(str(row["key"]))
-        return {name: np.asarray([r[name] for r in results], dtype=object) for name in _RESULT}
+        return {name: np.asarray([r[name] for r in results], dtype=object) for name in _PLACED}
 
     def _died_too_often(self, row: dict[str, Any]) -> bool:
         """True (and ``row`` made an error row) when this subject's earlier attempts
@@ -273,3 +289,4 @@ _PASS: tuple[str, ...] = ("subject_id", "cohort", "image", "mask", "key", "statu
 _PASS += ("error_type", "message")
 _PASS += ("perturbation",)  # cohort robustness: the perturbation's parameters (load.perturbed)
 _RESULT = (*_PASS, "features", "seconds", "device")  # the columns of a result row
+_PLACED = (*_RESULT, "loaded_on", "consumed_on")  # those of a feature actor's (node ids)

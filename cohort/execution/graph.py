@@ -25,10 +25,11 @@ from cohort.config import RunConfig
 from cohort.execution.extract import FaultHook, FeatureActor
 from cohort.execution.ledger import AttemptLedger
 from cohort.execution.load import load_subject
+from cohort.execution.placement import LoaderPlacement
 from cohort.execution.session import ActorMemory, Pool
 from cohort.inputs.geometry import Reach
 
-__all__ = ["GPU_BATCH", "IN_FLIGHT_PER_ACTOR", "stream"]
+__all__ = ["GPU_BATCH", "IN_FLIGHT_PER_ACTOR", "IN_FLIGHT_PER_ACTOR_SPREAD", "stream"]
 
 # subjects per call of a GPU actor: the second one's copy to the device overlaps the
 # first one's pass (cohort.model.transfer); a CPU actor takes one at a time (a subject
@@ -38,6 +39,13 @@ GPU_BATCH = 2
 # actor's node while it computes (2 is Ray Data 2.60's default for one thread; stated
 # here so that a change of default does not change the pipeline)
 IN_FLIGHT_PER_ACTOR = 2
+# the same with actors on several nodes: more than the object-store budget holds
+# subjects, so that an actor on a block's node always has a free slot and takes it
+# (cohort.execution.placement); the budget, not this, bounds what is queued
+IN_FLIGHT_PER_ACTOR_SPREAD = 64
+# with actors on several nodes, how long the run waits for every actor before the first
+# loader starts (without --stall-timeout)
+ACTORS_START_S = 600.0
 
 
 def stream(
@@ -85,9 +93,14 @@ def stream(
         object_store_memory=memory.queue_bytes
     )
     retries = cfg.execution.max_retries
+    # actors on several nodes: every actor up before the first loader, loaders beside
+    # them, each block consumed on its node (cohort.execution.placement)
+    spread = _actor_hosts(gpus > 0) > 1
+    # otherwise Ray Data's default: the actors start while the loaders run
+    context.wait_for_min_actors_s = int(stall or ACTORS_START_S) if spread else -1
     items = ray.data.from_items(list(rows), override_num_blocks=len(rows))
     loader = functools.partial(
-        load_subject,
+        _load_here,
         cfg=cfg,
         identity=identity,
         finished=finished,
@@ -112,6 +125,8 @@ def stream(
         )
         .remote([weights_ref])  # nested: the ledger borrows the reference
     )
+    handle: Any = ledger  # an actor handle (ray's stubs type it as the class)
+    placement = LoaderPlacement(lambda: cast(dict[str, int], ray.get(handle.actor_nodes.remote())))
     with warnings.catch_warnings():
         # Ray 2.60 marks ray_remote_args_fn deprecated (removal planned for 2.64) but
         # offers no other way to set actor restarts and task retries. Pinned to 2.60.
@@ -121,7 +136,9 @@ def stream(
         ds: Dataset = items.map(
             loader,
             num_cpus=cfg.execution.loader_cpus,
-            ray_remote_args_fn=functools.partial(_remote_args, max_retries=retries),
+            ray_remote_args_fn=functools.partial(
+                _loader_args, placement=placement if spread else None, max_retries=retries
+            ),
         )
         ds = ds.map_batches(
             FeatureActor,
@@ -131,13 +148,19 @@ def stream(
                 "fault": FaultHook.from_env(os.environ),
                 "ledger": ledger,
             },
-            batch_size=GPU_BATCH if gpus else 1,
+            # a batch of two may join blocks of two nodes: one at a time when spread
+            batch_size=GPU_BATCH if gpus and not spread else 1,
             batch_format="numpy",
             compute=ActorPoolStrategy(
-                min_size=1,
+                # a fixed pool: every actor (each GPU) from the start, and none stopped
+                # while idle (Ray Data scales an idle pool down to min_size, and the
+                # actor on another node then takes that node's subjects)
+                min_size=actors,
                 max_size=actors,
-                initial_size=actors,  # every actor (each GPU) from the start, not on demand
-                max_tasks_in_flight_per_actor=IN_FLIGHT_PER_ACTOR,
+                initial_size=actors,
+                max_tasks_in_flight_per_actor=(
+                    IN_FLIGHT_PER_ACTOR_SPREAD if spread else IN_FLIGHT_PER_ACTOR
+                ),
             ),
             num_cpus=cfg.execution.actor_cpus,
             num_gpus=gpus,
@@ -149,10 +172,43 @@ def stream(
     try:
         for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
             columns = cast(dict[str, np.ndarray], batch)
-            yield {name: columns[name][0] for name in columns}
+            row = {name: columns[name][0] for name in columns}
+            placement.consumed(str(row.get("loaded_on", "")))
+            yield row
     finally:
         ray.kill(ledger)  # type: ignore[arg-type]
         del weights_ref
+
+
+def _load_here(row: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """The loader task (:func:`load_subject`), its row marked with the node it ran on."""
+    import ray
+
+    out = load_subject(row, **kwargs)
+    out["loaded_on"] = ray.get_runtime_context().get_node_id()
+    return out
+
+
+def _loader_args(placement: LoaderPlacement | None, max_retries: int) -> dict[str, Any]:
+    """A loader task's Ray options: its retries, and with actors on several nodes a soft
+    affinity to the node :class:`LoaderPlacement` chooses (the task waits for that node's
+    CPUs; it runs elsewhere only if the node is gone or cannot run it)."""
+    args: dict[str, Any] = {"max_retries": max_retries}
+    node = placement.choose() if placement is not None else None
+    if node is not None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        args["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
+    return args
+
+
+def _actor_hosts(gpus: bool) -> int:
+    """Alive nodes that can hold a feature actor: those with GPUs for a GPU pool, else
+    those with CPUs."""
+    import ray
+
+    need = "GPU" if gpus else "CPU"
+    return sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get(need, 0) > 0)
 
 
 def _remote_args(**args: int) -> dict[str, int]:

@@ -16,6 +16,10 @@ when it starts and when Ray restarts it. The reference travels inside a list, so
 that Ray hands the ledger the reference itself rather than the 2D weights. The
 ledger lives on the driver's node and is not restarted: if that node is lost, so
 is the run.
+
+Each feature actor also tells the ledger which node it runs on (again when Ray
+restarts it, perhaps elsewhere), so that the driver can put the loaders beside
+the actors (:mod:`cohort.execution.placement`).
 """
 
 from __future__ import annotations
@@ -31,10 +35,22 @@ class AttemptLedger:
     def __init__(self, weights: list[Any] | None = None) -> None:
         self.attempts: dict[str, int] = {}
         self.box = weights or []  # [ObjectRef of the state dict], or [] in plain tests
+        self.where: dict[str, str] = {}  # actor id -> the node it runs on
 
     def weights(self) -> list[Any]:
         """``[ref]`` to the weights the run's actors build their network from."""
         return self.box
+
+    def arrive(self, actor: str, node: str) -> None:
+        """Actor ``actor`` (re)started on ``node``."""
+        self.where[actor] = node
+
+    def actor_nodes(self) -> dict[str, int]:
+        """{node id: actors that last said they run there}."""
+        counts: dict[str, int] = {}
+        for node in self.where.values():
+            counts[node] = counts.get(node, 0) + 1
+        return counts
 
     def begin(self, key: str) -> int:
         """Count one more attempt at ``key``; returns the number of this attempt (1, 2, ...)."""

@@ -1,0 +1,46 @@
+"""Loaders beside their GPU: on two raylets, each with an actor, every prepared subject
+is consumed on the node that made it (cohort.execution.placement; the run itself in
+tests/locality_run.py, a process of its own)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from cohort.synthetic import make_phantom_cohort
+
+
+@pytest.mark.timeout(600)
+def test_prepared_subjects_are_consumed_on_the_node_that_made_them(
+    ray_session: None, tmp_path: Path
+) -> None:
+    manifest = make_phantom_cohort(tmp_path, n_per_cohort=6, shape=(48, 64, 64), seed=5)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "COHORT_"))}
+    env["RAY_AUTH_MODE"] = "token"
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("locality_run.py")), str(manifest)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+    )
+    line = next((x for x in done.stdout.splitlines() if x.startswith("LOCALITY ")), None)
+    assert line is not None, (done.stdout + done.stderr)[-4000:]
+    report = json.loads(line.removeprefix("LOCALITY "))
+    rows, nodes = report["rows"], report["gpu_nodes"]
+    print({"loaded": Counter(r["loaded_on"][:6] for r in rows)})
+    assert len(nodes) == 2 and len(rows) == 12
+    assert all(r["status"] == "done" for r in rows), [r["message"] for r in rows]
+    # each actor's node made subjects and consumed them (the pool used both nodes) ...
+    assert {r["consumed_on"] for r in rows} == set(nodes)
+    assert {r["loaded_on"] for r in rows} == set(nodes)
+    # ... and no subject crossed to the other node
+    crossed = [(r["subject_id"], r["loaded_on"][:6], r["consumed_on"][:6]) for r in rows]
+    assert [c for c in crossed if c[1] != c[2]] == []
