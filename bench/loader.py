@@ -137,7 +137,7 @@ def measure(image: Path, mask: Path, repeats: int) -> dict[str, Any]:
     )
     out["handover_bytes"] = handed_bytes(to_columns(placed))
     out["pickled_bytes_before"] = len(pickle.dumps(prepared, 5))
-    voxels = int(np.prod(placed.hu.shape))
+    voxels = int(np.prod(placed.shape))
     out["handover_bytes_per_voxel"] = out["handover_bytes"] / voxels
     if not np.array_equal(pair.image.data, reference):
         raise SystemExit("the loader read other voxels than nibabel")

@@ -154,21 +154,38 @@ def _nifti_pair(folder: Path, hu: np.ndarray | None = None) -> tuple[Path, Path]
     )
 
 
-def test_the_loader_hands_over_int16_hu_and_uint8_regions_without_pickle(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "preprocess",
+    [
+        PreprocessConfig(),
+        PreprocessConfig(target_spacing=(1.2, 0.6, 0.7)),
+        PreprocessConfig(target_spacing=(2.0, 1.0, 1.2), crop_margin_mm=3.0),
+    ],
+    ids=["as-stored", "spacing", "spacing-crop"],
+)
+def test_the_loader_hands_over_int16_hu_and_uint8_regions_without_pickle(
+    tmp_path: Path, preprocess: PreprocessConfig
+) -> None:
     image, mask = _nifti_pair(tmp_path)
-    row = load_subject(_row(image, mask), RunConfig(), "id", frozenset())
+    row = load_subject(_row(image, mask), RunConfig(preprocess=preprocess), "id", frozenset())
     assert row["status"] == READY, row["message"]
     assert row["hu"].dtype == np.int16, "the loader handed over a float image"
+    assert row["hu_float"].size == 0, "the loader handed over a float image"
     assert row["planes"].dtype == np.uint8 and row["planes"].ndim == 4
     assert "payload" not in row
     for name, value in row.items():  # nothing pickled travels: no byte strings at all
         assert not isinstance(value, bytes | bytearray | memoryview), name
         if isinstance(value, str):
             assert not value.startswith("\x80"), name  # a pickle's first byte, as text
-    voxels = row["hu"].size
-    assert handed_bytes(row) == 3 * voxels  # 2 B of HU + 1 B of regions per voxel
     stored = nib.load(image).get_fdata()
-    assert sorted(np.unique(row["hu"])) == sorted(np.unique(stored).astype(np.int16))
+    if preprocess.target_spacing is None:
+        voxels = row["hu"].size
+        assert handed_bytes(row) == 3 * voxels  # 2 B of HU + 1 B of regions per voxel
+        assert sorted(np.unique(row["hu"])) == sorted(np.unique(stored).astype(np.int16))
+    else:  # the stored integers (a window of them), not resampled floats
+        assert row["hu"].size <= stored.size
+        assert set(np.unique(row["hu"])) <= set(np.unique(stored).astype(np.int16))
+        assert handed_bytes(row) == 2 * row["hu"].size + row["planes"].size
 
 
 def test_an_image_of_fractional_floats_is_handed_over_as_float32(tmp_path: Path) -> None:
@@ -288,9 +305,13 @@ def test_the_reference_can_tell_a_wrong_window(network: torch.nn.Module, tmp_pat
         assert_close(got, reference(network, image, mask, LABELS, other))
 
 
+@pytest.mark.parametrize("spacing", [None, (1.3, 0.7, 0.9)], ids=["stored", "spacing"])
 @pytest.mark.parametrize("kind", ["nrrd", "mha", "folder", "seg.nrrd", "float"])
 def test_every_input_kind_equals_the_numpy_reference(
-    network: torch.nn.Module, tmp_path: Path, kind: str
+    network: torch.nn.Module,
+    tmp_path: Path,
+    kind: str,
+    spacing: tuple[float, float, float] | None,
 ) -> None:
     hu, labels, affine = anatomy()
     text, names = "tibia=1,femur=2", LABELS
@@ -312,13 +333,14 @@ def test_every_input_kind_equals_the_numpy_reference(
             layers = np.stack([(labels == 2).astype(np.uint8), (labels == 1).astype(np.uint8)])
             fields = segment(0, "femur", 0, 1) + segment(1, "tibia", 1, 1)
             mask = write_seg_nrrd(tmp_path / "knee.seg.nrrd", layers, affine, fields)
-    cfg = config("masked-input", crop=2.0)
+    cfg = config("masked-input", spacing=spacing, crop=2.0)
     got = handed_over(network, _row(image, mask, text), cfg)
     assert_close(got, reference(network, image, mask, names, cfg))
 
 
+@pytest.mark.parametrize("spacing", [None, (2.5, 1.0, 1.0)], ids=["stored", "spacing"])
 def test_a_dicom_series_equals_the_numpy_reference(
-    network: torch.nn.Module, tmp_path: Path
+    network: torch.nn.Module, tmp_path: Path, spacing: tuple[float, float, float] | None
 ) -> None:
     if not DICOM.is_dir():
         pytest.skip(f"real data not found at {DICOM}")
@@ -329,7 +351,7 @@ def test_a_dicom_series_equals_the_numpy_reference(
     labels[200:240, 220:260, 2:12] = 1
     labels[250:280, 230:270, 8:18] = 2
     mask = save_nifti(tmp_path / "seg.nii.gz", labels, volume.affine)
-    cfg = config(crop=4.0)
+    cfg = config(spacing=spacing, crop=4.0)
     got = handed_over(network, _row(DICOM, mask), cfg)
     assert_close(got, reference(network, DICOM, mask, LABELS, cfg))
 

@@ -42,7 +42,7 @@ from cohort.execution.load import DONE, FAILED, READY, failure_row
 from cohort.inputs.handover import from_row, hu_of
 from cohort.inputs.preprocess import Placed
 from cohort.model.hooks import FeatureExtractor, resolve_layers
-from cohort.model.intensity import normalise_hu
+from cohort.model.intensity import normalise_hu, resample_hu
 from cohort.model.network import build_network
 from cohort.model.pooling import RegionVector, extract
 from cohort.model.transfer import DeviceFeed
@@ -203,6 +203,8 @@ class Features:
             if ahead is not None:
                 self.feed.take(ahead[1])  # another subject's copy: let it finish, drop it
             hu, index = self.feed.now([placed.hu, placed.region_index])
+        if placed.deferred is not None:  # --spacing: the resampling is done here
+            hu = resample_hu(hu, placed.deferred)
         image, air = normalise_hu(hu, self.cfg.preprocess, origin)
         return image, index, air
 

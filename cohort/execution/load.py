@@ -238,7 +238,7 @@ def check_actor_memory(
     hooked layers are ``reach``'s module paths (resolved on the driver), else the
     configured ones."""
     index = placed.region_index
-    d, h, w = (int(n) for n in placed.hu.shape)
+    d, h, w = placed.shape
     layers = [r.module_path for r in reach.layers] if reach is not None else cfg.model.layers
     return check_memory(
         (d, h, w),

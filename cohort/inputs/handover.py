@@ -5,10 +5,12 @@ of the loader's result row:
 
 - ``hu``: the image in HU on the model's grid, (D, H, W), as int16 whenever
   every value is a whole number in int16's range (every CT stored as integers,
-  and float-stored ones holding whole HU): 2 bytes per voxel;
+  and float-stored ones holding whole HU): 2 bytes per voxel. With ``--spacing``
+  it is the window of the stored image, on the image's own grid, that the model
+  grid samples (the actor resamples it on its device: ``meta``'s ``deferred``);
 - ``hu_float``: the same as float32 when int16 would change a value (an image
-  stored as fractional floats, resampled with ``--spacing``, or perturbed by
-  ``cohort robustness``), 4 bytes per voxel; the other of the two is empty. Two
+  stored as fractional floats, or perturbed by ``cohort robustness``), 4 bytes
+  per voxel; the other of the two is empty. Two
   columns, not one of either type, because Ray Data puts rows of several
   loaders in one Arrow block, whose tensor column has one type;
 - ``planes``: the uint8 region index as (P, D, H, W) planes, 1 byte per voxel
@@ -27,11 +29,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import asdict
 from typing import Any, Final
 
 import numpy as np
 
-from cohort.inputs.preprocess import Placed
+from cohort.inputs.preprocess import Deferred, Placed
 from cohort.inputs.regions import as_region_index, planes_of
 
 __all__ = [
@@ -82,6 +85,7 @@ def to_columns(placed: Placed) -> dict[str, Any]:
         "spacing_mm": [float(s) for s in placed.spacing_mm],
         "original_orientation": placed.original_orientation,
         "mask_resampled": bool(placed.mask_resampled),
+        "deferred": None if placed.deferred is None else asdict(placed.deferred),
     }
     hu = compact_hu(placed.hu)
     whole = hu.dtype == np.int16
@@ -116,7 +120,30 @@ def from_row(row: Mapping[str, Any]) -> Placed:
         spacing_mm=(d, h, w),
         original_orientation=str(meta["original_orientation"]),
         mask_resampled=bool(meta["mask_resampled"]),
+        deferred=_deferred(meta.get("deferred")),
     )
+
+
+def _deferred(fields: Mapping[str, Any] | None) -> Deferred | None:
+    if fields is None:
+        return None
+    d, h, w = (float(r) for r in fields["ratio"])
+    triples = {
+        name: tuple(int(n) for n in fields[name]) for name in ("start", "shape", "origin", "extent")
+    }
+    return Deferred(
+        ratio=(d, h, w),
+        start=_triple(triples["start"]),
+        shape=_triple(triples["shape"]),
+        origin=_triple(triples["origin"]),
+        extent=_triple(triples["extent"]),
+        flips=tuple(int(a) for a in fields["flips"]),
+    )
+
+
+def _triple(values: tuple[int, ...]) -> tuple[int, int, int]:
+    a, b, c = values
+    return a, b, c
 
 
 def handed_bytes(columns: Mapping[str, Any]) -> int:

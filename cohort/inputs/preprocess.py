@@ -10,6 +10,15 @@ pipeline's loaders hand to the feature actors. :func:`preprocess_pair` adds the
 HU window and normalisation in numpy and gives :class:`Prepared`, a float32
 model input (the reference of the actors' device-side intensity step, and what
 scripts and ``cohort validate`` use).
+
+With ``--spacing``, the loaders' :func:`place_pair` (``defer=True``) leaves the
+image's trilinear resampling to the feature actor's device as well: the placed
+image is then the window of the stored image (its own grid, its own integers)
+that the cropped model grid samples, and :class:`Deferred` says how to sample
+it (:func:`sample_points`, the points and weights of
+:func:`resample_image`'s ``scipy.ndimage`` interpolation; the device code is
+:func:`cohort.model.intensity.resample_hu`). The region index is resampled,
+cropped and flipped by the loader either way.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ from cohort.inputs.volume import fmt_shape
 
 __all__ = [
     "NO_REGION",
+    "Deferred",
     "Placed",
     "Prepared",
     "air_value",
@@ -57,6 +67,8 @@ __all__ = [
     "resample_image",
     "resample_mask",
     "resampled_shape",
+    "sample_points",
+    "sample_window",
     "window_normalise",
 ]
 
@@ -76,6 +88,25 @@ class Prepared:
     mask_resampled: bool = False  # the mask was put on the image grid (--mask-resample)
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """The trilinear resampling (``--spacing``) of a placed image, left to the device.
+
+    Output voxel ``i`` along an axis is voxel ``start + i`` of the whole resampled
+    grid and samples the whole image at ``ratio * (start + i) + (ratio - 1) / 2``
+    (:func:`resample_image`); the placed image is the window of the whole image
+    (shape ``extent``) from ``origin`` on that these points need. After resampling,
+    the axes ``flips`` are reversed.
+    """
+
+    ratio: tuple[float, float, float]  # target spacing over the image's, along D, H, W
+    start: tuple[int, int, int]  # first output voxel in the whole resampled grid (the crop)
+    shape: tuple[int, int, int]  # the output: the model input's grid, before flipping
+    origin: tuple[int, int, int]  # the window's first voxel in the whole image
+    extent: tuple[int, int, int]  # the whole image's shape
+    flips: tuple[int, ...] = ()
+
+
 @dataclass(frozen=True, eq=False)
 class Placed:
     """One subject on the model's grid before any intensity work, (D, H, W): the image in
@@ -91,6 +122,15 @@ class Placed:
     spacing_mm: tuple[float, float, float]
     original_orientation: str
     mask_resampled: bool = False
+    # set: ``hu`` is a window of the stored image on its own grid, still to be resampled
+    # (and flipped) as this says; the model input's grid is then the region index's
+    deferred: Deferred | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The model input's grid (D, H, W)."""
+        d, h, w = (int(n) for n in self.region_index.shape[-3:])
+        return d, h, w
 
 
 def preprocess_pair(
@@ -126,12 +166,16 @@ def place_pair(
     background: bool,
     cfg: PreprocessConfig,
     reach: Reach | None = None,
+    defer: bool = False,
 ) -> Placed:
     """Reorient to RAS+ (D, H, W), put the regions on the image grid, resample, crop,
     reverse the axes ``cfg.axes`` reverses; build the region index. No intensity work.
 
     Assumes :func:`cohort.inputs.geometry.check_pair` passed. With ``reach``
-    a crop that leaves the model input too small is an error. A label map on the
+    a crop that leaves the model input too small is an error. With ``defer`` and
+    ``cfg.target_spacing``, the image is not resampled here: the result holds the
+    window of the stored image the model grid samples and a :class:`Deferred`
+    (the feature actor resamples on its device). A label map on the
     image's grid becomes its region index in one table lookup per voxel
     (:func:`cohort.inputs.regions.label_plane`); other masks one plane per
     region, stacked.
@@ -159,21 +203,28 @@ def place_pair(
                 for p in planes
             ]
         )
+    ratio: tuple[float, float, float] | None = None  # set: the image's resampling deferred
     if cfg.target_spacing is not None:
         target = (
             float(cfg.target_spacing[0]),
             float(cfg.target_spacing[1]),
             float(cfg.target_spacing[2]),
         )
-        image = resample_image(image, spacing, target)
+        if defer:
+            ratio = (target[0] / spacing[0], target[1] / spacing[1], target[2] / spacing[2])
+        else:
+            image = resample_image(image, spacing, target)
         planes = np.stack([resample_mask(p, spacing, target) for p in planes])
         spacing = target
+    box = (slice(None), slice(None), slice(None))
     if cfg.crop_margin_mm is not None:
         named = _named(planes, len(labels), rest)
         box = crop_box(named, spacing, cfg.crop_margin_mm)
-        image, planes = image[box], planes[(slice(None), *box)]
+        planes = planes[(slice(None), *box)]
+        if ratio is None:
+            image = image[box]
         if reach is not None:
-            d, h, w = (int(n) for n in image.shape)
+            d, h, w = (int(n) for n in planes.shape[1:])
             check_size((d, h, w), spacing, reach, pair.image_path, cropped=True)
     planes = np.ascontiguousarray(planes)
     if background:
@@ -189,8 +240,12 @@ def place_pair(
                 "target spacing or a larger crop margin, or check the label map"
             )
     flips = axis_flips(cfg.axes)
-    if flips:
+    deferred = None
+    if ratio is not None:
+        image, deferred = sample_window(image, ratio, box, planes.shape[1:], flips)
+    elif flips:
         image = np.flip(image, flips)
+    if flips:
         planes = np.flip(planes, tuple(axis + 1 for axis in flips))
     return Placed(
         hu=np.ascontiguousarray(image),
@@ -200,7 +255,54 @@ def place_pair(
         spacing_mm=spacing,
         original_orientation=orientation,
         mask_resampled=resampled,
+        deferred=deferred,
     )
+
+
+def sample_window(
+    image: np.ndarray,
+    ratio: tuple[float, float, float],
+    box: tuple[slice, slice, slice],
+    shape: tuple[int, ...],
+    flips: tuple[int, ...],
+) -> tuple[np.ndarray, Deferred]:
+    """The window of the whole ``image`` that the (cropped) resampled grid ``shape``,
+    from ``box``'s start, samples; and its :class:`Deferred`."""
+    starts = tuple(int(b.start or 0) for b in box)
+    window = []
+    for axis in range(3):
+        first, second, _ = sample_points(
+            ratio[axis], starts[axis], int(shape[axis]), 0, int(image.shape[axis])
+        )
+        window.append(slice(int(first.min()), int(second.max()) + 1))
+    deferred = Deferred(
+        ratio=ratio,
+        start=(starts[0], starts[1], starts[2]),
+        shape=(int(shape[0]), int(shape[1]), int(shape[2])),
+        origin=(int(window[0].start), int(window[1].start), int(window[2].start)),
+        extent=(int(image.shape[0]), int(image.shape[1]), int(image.shape[2])),
+        flips=flips,
+    )
+    return image[tuple(window)], deferred
+
+
+def sample_points(
+    ratio: float, start: int, count: int, origin: int, extent: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Along one axis, for output voxels ``start`` .. ``start + count - 1`` of the
+    resampled grid: the two voxels of the image each one interpolates between (as
+    indices into a window beginning at image voxel ``origin``) and the float64 weight
+    of the second, as :func:`resample_image` takes them: ``scipy.ndimage`` (1.x,
+    ``zoom_shift``) computes the coordinate as ``(i + offset / ratio) * ratio`` and,
+    for mode ``nearest``, clamps it to the image before its linear spline's weights."""
+    shift = (0.5 * ratio - 0.5) / ratio
+    coordinate = (np.arange(start, start + count, dtype=np.float64) + shift) * ratio
+    coordinate = np.clip(coordinate, 0.0, float(extent - 1))
+    below = np.floor(coordinate)
+    weight = coordinate - below
+    first = below.astype(np.intp)
+    second = np.minimum(first + 1, extent - 1)
+    return first - origin, second - origin, weight
 
 
 def _label_planes(

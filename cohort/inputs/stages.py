@@ -65,10 +65,11 @@ class Stages:
         return preprocess_pair(pair, self.labels, background, self.cfg, self.reach)
 
     def place(self, pair: VolumePair, background: bool) -> Placed:
-        """Stage preprocess of a checked pair without the intensity work (the feature
-        actor does that on its device); returns what the loader hands over."""
+        """Stage preprocess of a checked pair without the intensity work or the image's
+        resampling (the feature actor does those on its device); returns what the
+        loader hands over."""
         self.stage = "preprocess"
-        return place_pair(pair, self.labels, background, self.cfg, self.reach)
+        return place_pair(pair, self.labels, background, self.cfg, self.reach, defer=True)
 
     def prepared(self, image: Path, mask: Path, background: bool) -> Prepared:
         """All three stages; returns the model's input."""

@@ -10,6 +10,15 @@ each step is an IEEE float32 operation as numpy's is (a Python scalar divisor
 would let CUDA multiply by its reciprocal instead). The feature actor runs it on
 the HU the loader handed over (:mod:`cohort.inputs.handover`), on the GPU when
 there is one, else on the CPU.
+
+With ``--spacing`` the loader hands over the stored image's window on its own
+grid (:class:`cohort.inputs.preprocess.Deferred`); :func:`resample_hu` resamples
+it here first: the trilinear interpolation of
+:func:`cohort.inputs.preprocess.resample_image` (``scipy.ndimage``), with its
+points and weights (:func:`cohort.inputs.preprocess.sample_points`, computed on
+the host in float64) and the interpolation in float64 on the device, one axis at
+a time, rounded once to float32 (bit for bit scipy's on the CPU:
+``tests/test_resample_device.py``).
 """
 
 from __future__ import annotations
@@ -18,8 +27,37 @@ import torch
 
 from cohort.config import PreprocessConfig
 from cohort.errors import InputError
+from cohort.inputs.preprocess import Deferred, sample_points
 
-__all__ = ["normalise_hu"]
+__all__ = ["normalise_hu", "resample_hu"]
+
+
+def resample_hu(hu: torch.Tensor, deferred: Deferred) -> torch.Tensor:
+    """The handed-over window ``hu`` resampled onto the model grid (float32, axes
+    flipped as ``deferred`` says), on ``hu``'s device.
+
+    The axis that shrinks most goes first, and the stored integers are gathered
+    before they become float64, so the transient memory is the window and two
+    float64 arrays of the first pass's output (then of each later one's)."""
+    x = hu
+    shrink = [deferred.shape[a] / max(int(hu.shape[a]), 1) for a in range(3)]
+    for axis in sorted(range(3), key=lambda a: (shrink[a], -a)):
+        first, second, weight = sample_points(
+            deferred.ratio[axis],
+            deferred.start[axis],
+            deferred.shape[axis],
+            deferred.origin[axis],
+            deferred.extent[axis],
+        )
+        shape = [1, 1, 1]
+        shape[axis] = len(weight)
+        w = torch.from_numpy(weight).to(x.device).reshape(shape)
+        low = x.index_select(axis, torch.from_numpy(first).to(x.device)).to(torch.float64)
+        high = x.index_select(axis, torch.from_numpy(second).to(x.device)).to(torch.float64)
+        x = low.mul_(1.0 - w).add_(high.mul_(w))
+        del low, high
+    out = x.to(torch.float32)
+    return torch.flip(out, deferred.flips) if deferred.flips else out
 
 
 def normalise_hu(
