@@ -80,7 +80,7 @@ def test_nifti_from_its_bytes_equals_nibabel(
     raw = path.read_bytes()
     assert (raw[:2] == b"\x1f\x8b") == suffix.endswith(".gz")
     img = open_nifti(path, "image", 10**6, raw=raw)
-    got = read_nifti(img, path, "image", labels=False).data
+    got = read_nifti(img, path, "image", labels=False, raw=raw).data
     expected = nib.load(path).get_fdata(dtype=np.float32)
     np.testing.assert_array_equal(got, expected)  # the values, whatever the type
     if slope is not None or dtype.endswith("f4"):
@@ -88,8 +88,54 @@ def test_nifti_from_its_bytes_equals_nibabel(
     else:  # HU as stored: the integers themselves, no float copy
         assert got.dtype == np.dtype(dtype).newbyteorder("=") or got.dtype == np.dtype(dtype)
     if slope is None and not dtype.endswith("f4"):
-        labels = read_nifti(open_nifti(path, "mask", 10**6, raw=raw), path, "mask", labels=True)
-        np.testing.assert_array_equal(labels.data, np.asarray(nib.load(path).dataobj))
+        mask = open_nifti(path, "mask", 10**6, raw=raw)
+        labels = read_nifti(mask, path, "mask", labels=True, raw=raw)
+        reference = np.asarray(nib.load(path).dataobj)
+        np.testing.assert_array_equal(labels.data, reference)
+        assert labels.data.dtype == reference.dtype
+
+
+def _with_extension(path: Path, data: np.ndarray) -> Path:
+    """A NIfTI file whose voxels start after a header extension (vox_offset > 352)."""
+    img = nib.Nifti1Image(data, np.diag([0.8, 0.7, 1.5, 1.0]))
+    img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"a comment, padded" * 5))
+    img.set_qform(img.affine, code=1)
+    nib.save(img, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "layout", ["extension", "4d-of-one", "nifti2", "two-members", "bytes-after", "uncompressed"]
+)
+def test_stored_voxels_read_from_the_bytes_equal_nibabel(tmp_path: Path, layout: str) -> None:
+    """The loader's view of the decoded bytes is the array nibabel reads from the file."""
+    rng = np.random.default_rng(11)
+    data = rng.integers(-1024, 3000, (9, 7, 5)).astype(np.int16)
+    path = tmp_path / ("x.nii" if layout == "uncompressed" else "x.nii.gz")
+    if layout == "extension":
+        _with_extension(path, data)
+        assert nib.load(path).dataobj.offset > 352
+    elif layout == "4d-of-one":
+        save_nifti(path, data[..., None])
+    elif layout == "nifti2":
+        img2 = nib.Nifti2Image(data, np.diag([0.8, 0.7, 1.5, 1.0]))
+        img2.set_qform(img2.affine, code=1)
+        nib.save(img2, path)
+    else:
+        save_nifti(path, data)
+    if layout == "two-members":  # what bgzip and concatenated gzip files hold
+        whole = gzip.decompress(path.read_bytes())
+        cut = len(whole) // 3
+        path.write_bytes(gzip.compress(whole[:cut]) + gzip.compress(whole[cut:]))
+    if layout == "bytes-after":
+        path.write_bytes(path.read_bytes() + bytes(100))
+    raw = path.read_bytes()
+    img = open_nifti(path, "image", 10**6, raw=raw)
+    got = read_nifti(img, path, "image", labels=False, raw=raw)
+    reference = np.asarray(nib.load(path).dataobj).reshape(data.shape)
+    np.testing.assert_array_equal(got.data, data)
+    np.testing.assert_array_equal(got.data, reference)
+    assert got.data.dtype == reference.dtype
 
 
 def test_nifti2_from_bytes(tmp_path: Path) -> None:
@@ -111,8 +157,9 @@ def test_a_damaged_gzip_is_a_read_error_naming_the_file(tmp_path: Path, damage: 
     with pytest.raises((OSError, EOFError)), gzip.open(io.BytesIO(raw)) as handle:  # zlib too
         handle.read()
     img = open_nifti(path, "image", 10**6, raw=raw)
-    with pytest.raises(InputError, match=r"x\.nii\.gz"):
-        read_nifti(img, path, "image", labels=False)
+    for given in (None, raw):  # nibabel's read, and the view of the decoded bytes
+        with pytest.raises(InputError, match=r"x\.nii\.gz.*copy or export it again"):
+            read_nifti(img, path, "image", labels=False, raw=given)
 
 
 # ------------------------------------------------------------- compact HU

@@ -7,8 +7,9 @@ reading any voxel; :func:`read_nifti` then reads the data: float32 HU after
 they are HU as stored: an integer type with slope 1 and intercept 0), the stored
 integers for a label map. A loader that has read the file's bytes already (to
 hash them) opens it from those bytes (``raw``): the gzip stream is then decoded
-by ISA-L's igzip (``isal``, 2-3x zlib's speed, the same bytes) straight into the
-array nibabel makes, so the file is read once.
+whole by ISA-L's igzip (``isal``, 2-3x zlib's speed, the same bytes) and stored
+values that need no scaling are a read-only view of the decoded bytes
+(:func:`stored_view`), so the file is read once and its voxels copied never.
 
 Where the grid lies (:func:`nifti_affine`) is read as ITK reads it (SimpleITK,
 ITK-SNAP, 3D Slicer, nnU-Net's SimpleITK I/O; checked against SimpleITK 2.5 /
@@ -38,6 +39,7 @@ from typing import cast
 import nibabel as nib
 import numpy as np
 from isal import igzip, isal_zlib
+from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
@@ -118,8 +120,8 @@ def open_nifti(
 
 def nifti_from_bytes(raw: bytes) -> nib.Nifti1Image:
     """A NIfTI-1 or -2 image over a file's bytes (``.nii`` or gzipped ``.nii.gz``); only
-    its header is parsed now, and its voxels are decoded when read (igzip for a gzip
-    stream, into the array nibabel allocates: no other copy)."""
+    its header is parsed now (through igzip for a gzip stream), and its voxels are
+    decoded when read (:func:`read_data`, given the same bytes)."""
     stream: io.BufferedIOBase = io.BytesIO(raw)
     if raw[:2] == _GZIP_MAGIC:
         stream = igzip.GzipFile(fileobj=stream, mode="rb")
@@ -268,13 +270,25 @@ def squeezed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def read_data(img: nib.Nifti1Image, path: Path, role: str, as_float: bool) -> np.ndarray:
+def read_data(
+    img: nib.Nifti1Image, path: Path, role: str, as_float: bool, raw: bytes | None = None
+) -> np.ndarray:
     """Read the voxel data as a 3D array: HU after scl_slope/scl_inter (float32, or the
-    stored integers when the scaling is the identity), or as stored."""
+    stored integers when the scaling is the identity), or as stored.
+
+    ``raw``: the file's bytes, which ``img`` was opened from. Stored values that need
+    no scaling are then a read-only view of the decoded bytes (:func:`stored_view`:
+    the same array nibabel makes, without its zero-filled buffer and copy)."""
     try:
-        if as_float and not stored_is_scaled(img):
+        scaled = stored_is_scaled(img)
+        if as_float and not scaled:
             as_float = not np.issubdtype(img.get_data_dtype(), np.integer)
-        data = img.get_fdata(dtype=np.float32) if as_float else np.asarray(img.dataobj)
+        if as_float:
+            data = img.get_fdata(dtype=np.float32)
+        elif raw is not None and not scaled:
+            data = stored_view(img, raw)
+        else:
+            data = np.asarray(img.dataobj)
     except (*READ_ERRORS, TypeError) as exc:
         raise InputError(
             f"{role} file {path}: the header is readable but the voxel data are not "
@@ -282,6 +296,37 @@ def read_data(img: nib.Nifti1Image, path: Path, role: str, as_float: bool) -> np
             "copy or export it again"
         ) from None
     return data.reshape(squeezed_shape(data.shape))
+
+
+def stored_view(img: nib.Nifti1Image, raw: bytes) -> np.ndarray:
+    """The stored voxels of an image opened from the file's bytes ``raw``, unscaled: a
+    read-only array over the decoded bytes (gzip decoded whole by igzip, every member
+    of a multi-member stream; bytes after the last member are ignored, as nibabel
+    ignores what follows the voxels)."""
+    proxy = img.dataobj
+    if not isinstance(proxy, ArrayProxy):  # an image made in memory: its array itself
+        return np.asarray(proxy)
+    shape = tuple(int(n) for n in proxy.shape)
+    count = math.prod(shape)
+    decoded = gunzip(raw) if raw[:2] == _GZIP_MAGIC else raw
+    offset = int(proxy.offset)
+    needed = offset + count * proxy.dtype.itemsize
+    if len(decoded) < needed:
+        raise EOFError(f"{len(decoded):,} bytes decoded, {needed:,} needed for the voxels")
+    flat = np.frombuffer(decoded, dtype=proxy.dtype, count=count, offset=offset)
+    return flat.reshape(shape, order=proxy.order)
+
+
+def gunzip(raw: bytes) -> bytes:
+    """A gzip stream's decoded bytes, by igzip (raises EOFError when it ends early)."""
+    parts, rest = [], raw
+    while rest[:2] == _GZIP_MAGIC:
+        member = isal_zlib.decompressobj(wbits=31)  # 16 + 15: one gzip member
+        parts.append(member.decompress(rest))
+        if not member.eof:
+            raise EOFError("the compressed stream ends before its end-of-stream marker")
+        rest = member.unused_data
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def stored_is_scaled(img: nib.Nifti1Image) -> bool:
@@ -292,11 +337,13 @@ def stored_is_scaled(img: nib.Nifti1Image) -> bool:
     return not (float(slope) == 1.0 and float(inter) == 0.0)
 
 
-def read_nifti(img: nib.Nifti1Image, path: Path, role: str, *, labels: bool) -> Volume:
+def read_nifti(
+    img: nib.Nifti1Image, path: Path, role: str, *, labels: bool, raw: bytes | None = None
+) -> Volume:
     """The voxels of an opened NIfTI file as a :class:`Volume`: HU (:func:`read_data`),
-    or a label map."""
+    or a label map. ``raw``: the bytes it was opened from, if it was."""
     path = Path(path)
-    data = read_data(img, path, role, as_float=not labels)
+    data = read_data(img, path, role, as_float=not labels, raw=raw)
     kind = "label map" if labels else "image"
     return Volume(
         data=as_labels(data, path) if labels else data,

@@ -126,7 +126,7 @@ def open_image(
 
         return open_enhanced(path, max_voxels=max_voxels)
     img = open_nifti(path, "image", max_voxels, raw=raw)  # any other name: NIfTI, or an error
-    return lambda: read_nifti(img, path, "image", labels=False)
+    return lambda: read_nifti(img, path, "image", labels=False, raw=raw)
 
 
 def open_dicom_regions(

@@ -213,7 +213,7 @@ def open_label_file(
         return open_itk(path, "mask", max_voxels, labels=True)
     if is_nifti_file(path):
         img = open_nifti(path, "mask", max_voxels, raw=raw)
-        return lambda: read_nifti(img, path, "mask", labels=True)
+        return lambda: read_nifti(img, path, "mask", labels=True, raw=raw)
     if not path.exists():
         raise InputError(
             f"mask file {path} does not exist or is not a file; fix the path in the manifest"
