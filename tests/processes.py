@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 
 def python_stdout(code: str, *args: str, timeout: float = 100) -> str:
@@ -35,3 +39,25 @@ def interruptible(command: list[str]) -> list[str]:
     """``command`` as an argv that a SIGINT stops as it stops a command typed at a
     terminal (run through :data:`_INTERRUPTIBLE`; exec keeps the process id)."""
     return [sys.executable, "-c", _INTERRUPTIBLE, *command]
+
+
+def cluster_script(script: str, tag: str, *args: str, env: dict[str, str] | None = None) -> Any:
+    """Run ``tests/<script>`` (a private Ray cluster of its own) with the test's
+    environment less any Ray address or cohort setting, token auth on, and ``env``
+    added; return the JSON it printed after ``tag`` (failing with its output's tail
+    when it printed none)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "COHORT_"))}
+    environ["RAY_AUTH_MODE"] = "token"
+    environ.update(env or {})
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name(script)), *args],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+    )
+    prefix = f"{tag} "
+    line = next((x for x in done.stdout.splitlines() if x.startswith(prefix)), None)
+    assert line is not None, (done.stdout + done.stderr)[-4000:]
+    return json.loads(line.removeprefix(prefix))

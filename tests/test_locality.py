@@ -4,16 +4,13 @@ tests/locality_run.py, a process of its own)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from cohort.synthetic import make_phantom_cohort
+from tests.processes import cluster_script
 
 
 @pytest.mark.timeout(600)
@@ -21,19 +18,7 @@ def test_prepared_subjects_are_consumed_on_the_node_that_made_them(
     ray_session: None, tmp_path: Path
 ) -> None:
     manifest = make_phantom_cohort(tmp_path, n_per_cohort=6, shape=(48, 64, 64), seed=5)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "COHORT_"))}
-    env["RAY_AUTH_MODE"] = "token"
-    done = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("locality_run.py")), str(manifest)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=540,
-        check=False,
-    )
-    line = next((x for x in done.stdout.splitlines() if x.startswith("LOCALITY ")), None)
-    assert line is not None, (done.stdout + done.stderr)[-4000:]
-    report = json.loads(line.removeprefix("LOCALITY "))
+    report = cluster_script("locality_run.py", "LOCALITY", str(manifest))
     rows, nodes = report["rows"], report["gpu_nodes"]
     print({"loaded": Counter(r["loaded_on"][:6] for r in rows)})
     assert len(nodes) == 2 and len(rows) == 12

@@ -43,7 +43,7 @@ from cohort.inputs.manifest import Subject, read_manifest, write_manifest
 from cohort.model.network import load_weights
 from cohort.outputs import store
 from cohort.synthetic import make_phantom_cohort
-from tests.processes import interruptible
+from tests.processes import cluster_script, interruptible
 
 Patch = pytest.MonkeyPatch
 SHAPE = (32, 64, 64)  # (D, H, W): DenseNet121's block 4 sees a 1x2x2 grid; ~1 s a subject
@@ -359,22 +359,12 @@ def test_a_lost_node_loses_nothing(
     until then, and again for as long after it restarts); every subject ends exactly
     once, with the vectors of an undisturbed run."""
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "COHORT_"))}
-    env["RAY_AUTH_MODE"] = "token"
-    env[extraction.FAULT_SUBJECT_ENV] = list(read_manifest(good))[-1].subject_id
-    env[extraction.FAULT_MARKER_ENV] = str(tmp_path / "hung")
-    env[extraction.FAULT_MODE_ENV] = "hang:10"
-    done = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("node_loss_run.py")), str(good), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=540,
-        check=False,
-    )
-    line = next((x for x in done.stdout.splitlines() if x.startswith("NODE-LOSS ")), None)
-    assert line is not None, (done.stdout + done.stderr)[-4000:]
-    events = json.loads(line.removeprefix("NODE-LOSS "))
+    fault = {
+        extraction.FAULT_SUBJECT_ENV: list(read_manifest(good))[-1].subject_id,
+        extraction.FAULT_MARKER_ENV: str(tmp_path / "hung"),
+        extraction.FAULT_MODE_ENV: "hang:10",
+    }
+    events = cluster_script("node_loss_run.py", "NODE-LOSS", str(good), str(out), env=fault)
     print(events)
     assert 2 <= events["parts_when_killed"] < 10  # killed mid-run
     assert (events["done"], events["failed"]) == (10, 0), events
