@@ -285,8 +285,8 @@ def read_data(
             as_float = not np.issubdtype(img.get_data_dtype(), np.integer)
         if as_float:
             data = img.get_fdata(dtype=np.float32)
-        elif raw is not None and not scaled:
-            data = stored_view(img, raw)
+        elif raw is not None and not scaled and isinstance(img.dataobj, ArrayProxy):
+            data = stored_view(img.dataobj, raw)
         else:
             data = np.asarray(img.dataobj)
     except (*READ_ERRORS, TypeError) as exc:
@@ -298,14 +298,9 @@ def read_data(
     return data.reshape(squeezed_shape(data.shape))
 
 
-def stored_view(img: nib.Nifti1Image, raw: bytes) -> np.ndarray:
+def stored_view(proxy: ArrayProxy, raw: bytes) -> np.ndarray:
     """The stored voxels of an image opened from the file's bytes ``raw``, unscaled: a
-    read-only array over the decoded bytes (gzip decoded whole by igzip, every member
-    of a multi-member stream; bytes after the last member are ignored, as nibabel
-    ignores what follows the voxels)."""
-    proxy = img.dataobj
-    if not isinstance(proxy, ArrayProxy):  # an image made in memory: its array itself
-        return np.asarray(proxy)
+    read-only array over the decoded bytes (:func:`gunzip` for a gzip stream)."""
     shape = tuple(int(n) for n in proxy.shape)
     count = math.prod(shape)
     decoded = gunzip(raw) if raw[:2] == _GZIP_MAGIC else raw
@@ -318,7 +313,10 @@ def stored_view(img: nib.Nifti1Image, raw: bytes) -> np.ndarray:
 
 
 def gunzip(raw: bytes) -> bytes:
-    """A gzip stream's decoded bytes, by igzip (raises EOFError when it ends early)."""
+    """A gzip stream's decoded bytes, by igzip: every member of a multi-member stream,
+    and bytes after the last member ignored, as nibabel's read of the voxels and zlib's
+    ``gzread`` (ITK) ignore them (``igzip.decompress`` refuses them unless they are
+    zeros). Raises EOFError when the stream ends early."""
     parts, rest = [], raw
     while rest[:2] == _GZIP_MAGIC:
         member = isal_zlib.decompressobj(wbits=31)  # 16 + 15: one gzip member
