@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cohort.config import ExecutionConfig, PreprocessConfig, RunConfig
+from cohort.config import ExecutionConfig, PreprocessConfig, RunConfig, format_label_map
 from cohort.execution import session
+from cohort.execution.load import load_subject
 from cohort.execution.session import actor_memory
 from cohort.inputs import headers
 from cohort.inputs.headers import InputSizes, header_grid, scan_sizes
@@ -49,7 +50,15 @@ def test_header_size_is_the_prepared_input_size(
     cfg = PreprocessConfig(target_spacing=spacing)
     prepared = prepare(image, mask, LABELS, True, cfg)
     sizes = scan_sizes([image], cfg)
-    assert sizes == InputSizes(1, 1, (tuple(int(n) for n in prepared.image.shape),))
+    assert (sizes.sized, sizes.total) == (1, 1)
+    assert sizes.largest == (tuple(int(n) for n in prepared.image.shape),)
+    if spacing is None:
+        assert sizes.windows == ()
+    else:  # the grid the loader hands over for the actor to resample (no crop: all of it)
+        row = {"subject_id": "s", "image": str(image), "mask": str(mask)}
+        row["labels"] = format_label_map(LABELS)
+        loaded = load_subject(row, RunConfig(preprocess=cfg), "id", frozenset())
+        assert sizes.windows == (tuple(int(n) for n in loaded["hu"].shape),)
 
 
 def test_scan_keeps_the_largest_and_counts_what_it_could_not_size(
@@ -108,6 +117,32 @@ def test_queue_grows_with_large_inputs_and_actors() -> None:
     got = actor_memory(InputSizes(1, 1, whole_body), _cfg(24.0), LAYERS, "cuda", actors=3)
     inputs = estimate_peak_bytes(whole_body[0], "densenet121", LAYERS, device="cuda").inputs
     assert got.queue_bytes == 3 * session.QUEUE_PER_ACTOR * inputs > session.QUEUE_FLOOR_BYTES
+
+
+def test_with_spacing_the_largest_stored_grids_are_kept_and_sized_with_their_resampling(
+    tmp_path: Path,
+) -> None:
+    """--spacing: an image with a small model input but a large stored grid (fine
+    voxels) is kept beside the largest model inputs, and the request covers its
+    resampling in the actor, which here needs more than any forward pass."""
+    coarse = [
+        save_nifti(tmp_path / f"c{n}.nii.gz", np.zeros((40, 40, 40 + n), np.int16))
+        for n in range(9)
+    ]
+    fine = np.eye(4) * 0.25
+    fine[3, 3] = 1.0
+    dense = save_nifti(tmp_path / "fine.nii.gz", np.zeros((160, 160, 160), np.int16), fine)
+    cfg = PreprocessConfig(target_spacing=(1.0, 1.0, 1.0))
+    sizes = scan_sizes([*coarse, dense], cfg)
+    # the 8 largest model inputs (41..48 slices), and the largest stored grid with them
+    assert len(sizes.largest) == len(sizes.windows) == 9
+    assert sizes.windows[sizes.largest.index((40, 40, 40))] == (160, 160, 160)
+    got = actor_memory(sizes, RunConfig(preprocess=cfg), LAYERS, "cpu", actors=1)
+    resampled = estimate_peak_bytes((40, 40, 40), "densenet121", LAYERS, window=(160, 160, 160))
+    assert resampled.phase == "resampling"
+    largest = max(estimate_peak_bytes(s, "densenet121", LAYERS).host for s in sizes.largest)
+    assert resampled.host > largest
+    assert got.request_bytes == math.ceil((resampled.host + WORKER_BASE_BYTES) * session.MARGIN)
 
 
 def test_request_never_exceeds_actor_memory_and_falls_back_when_unsized() -> None:

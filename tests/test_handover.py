@@ -417,3 +417,30 @@ def test_device_feed_on_the_cpu_shares_the_read_only_arrays_silently() -> None:
     assert tensor.dtype == torch.int16 and np.shares_memory(tensor.numpy(), hu)
     with pytest.raises(RuntimeError, match="CUDA"):
         feed.start([hu])
+
+
+@pytest.mark.parametrize(
+    "slab", [7, 4096, 1 << 21], ids=["slabs-of-7", "slabs-of-4096", "one-slab"]
+)
+def test_the_foreground_statistics_in_slabs_equal_numpy_whole(
+    monkeypatch: pytest.MonkeyPatch, slab: int
+) -> None:
+    """--normalise foreground on the device sums its slabs (float64, two passes): the image
+    equals numpy's reference (the foreground gathered whole, numpy's mean and std) within
+    1e-6, and the value of air with it."""
+    from cohort.inputs.preprocess import normalise_intensity
+    from cohort.model import intensity
+
+    monkeypatch.setattr(intensity, "STATS_VOXELS", slab)
+    rng = np.random.default_rng(4)
+    hu = rng.normal(200.0, 400.0, (23, 31, 37)).round().astype(np.int16)
+    cfg = PreprocessConfig(normalise="foreground", foreground_hu=-100.0)
+    reference, air = normalise_intensity(hu, cfg)
+    got, got_air = intensity.normalise_hu(torch.from_numpy(hu), cfg)
+    np.testing.assert_allclose(got.numpy(), reference, rtol=1e-6, atol=1e-6)
+    assert got_air == pytest.approx(air, rel=1e-12)
+    flat = np.full((4, 4, 4), 300, dtype=np.int16)  # one value above the threshold: no z-score
+    with pytest.raises(InputError, match=r"64 voxels of one value above -100 HU"):
+        intensity.normalise_hu(torch.from_numpy(flat), cfg, "image x.nii")
+    with pytest.raises(InputError, match=r"no voxel above -100 HU"):
+        intensity.normalise_hu(torch.from_numpy(flat - 1000), cfg, "image x.nii")

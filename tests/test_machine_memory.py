@@ -17,7 +17,13 @@ from cohort.errors import GeometryError
 from cohort.execution import machine
 from cohort.execution.machine import HostMemory, in_process_budget, read_host_memory
 from cohort.inputs.manifest import read_manifest, write_manifest
-from cohort.model.memory import GIB, actor_budget, check_memory, estimate_peak_bytes
+from cohort.model.memory import (
+    GIB,
+    WORKER_BASE_BYTES,
+    actor_budget,
+    check_memory,
+    estimate_peak_bytes,
+)
 from cohort.synthetic import make_phantom_cohort
 
 pytestmark = pytest.mark.timeout(60)
@@ -106,7 +112,7 @@ def test_the_lower_of_the_cgroup_less_the_process_and_mem_available() -> None:
     assert in_process_budget(no_cgroup, cfg).bytes == 5 * GIB
     # nothing readable: --actor-memory as on Ray, and said so
     fallback = in_process_budget(HostMemory(None, None, "", None), cfg)
-    assert fallback.bytes == actor_budget(cfg).bytes == 3 * GIB - 3 * GIB // 4
+    assert fallback.bytes == actor_budget(cfg).bytes == 3 * GIB - WORKER_BASE_BYTES
     assert "cannot be read" in fallback.source
 
 

@@ -14,10 +14,12 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from bench.memory import peak_bytes
 from bench.memory_estimate import extractor, measured_forward
 from cohort.cli.main import main
 from cohort.config import (
@@ -31,8 +33,10 @@ from cohort.config import (
 )
 from cohort.errors import GeometryError
 from cohort.execution import load as loading
+from cohort.execution.extract import Features
 from cohort.inputs.manifest import Subject, read_manifest, write_manifest
-from cohort.model import lean, memory
+from cohort.inputs.preprocess import Deferred, Placed
+from cohort.model import intensity, lean, memory
 from cohort.model.hooks import FeatureExtractor, resolve_layers
 from cohort.model.memory import (
     GIB,
@@ -65,6 +69,7 @@ def densenet() -> FeatureExtractor:
 def test_constants_are_the_lean_pass_own() -> None:
     assert memory.CHUNK_VOXELS == lean.DEFAULT_CHUNK_VOXELS
     assert memory.MIN_PIECE_VOXELS == lean.MIN_PIECE_VOXELS
+    assert memory.STATS_VOXELS == intensity.STATS_VOXELS
     assert set(memory.PROFILES) == set(BACKBONES)
 
 
@@ -120,17 +125,104 @@ def test_plain_backbone_estimate_within_30_percent(pooling: PoolingMode) -> None
     _within(est.forward, measured)
 
 
+@pytest.fixture(scope="module")
+def features() -> Features:
+    network, _ = build_network("densenet121", random_weights("densenet121", 0).state_dict)
+    return Features(network, RunConfig(execution=ExecutionConfig(device="cpu")), 1, "test")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("window", "shape", "dtype", "normalise", "flips", "pieces"),
+    [
+        (None, (24, 40, 48), np.int16, "fixed", (), 4096),
+        (None, (24, 40, 48), np.float32, "foreground", (), 4096),  # eleven statistics slabs
+        (None, (8, 10, 12), np.int16, "foreground", (), 4096),  # smaller than the slab
+        ((48, 80, 96), (24, 40, 48), np.int16, "fixed", (0,), 4096),
+        ((48, 80, 96), (24, 40, 48), np.int16, "fixed", (0,), 1 << 21),  # each pass whole
+        ((12, 80, 30), (24, 40, 48), np.float32, "foreground", (), 4096),  # up and down
+        ((40, 40, 40), (20, 40, 80), np.int16, "fixed", (1, 2), 4096),
+        ((40, 40, 40), (20, 40, 80), np.int16, "fixed", (1, 2), 100),  # a slice per piece
+    ],
+    ids=[
+        "fixed",
+        "foreground",
+        "one-slab",
+        "halved-flipped",
+        "halved-whole-passes",
+        "float-mixed",
+        "int-mixed",
+        "int-slices",
+    ],
+)
+def test_the_preparation_estimate_is_the_profiled_peak_of_the_actor_making_its_input(
+    features: Features,
+    monkeypatch: pytest.MonkeyPatch,
+    window: tuple[int, int, int] | None,
+    shape: tuple[int, int, int],
+    dtype: type,
+    normalise: str,
+    flips: tuple[int, ...],
+    pieces: int,
+) -> None:
+    """Features._inputs (resampling, window, normalisation) on the CPU, its tensor memory
+    from the torch profiler's allocation events, against Estimate.prepare."""
+    slab = 4096  # both the actor's and the estimate's foreground slab, small here
+    monkeypatch.setattr(intensity, "STATS_VOXELS", slab)
+    monkeypatch.setattr(memory, "STATS_VOXELS", slab)
+    monkeypatch.setattr(memory, "RESAMPLE_VOXELS", pieces)  # the resampling's pieces too
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1000, 1500, window or shape).astype(dtype)
+    deferred = None
+    if window is not None:
+        ratio = (window[0] / shape[0], window[1] / shape[1], window[2] / shape[2])
+        deferred = Deferred(ratio, (0, 0, 0), shape, (0, 0, 0), window, flips)
+    placed = Placed(
+        hu=hu,
+        region_index=np.zeros(shape, dtype=np.uint8),
+        region_names=("background",),
+        voxels=(math.prod(shape),),
+        spacing_mm=(1.0, 1.0, 1.0),
+        original_orientation="RAS",
+        deferred=deferred,
+    )
+    features.cfg = RunConfig(
+        execution=ExecutionConfig(device="cpu"),
+        preprocess=PreprocessConfig(normalise=normalise, foreground_hu=-500.0),  # type: ignore[arg-type]
+    )
+    measured = peak_bytes(lambda: features._inputs(placed, "ct.nii.gz"))
+    est = estimate_peak_bytes(
+        shape,
+        "densenet121",
+        DEFAULT_LAYERS,
+        window=window,
+        hu_bytes=np.dtype(dtype).itemsize,
+        foreground=normalise == "foreground",
+    )
+    assert measured > 0
+    assert abs(est.prepare / measured - 1) <= 0.02, f"{est.prepare:,} vs {measured:,}"
+
+
 def test_estimate_follows_precision_device_planes_and_layers() -> None:
     shape = (216, 512, 512)
+    voxels = math.prod(shape)
     cpu = estimate_peak_bytes(shape, "densenet121", DEFAULT_LAYERS)
-    assert cpu.gpu == 0 and cpu.host == 2 * cpu.inputs + cpu.forward + cpu.weights
-    assert cpu.inputs == 5 * math.prod(shape)
+    # the hand-over (int16 HU, one uint8 plane), the weights, the float32 input and the maps
+    assert cpu.inputs == 3 * voxels and cpu.image == 4 * voxels
+    assert cpu.gpu == 0 and cpu.host == cpu.inputs + cpu.weights + cpu.image + cpu.forward
     gpu = estimate_peak_bytes(shape, "densenet121", DEFAULT_LAYERS, device="cuda")
-    assert gpu.host == 2 * gpu.inputs and gpu.gpu == gpu.forward + gpu.inputs + gpu.weights
+    assert gpu.host == 2 * gpu.inputs  # the row and its pinned copy
+    assert gpu.gpu == gpu.inputs + gpu.weights + gpu.image + gpu.forward
     bf16 = estimate_peak_bytes(shape, "densenet121", DEFAULT_LAYERS, "masked-pool", "bf16", "cuda")
     assert bf16.forward < 0.7 * gpu.forward
-    two = estimate_peak_bytes(shape, "densenet121", DEFAULT_LAYERS, planes=2)
-    assert two.inputs == 6 * math.prod(shape)
+    two = estimate_peak_bytes(shape, "densenet121", DEFAULT_LAYERS, planes=2, hu_bytes=4)
+    assert two.inputs == 6 * voxels
+    # --spacing: the stored window is handed over, and resampled in the actor
+    stored = (216, 1024, 1024)
+    fine = estimate_peak_bytes(shape, "densenet121", DEFAULT_LAYERS, window=stored)
+    assert fine.inputs == 2 * math.prod(stored) + voxels
+    assert fine.prepare > fine.image + fine.forward and fine.phase == "resampling"
+    assert fine.host == fine.inputs + fine.weights + fine.prepare
     # a hook in dense block 1 keeps its 256-channel map at 1/4 resolution: 16 B/voxel
     shallow = estimate_peak_bytes(shape, "densenet121", ["features.denseblock1"])
     assert shallow.forward > cpu.forward + 15 * math.prod(shape)
@@ -179,7 +271,8 @@ def test_a_subject_over_the_actor_memory_fails_with_the_numbers_and_the_fixes() 
         max(1, math.floor(n * s / t + 0.5))
         for n, s, t in zip(shape, (1.0, 0.7, 0.7), spacing, strict=True)
     )
-    check_memory((d, h, w), spacing, cfg, DEFAULT_LAYERS, "cpu", "ct.nii.gz")
+    # resampled in the actor from the stored grid, which the loader then hands over
+    check_memory((d, h, w), spacing, cfg, DEFAULT_LAYERS, "cpu", "ct.nii.gz", window=shape)
     # and the subject fits the default actor
     check_memory(shape, (1.0, 0.7, 0.7), RunConfig(), DEFAULT_LAYERS, "cpu", "ct.nii.gz")
 

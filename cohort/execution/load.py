@@ -35,7 +35,7 @@ from cohort.inputs.chain import perturb_pair
 from cohort.inputs.chain_config import PerturbationConfig
 from cohort.inputs.fingerprint import content_hash, fingerprint, sha256_path, subject_key
 from cohort.inputs.geometry import Reach, mask_resampled
-from cohort.inputs.handover import empty_columns, to_columns
+from cohort.inputs.handover import empty_columns, hu_of, to_columns
 from cohort.inputs.preprocess import Placed
 from cohort.inputs.readers import VolumePair
 from cohort.inputs.stages import Stages
@@ -197,9 +197,10 @@ def load_subject(
         del checked  # what is not placed (e.g. the voxels a crop leaves out)
         stages.stage = "check"  # memory: a check of the model input, whose size is now final
         where = device or ("cpu" if cfg.execution.device == "auto" else cfg.execution.device)
-        check_actor_memory(placed, cfg, reach, image, where, budget)
+        columns = to_columns(placed)
+        check_actor_memory(placed, cfg, reach, image, where, budget, hu_of(columns).itemsize)
         out["message"] = RESAMPLED_NOTE if resampled else ""
-        out.update(to_columns(placed))
+        out.update(columns)
     except Exception as err:
         out.update(failure_row(PERTURB if perturbing else stages.stage, err, row))
         if getattr(err, "__notes__", None):
@@ -230,15 +231,20 @@ def check_actor_memory(
     image: Path | str,
     device: str,
     budget: Budget | None = None,
+    hu_bytes: int = 2,
 ) -> Estimate:
     """The subject's estimated peak in its feature actor, or in this process
     (:func:`cohort.model.memory.check_memory`): a ``GeometryError`` with the
     estimate, the limit and the fixes when it exceeds ``budget`` (default:
     ``--actor-memory`` less the worker process). The
     hooked layers are ``reach``'s module paths (resolved on the driver), else the
-    configured ones."""
+    configured ones; ``hu_bytes`` the handed-over HU's bytes per voxel."""
     index = placed.region_index
     d, h, w = placed.shape
+    window = None
+    if placed.deferred is not None:  # --spacing: the stored window is handed over
+        wd, wh, ww = (int(n) for n in placed.hu.shape)
+        window = (wd, wh, ww)
     layers = [r.module_path for r in reach.layers] if reach is not None else cfg.model.layers
     return check_memory(
         (d, h, w),
@@ -249,4 +255,6 @@ def check_actor_memory(
         image,
         planes=int(index.shape[0]) if index.ndim == 4 else 1,
         budget=budget,
+        window=window,
+        hu_bytes=hu_bytes,
     )

@@ -243,9 +243,19 @@ def actor_memory(
         scanned = "no headers read" if sizes is None else f"{sizes.sized} of {sizes.total} sized"
         return ActorMemory(limit, None, f"--actor-memory ({scanned} by their headers)")
     model, pooling = cfg.model, cfg.pooling.mode
+    windows = sizes.windows or (None,) * len(sizes.largest)  # --spacing: the stored grids
     estimates = [
-        estimate_peak_bytes(shape, model.backbone, layers, pooling, model.precision, device)
-        for shape in sizes.largest
+        estimate_peak_bytes(
+            shape,
+            model.backbone,
+            layers,
+            pooling,
+            model.precision,
+            device,
+            window=window,
+            foreground=cfg.preprocess.normalise == "foreground",
+        )
+        for shape, window in zip(sizes.largest, windows, strict=True)
     ]
     ahead = max(actors * QUEUE_PER_ACTOR, loaders + actors)  # model inputs in flight
     queue = max(QUEUE_FLOOR_BYTES, ahead * max(e.inputs for e in estimates))

@@ -52,6 +52,9 @@ class InputSizes:
     sized: int  # images whose model input size is known
     total: int  # images in the manifest
     largest: tuple[Shape, ...]  # the largest model inputs (D, H, W), most voxels first
+    # with --spacing: the stored grid (D, H, W) each of ``largest`` is resampled from in the
+    # actor (its resampling's memory scales with it); empty without
+    windows: tuple[Shape, ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -59,24 +62,41 @@ class InputSizes:
         return self.sized == self.total and self.total > 0
 
 
-def _model_input(path: Path, cfg: PreprocessConfig) -> Shape | None:
+def _model_input(path: Path, cfg: PreprocessConfig) -> tuple[Shape, Shape] | None:
+    """The model input's shape and the stored grid's, from the image header."""
     try:
         grid = header_grid(path, cfg.max_voxels)
     except Exception:  # the subject's load stage reports it, with its own message
         return None
-    return None if grid is None else model_shape(grid, cfg)
+    return None if grid is None else (model_shape(grid, cfg), grid.shape)
 
 
 def scan_sizes(
     images: Sequence[Path], cfg: PreprocessConfig, seconds: float = SCAN_SECONDS
 ) -> InputSizes:
     """Read the headers of ``images`` (in threads, for at most ``seconds``); returns
-    how many were sized and the largest model inputs before any crop."""
+    how many were sized and the largest model inputs before any crop: the
+    :data:`_KEEP` with the most voxels and, with ``--spacing``, also those of the
+    :data:`_KEEP` largest stored grids, with their grids."""
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = [pool.submit(_model_input, Path(p), cfg) for p in images]
         done, _ = wait(futures, timeout=max(0.0, seconds - (time.monotonic() - started)))
         pool.shutdown(cancel_futures=True)  # those not started; running ones finish
-        shapes = [s for s in (f.result() for f in done) if s is not None]
-    largest = sorted(set(shapes), key=lambda s: (math.prod(s), s), reverse=True)[:_KEEP]
-    return InputSizes(len(shapes), len(images), tuple(largest))
+        found = [s for s in (f.result() for f in done) if s is not None]
+    if cfg.target_spacing is None:
+        shapes = {model for model, _ in found}
+        largest = sorted(shapes, key=lambda s: (math.prod(s), s), reverse=True)[:_KEEP]
+        return InputSizes(len(found), len(images), tuple(largest))
+    pairs = set(found)
+    kept: set[tuple[Shape, Shape]] = set()
+    for side in (0, 1):  # the largest model inputs, and the largest stored grids
+        ranked = sorted(pairs, key=lambda p: (math.prod(p[side]), p), reverse=True)
+        kept.update(ranked[:_KEEP])
+    ordered = sorted(kept, key=lambda p: (math.prod(p[0]), p), reverse=True)
+    return InputSizes(
+        len(found),
+        len(images),
+        tuple(model for model, _ in ordered),
+        tuple(stored for _, stored in ordered),
+    )

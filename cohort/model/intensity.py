@@ -23,41 +23,72 @@ a time, rounded once to float32 (bit for bit scipy's on the CPU:
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from cohort.config import PreprocessConfig
 from cohort.errors import InputError
 from cohort.inputs.preprocess import Deferred, sample_points
+from cohort.model.memory import piece_axis, piece_length, resample_order
 
-__all__ = ["normalise_hu", "resample_hu"]
+__all__ = ["STATS_VOXELS", "normalise_hu", "resample_hu"]
+
+STATS_VOXELS = 1 << 21  # the foreground statistics' slab: 17 bytes per voxel of it live
 
 
 def resample_hu(hu: torch.Tensor, deferred: Deferred) -> torch.Tensor:
     """The handed-over window ``hu`` resampled onto the model grid (float32, axes
     flipped as ``deferred`` says), on ``hu``'s device.
 
-    The axis that shrinks most goes first, and the stored integers are gathered
-    before they become float64, so the transient memory is the window and two
-    float64 arrays of the first pass's output (then of each later one's)."""
+    The axis that shrinks most goes first (:func:`cohort.model.memory.resample_order`);
+    each pass writes its output (float64; the last one float32, rounded once) piece by
+    piece of :data:`RESAMPLE_VOXELS` output voxels, so that beyond its input and output
+    a pass holds only one piece's gathered values, as the memory estimate counts them."""
     x = hu
-    shrink = [deferred.shape[a] / max(int(hu.shape[a]), 1) for a in range(3)]
-    for axis in sorted(range(3), key=lambda a: (shrink[a], -a)):
-        first, second, weight = sample_points(
+    depth, height, width = (int(n) for n in hu.shape)
+    order = resample_order((depth, height, width), deferred.shape)
+    for step, axis in enumerate(order):
+        points = sample_points(
             deferred.ratio[axis],
             deferred.start[axis],
             deferred.shape[axis],
             deferred.origin[axis],
             deferred.extent[axis],
         )
-        shape = [1, 1, 1]
-        shape[axis] = len(weight)
-        w = torch.from_numpy(weight).to(x.device).reshape(shape)
-        low = x.index_select(axis, torch.from_numpy(first).to(x.device)).to(torch.float64)
-        high = x.index_select(axis, torch.from_numpy(second).to(x.device)).to(torch.float64)
-        x = low.mul_(1.0 - w).add_(high.mul_(w))
-        del low, high
-    out = x.to(torch.float32)
-    return torch.flip(out, deferred.flips) if deferred.flips else out
+        x = _resample_axis(x, axis, points, last=step == len(order) - 1)
+    return torch.flip(x, deferred.flips) if deferred.flips else x
+
+
+def _resample_axis(
+    x: torch.Tensor,
+    axis: int,
+    points: tuple[np.ndarray, np.ndarray, np.ndarray],
+    last: bool,
+) -> torch.Tensor:
+    """One linear pass along ``axis`` (the two voxels and the weight of the second, per
+    output voxel), in float64, written into a new float64 tensor (float32 if ``last``)
+    piece by piece along another axis."""
+    first, second, weight = points
+    size = [int(n) for n in x.shape]
+    size[axis] = len(weight)
+    out = torch.empty(size, dtype=torch.float32 if last else torch.float64, device=x.device)
+    shape = [1, 1, 1]
+    shape[axis] = len(weight)
+    w = torch.from_numpy(weight).to(x.device).reshape(shape)
+    below = torch.from_numpy(first).to(x.device)
+    above = torch.from_numpy(second).to(x.device)
+    along = piece_axis(axis)
+    length = piece_length(size, along)
+    for start in range(0, size[along], length):
+        count = min(length, size[along] - start)
+        part = x.narrow(along, start, count)
+        low = part.index_select(axis, below).to(torch.float64)
+        high = part.index_select(axis, above).to(torch.float64)
+        out.narrow(along, start, count).copy_(low.mul_(1.0 - w).add_(high.mul_(w)))
+        del low, high  # before the next piece's are made
+    return out
 
 
 def normalise_hu(
@@ -82,18 +113,33 @@ def normalise_hu(
 
 
 def _foreground_stats(x: torch.Tensor, cfg: PreprocessConfig, origin: str) -> tuple[float, float]:
-    """Mean and population standard deviation (float64) of the scaled voxels above
-    ``foreground_hu``."""
+    """Mean and population standard deviation (float64, two passes, as numpy's) of the
+    scaled voxels above ``foreground_hu``, slab by slab of :data:`STATS_VOXELS`: the
+    foreground is never gathered (on the CPU ``x[x > t]`` needs 33 bytes per voxel, a
+    full-size CT's 1.9 GB, more than the forward pass), and nothing waits for the device
+    until the two sums are read."""
     threshold = (cfg.foreground_hu - cfg.hu_min) / (cfg.hu_max - cfg.hu_min)
-    foreground = x[x > torch.tensor(threshold, dtype=torch.float32, device=x.device)]
-    foreground = foreground.to(torch.float64)
-    count = int(foreground.numel())
-    std = float(foreground.std(correction=0)) if count else 0.0
+    above = torch.tensor(threshold, dtype=torch.float32, device=x.device)
+    flat = x.reshape(-1)
+    slabs = [flat[i : i + STATS_VOXELS] for i in range(0, flat.numel(), STATS_VOXELS)]
+    count = torch.zeros((), dtype=torch.int64, device=x.device)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for slab in slabs:
+        inside = slab > above
+        count += inside.sum()
+        total += slab.to(torch.float64).mul_(inside).sum()
+    n = int(count)
+    mean = total / max(n, 1)
+    squares = torch.zeros((), dtype=torch.float64, device=x.device)
+    for slab in slabs:
+        inside = slab > above
+        squares += slab.to(torch.float64).sub_(mean).square_().mul_(inside).sum()
+    std = math.sqrt(float(squares) / n) if n else 0.0
     if std == 0.0:
-        found = "no voxel" if count == 0 else f"{count} voxels of one value"
+        found = "no voxel" if n == 0 else f"{n} voxels of one value"
         raise InputError(
             f"{origin} has {found} above {cfg.foreground_hu:g} HU after resampling and "
             "cropping, so the z-score of its foreground (--normalise foreground) is undefined; "
             "check that the image is in HU, or use --normalise fixed"
         )
-    return float(foreground.mean()), std
+    return float(mean), std

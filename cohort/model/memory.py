@@ -12,13 +12,19 @@ fixes, instead of having its worker killed.
   (:func:`cohort.model.pooling.extract`: the forward pass up to the deepest
   hooked layer, and the pooling), as the torch allocator counts it, relative
   to the start of the call. Calibrated by measurement (below).
-- ``inputs``: the actor's copies of the model input, 4 bytes per voxel of
-  float32 image and 1 per region-index plane, counted twice (on CUDA a third
-  lives on the GPU). This is the pickled hand-over's model, kept although
-  loaders now hand over int16 HU and uint8 planes without pickle
-  (:mod:`cohort.inputs.handover`; the actor holds those 3 bytes per voxel and
-  the 4-byte float32 image it makes): the estimate is high by about 3 bytes
-  per voxel until ``python -m bench.actor_peak`` recalibrates it.
+- ``inputs``: the hand-over (:mod:`cohort.inputs.handover`) as the actor
+  receives it: HU at 2 bytes per voxel (int16; 4 where it is float32) and 1
+  byte per region-index plane; with ``--spacing`` the HU is the stored
+  image's window, resampled in the actor. Counted once on the CPU (the
+  actor reads it where Ray put it); on CUDA the actor's host holds it and a
+  pinned copy, and the GPU a third.
+- ``image``: the float32 model input the actor makes (4 bytes per voxel),
+  live through the forward pass.
+- ``prepare``: the most tensor memory live while the actor makes that input
+  (:mod:`cohort.model.intensity`): the resampling's float64 passes, the
+  normalisation's copy and the foreground statistics' slab; the call's peak
+  is the larger of this and ``image`` plus ``forward``. Exact arithmetic of
+  the code's allocations, checked against the torch profiler.
 - ``weights``: the network's parameters and buffers as built (measured per
   backbone; on CUDA on the GPU).
 
@@ -26,11 +32,12 @@ fixes, instead of having its worker killed.
 the imported libraries): :data:`WORKER_BASE_BYTES`, a stated constant, subtracted
 from ``--actor-memory`` before the comparison. It is what a working feature actor
 holds beyond this estimate: its peak unique memory in real runs less the
-estimate was 548-835 MiB from 64^3 to 192 x 256 x 256 (``python -m
-bench.actor_peak``, development machine: torch 2.14.1, Ray 2.60), where an idle
-actor with DenseNet121 built holds 0.51 GB. Allocator caching and
-fragmentation, cuDNN workspaces, and the Ray object store's shared memory
-(the block the payload comes in) are not modelled either.
+estimate was 602-933 MiB from 96 x 128 x 128 to 512 x 512 x 216 (five runs,
+``python -m bench.actor_peak``, development machine: torch 2.14.1, Ray 2.60),
+where an idle actor with DenseNet121 built holds 0.51 GB; the constant is the
+most of those, rounded up. Allocator caching and fragmentation, cuDNN
+workspaces, and the Ray object store's shared memory (the block the hand-over
+comes in) are not modelled either.
 
 **The forward pass's model.** Per backbone, per stage of the network (stem,
 dense blocks / ResNet layers / CT-FM levels), the bytes per input voxel live
@@ -83,6 +90,8 @@ __all__ = [
     "GIB",
     "MIN_PIECE_VOXELS",
     "PROFILES",
+    "RESAMPLE_VOXELS",
+    "STATS_VOXELS",
     "WORKER_BASE_BYTES",
     "Budget",
     "Estimate",
@@ -90,13 +99,20 @@ __all__ = [
     "actor_budget",
     "check_memory",
     "estimate_peak_bytes",
+    "piece_axis",
+    "piece_length",
+    "resample_order",
     "stage_of",
 ]
 
 GIB = 2**30  # --actor-memory counts GB of 2^30 bytes, as Ray's memory resource is set
 CHUNK_VOXELS = 1 << 23  # = cohort.model.lean.DEFAULT_CHUNK_VOXELS (a test checks)
 MIN_PIECE_VOXELS = 1 << 16  # = cohort.model.lean.MIN_PIECE_VOXELS (a test checks)
-WORKER_BASE_BYTES = 3 * GIB // 4  # the worker process, not modelled (see the module docstring)
+STATS_VOXELS = 1 << 21  # = cohort.model.intensity.STATS_VOXELS (a test checks)
+RESAMPLE_VOXELS = 1 << 21  # output voxels of one piece of a device resampling pass
+_IMAGE_BPV = 4  # the float32 model input the actor makes of the hand-over
+_STATS_BPV = 17  # per voxel of a foreground-statistics slab: its mask and two float64 copies
+WORKER_BASE_BYTES = GIB  # the worker process, not modelled (see the module docstring)
 _MASKED_INPUT_BPV = 4.0  # masked-input: the input with air outside the region, float32
 _BF16_INPUT_BPV = 2.0  # bf16 autocast: the first convolution's bf16 copy of the input
 
@@ -248,21 +264,84 @@ class Estimate:
     backbone: str
     device: str  # "cpu" or "cuda": where the forward pass runs
     forward: int  # tensor memory of the forward pass and pooling (calibrated)
-    inputs: int  # one copy of the model input (image + region index)
+    inputs: int  # the hand-over: HU (int16 or float32, the stored window with --spacing), planes
     weights: int  # the network's parameters and buffers
-    phase: str  # the stage (or "pooling") where the forward pass peaks
+    phase: str  # the stage (or "pooling", "resampling", "normalisation") of the peak
+    image: int = 0  # the float32 model input the actor makes, live through the forward pass
+    prepare: int = 0  # the resampling and normalisation on the device, at their peak
+
+    @property
+    def working(self) -> int:
+        """The actor's call beyond the hand-over and the weights: the preparation of the
+        input, or the input and the forward pass, whichever is larger."""
+        return max(self.prepare, self.image + self.forward)
 
     @property
     def host(self) -> int:
         """The actor's own memory, without the process (:data:`WORKER_BASE_BYTES`): the
-        payload and the unpickled input, and on the CPU the network and its maps."""
-        on_cpu = self.device == "cpu"
-        return 2 * self.inputs + (self.forward + self.weights if on_cpu else 0)
+        hand-over, and on the CPU the network, the input it makes and the maps; on CUDA
+        the hand-over's pinned copy instead."""
+        if self.device == "cpu":
+            return self.inputs + self.weights + self.working
+        return 2 * self.inputs
 
     @property
     def gpu(self) -> int:
-        """GPU memory (0 on the CPU): the network, the input and the maps."""
-        return 0 if self.device == "cpu" else self.forward + self.inputs + self.weights
+        """GPU memory (0 on the CPU): the network, the hand-over, the input and the maps."""
+        return 0 if self.device == "cpu" else self.inputs + self.weights + self.working
+
+
+def resample_order(window: Shape, shape: Shape) -> list[int]:
+    """The axes in the order the device resampling takes them
+    (:func:`cohort.model.intensity.resample_hu`): the one that shrinks most from
+    ``window`` (the handed-over grid) to ``shape`` (the model's) first, ties last axis
+    first, so that the float64 arrays of each pass are as small as they can be."""
+    shrink = [shape[a] / max(window[a], 1) for a in range(3)]
+    return sorted(range(3), key=lambda a: (shrink[a], -a))
+
+
+def piece_axis(axis: int) -> int:
+    """The axis a resampling pass along ``axis`` is cut into pieces along."""
+    return 1 if axis == 0 else 0
+
+
+def piece_length(size: Sequence[int], along: int) -> int:
+    """Slices along ``along`` of one piece of a pass whose output is ``size``: as many
+    as :data:`RESAMPLE_VOXELS` output voxels hold, at least one."""
+    plane = math.prod(size) // max(size[along], 1)
+    return max(1, RESAMPLE_VOXELS // max(plane, 1))
+
+
+def _prepare(
+    shape: Shape, window: Shape | None, hu_bytes: int, foreground: bool
+) -> tuple[float, str]:
+    """Peak bytes of the actor's preparation of its input, beyond the hand-over, and
+    its phase: without ``window`` the float32 copy the window and normalisation work
+    in (:func:`cohort.model.intensity.normalise_hu`), plus the foreground statistics'
+    slab; with it (``--spacing``, the window of the stored image handed over) each
+    resampling pass (:func:`cohort.model.intensity.resample_hu`) holds its input (the
+    hand-over itself first), its output (float64; the last one float32) and one
+    piece's gathered values (as stored, then as float64, and the other end's
+    float64); normalisation then copies the resampled image once more (which covers
+    the flip's copy). Measured with the torch profiler: ``tests/test_memory_estimate.py``."""
+    m = math.prod(shape)
+    stats = _STATS_BPV * min(m, STATS_VOXELS) if foreground else 0
+    normalise = _IMAGE_BPV * m + stats
+    if window is None:
+        return float(normalise), "normalisation"
+    phases = [(float(_IMAGE_BPV * m + normalise), "normalisation")]
+    order = resample_order(window, shape)
+    sizes, before = list(window), 0
+    for step, axis in enumerate(order):
+        sizes[axis] = shape[axis]
+        after = math.prod(sizes)
+        along = piece_axis(axis)
+        piece = min(sizes[along], piece_length(sizes, along)) * (after // max(sizes[along], 1))
+        out = (_IMAGE_BPV if step == len(order) - 1 else 8) * after
+        gathered = (16 + hu_bytes) * piece if step == 0 else 16 * piece
+        phases.append((float(before + out + gathered), "resampling"))
+        before = 8 * after
+    return max(phases)
 
 
 def _stage_of_layer(profile: Profile, layer: str) -> str:
@@ -333,6 +412,9 @@ def estimate_peak_bytes(
     *,
     planes: int = 1,
     chunk_voxels: int = CHUNK_VOXELS,
+    window: Shape | None = None,
+    hu_bytes: int = 2,
+    foreground: bool = False,
 ) -> Estimate:
     """The estimated peak of one subject whose model input is ``shape`` (D, H, W).
 
@@ -340,6 +422,11 @@ def estimate_peak_bytes(
     conv-1/3/5 are, see :func:`_stage_of_layer`); ``planes`` the region index's
     planes (more than one where regions overlap); ``device`` ``cpu`` or ``cuda``;
     ``chunk_voxels`` the lean pass's depth chunk (its default is the pass's).
+    ``window`` is the stored grid handed over when ``--spacing`` leaves the
+    resampling to the actor (None: the hand-over is on the model's grid),
+    ``hu_bytes`` its HU's bytes per voxel (2: int16; 4: float32), ``foreground``
+    whether the actor computes the foreground's statistics (``--normalise
+    foreground``).
     """
     if backbone not in PROFILES:
         raise ValueError(f"no memory profile for backbone {backbone!r}")
@@ -353,14 +440,18 @@ def estimate_peak_bytes(
     voxels = math.prod(shape)
     if precision == "bf16" and device == "cuda":
         forward = forward / 2 + _BF16_INPUT_BPV * voxels
+    prepare, preparing = _prepare(shape, window, hu_bytes, foreground)
+    image = _IMAGE_BPV * voxels
     return Estimate(
         shape=shape,
         backbone=backbone,
         device=device,
         forward=int(forward),
-        inputs=(4 + planes) * voxels,
+        inputs=hu_bytes * math.prod(window or shape) + planes * voxels,
         weights=profile.weights,
-        phase=phase,
+        phase=preparing if prepare > image + forward else phase,
+        image=image,
+        prepare=int(prepare),
     )
 
 
@@ -406,6 +497,8 @@ def check_memory(
     planes: int = 1,
     gpu_bytes: int | None = None,
     budget: Budget | None = None,
+    window: Shape | None = None,
+    hu_bytes: int = 2,
 ) -> Estimate:
     """Estimate the subject's peak (:func:`estimate_peak_bytes`) and compare it with
     ``budget`` (default: what a feature actor has, :func:`actor_budget`; an
@@ -413,12 +506,28 @@ def check_memory(
     where known; the loaders do not know it, so there the GPU part is estimated but
     not checked. When it does not fit: a :class:`~cohort.errors.GeometryError`
     naming the shape, the estimate, the limit and its source, and the fixes.
-    ``spacing`` (mm along D, H, W) and ``image`` are for the message."""
+    ``spacing`` (mm along D, H, W) and ``image`` are for the message; ``window`` and
+    ``hu_bytes`` describe the hand-over (:func:`estimate_peak_bytes`)."""
     model, pooling = cfg.model, cfg.pooling.mode
+    foreground = cfg.preprocess.normalise == "foreground"
 
-    def estimate(s: Shape) -> Estimate:
+    def estimate(
+        s: Shape,
+        on: str = device,
+        precision: Precision = model.precision,
+        handed: Shape | None = window,
+    ) -> Estimate:
         return estimate_peak_bytes(
-            s, model.backbone, layers, pooling, model.precision, device, planes=planes
+            s,
+            model.backbone,
+            layers,
+            pooling,
+            precision,
+            on,
+            planes=planes,
+            window=handed,
+            hu_bytes=hu_bytes,
+            foreground=foreground,
         )
 
     est = estimate(shape)
@@ -432,12 +541,14 @@ def check_memory(
     where = "GPU" if device == "cuda" else "CPU"
     parts = (
         f"{model.backbone} maps on the {where} {_gb(est.forward)} ({pooling}, {model.precision}, "
-        f"peak in {est.phase}), input copies {_gb(2 * est.inputs)}, weights {_gb(est.weights)}"
+        f"peak in {est.phase}), the input {_gb(est.image)}, its preparation "
+        f"{_gb(est.prepare)} at most, the hand-over {_gb(est.inputs)}, weights "
+        f"{_gb(est.weights)}"
     )
     fixes = []
     if host_over:
         need = math.ceil((est.host + WORKER_BASE_BYTES) / GIB * 2) / 2  # in an actor
-        held = parts if device == "cpu" else f"input copies {_gb(2 * est.inputs)}"
+        held = parts if device == "cpu" else f"the hand-over and its pinned copy {_gb(est.host)}"
         if budget.in_process:
             head = (
                 f"needs an estimated {_gb(est.host)} in this process ({held}), more than "
@@ -461,7 +572,15 @@ def check_memory(
             f"needs an estimated {_gb(est.gpu)} of GPU memory ({parts}), more than the "
             f"GPU's {_gb(gpu_bytes)}"
         )
-    coarser = _coarser(shape, spacing, estimate, budget.bytes, gpu_bytes)
+    # a coarser --spacing resamples on the device from the window handed over (today's
+    # model input, where there is no --spacing yet)
+    coarser = _coarser(
+        shape,
+        spacing,
+        lambda s: estimate(s, handed=window or shape),
+        budget.bytes,
+        gpu_bytes,
+    )
     if coarser:
         fixes.append(f"resample coarser with --spacing (e.g. --spacing {coarser})")
     crop = cfg.preprocess.crop_margin_mm
@@ -471,12 +590,10 @@ def check_memory(
         else f"a smaller --crop-margin than {crop:g} mm"
     )
     if device == "cpu":
-        on_gpu = estimate_peak_bytes(
-            shape, model.backbone, layers, pooling, "fp32", "cuda", planes=planes
-        )
+        on_gpu = estimate(shape, "cuda", "fp32")
         fixes.append(
             f"run on GPU workers (--device cuda), where the network, its maps and the input "
-            f"take {_gb(on_gpu.gpu)} of GPU memory (fp32) and the actor keeps the input copies"
+            f"take {_gb(on_gpu.gpu)} of GPU memory (fp32) and the actor keeps the hand-over"
         )
     else:
         fixes.append("a GPU with more memory, or --precision bf16")
