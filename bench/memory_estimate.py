@@ -18,12 +18,14 @@ Two measurements per shape:
   estimate's calibrated part (``Estimate.forward``) predicts.
 - **worker** (``--worker``): a fresh process builds the network, runs a small
   volume once, then does what the feature actor does with one subject: holds
-  the pickled payload, unpickles it and runs the call. The peak resident
+  the hand-over (int16 HU and the uint8 region index, as the object store
+  gives them), makes the float32 input of it and runs the call
+  (:class:`cohort.execution.extract.Features` on the CPU). The peak resident
   memory (``VmHWM``, reset before the subject) less the resident memory
-  before the payload existed is compared with the estimate's payload, input
-  and forward parts (``Estimate.host`` less the weights, which the process
-  held already). Unlike the profiler this sees numpy's arrays and what the C
-  allocator keeps. Measured where the input copies reach
+  before the hand-over existed is compared with the estimate's hand-over,
+  input, preparation and forward parts (``Estimate.host`` less the weights,
+  which the process held already). Unlike the profiler this sees numpy's arrays and what the C
+  allocator keeps. Measured where the hand-over and the input reach
   :data:`WORKER_MIN_BYTES`: below that the subject reuses heap pages the
   warm-up run left, and resident memory says little.
 
@@ -33,10 +35,11 @@ Two measurements per shape:
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import gc
 import json
 import math
-import pickle
 import subprocess
 import sys
 import time
@@ -48,7 +51,7 @@ import torch
 
 from bench.memory import REGIONS, _volume, measure, stage_markers
 from cohort.config import DEFAULT_LAYERS, PoolingConfig, PoolingMode, Precision
-from cohort.inputs.preprocess import Prepared
+from cohort.inputs.preprocess import Placed
 from cohort.model.hooks import FeatureExtractor, resolve_layers
 from cohort.model.lean import DEFAULT_CHUNK_VOXELS
 from cohort.model.memory import (
@@ -123,33 +126,44 @@ def _rss(field: str = "VmRSS") -> int:
 
 
 def worker_child(backbone: str, shape: Shape, pooling: PoolingMode) -> dict[str, int]:
-    """In this (fresh) process: the actor's work on one subject; resident bytes."""
-    ex = extractor(backbone)
-    call(ex, (32, 64, 64), pooling, torch.device("cpu"))()  # oneDNN's one-time set-up
+    """In this (fresh) process: the feature actor's work on one subject (its
+    :class:`~cohort.execution.extract.Features` on the CPU); resident bytes."""
+    from cohort.config import ExecutionConfig, ModelConfig, RunConfig
+    from cohort.execution.extract import Features
+
+    network, _ = build_network(backbone, random_weights(backbone, 0).state_dict)
+    cfg = RunConfig(
+        model=ModelConfig(backbone=backbone),
+        execution=ExecutionConfig(device="cpu"),
+        pooling=PoolingConfig(mode=pooling),
+    )
+    features = Features(network, cfg, None, "bench")
+    features._extract(_handed((32, 64, 64)), "warm-up")  # oneDNN's one-time set-up
     gc.collect()
     before = _rss()
+    placed = _handed(shape)  # what the object store hands over: int16 HU, uint8 regions
+    with_payload = _rss()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS now
+    features._extract(placed, "bench")
+    return {"before": before, "with_payload": with_payload, "peak": _rss("VmHWM")}
+
+
+def _handed(shape: Shape) -> Placed:
+    """A loader's hand-over of a ``shape`` subject: int16 HU (every page written) and
+    the uint8 region index of three box regions."""
     d, h, w = shape
-    image, index = _volume((w, h, d), torch.device("cpu"))
-    prepared = Prepared(
-        image=image.numpy(),
+    _, index = _volume((w, h, d), torch.device("cpu"))
+    hu = np.empty(shape, dtype=np.int16)
+    hu[...] = np.arange(w, dtype=np.int16) % 2000 - 1000
+    return Placed(
+        hu=hu,
         region_index=index.numpy(),
         region_names=REGIONS,
         voxels=(1, 1, 1),
         spacing_mm=(1.0, 1.0, 1.0),
         original_orientation="RAS",
-        air=-1.0,
     )
-    payload = pickle.dumps(prepared, protocol=5)
-    del prepared, image, index
-    gc.collect()
-    with_payload = _rss()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS now
-    got = pickle.loads(payload)
-    image_t = torch.from_numpy(np.ascontiguousarray(got.image))
-    index_t = torch.from_numpy(np.ascontiguousarray(got.region_index))
-    extract(ex, image_t, index_t, got.region_names, PoolingConfig(mode=pooling), got.air)
-    return {"before": before, "with_payload": with_payload, "peak": _rss("VmHWM")}
 
 
 def measured_worker(backbone: str, shape: Shape, pooling: PoolingMode) -> int:
@@ -229,7 +243,7 @@ def run(
         layers = [info.module_path for info in ex.layers]
         est = estimate_peak_bytes(shape, backbone, layers, pooling, precision, device.type)
         # the worker's resident memory is the CPU's: measured for CPU runs only
-        big = 2 * est.inputs >= WORKER_MIN_BYTES and device.type == "cpu"
+        big = est.inputs + est.image >= WORKER_MIN_BYTES and device.type == "cpu"
         measured = measured_worker(backbone, shape, pooling) if worker and big else None
         rows.append(Row(backbone, pooling, shape, est, forward, seconds, measured))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
@@ -258,6 +272,58 @@ def _shape(text: str) -> Shape:
     return z, y, x
 
 
+# the actor making its input: (stored window D,H,W or None, model input D,H,W, normalise)
+PREPARE: tuple[tuple[Shape | None, Shape, str], ...] = (
+    (None, (216, 512, 512), "fixed"),
+    (None, (216, 512, 512), "foreground"),
+    ((216, 512, 512), (216, 256, 256), "fixed"),  # 0.35 mm in-plane to 0.7 mm
+    ((216, 512, 512), (108, 180, 180), "foreground"),  # to 1 x 1 x 1 mm from 0.5 x 0.35 mm
+    ((216, 512, 512), (324, 512, 512), "fixed"),  # 1.5 mm slices to 1 mm
+)
+
+
+def prepare_rows(cases: Sequence[tuple[Shape | None, Shape, str]]) -> str:
+    """The actor making its float32 input from a full-size hand-over (resampling with
+    ``--spacing``, window, normalisation: ``Features._inputs`` on the CPU), its tensor
+    memory from the torch profiler against ``Estimate.prepare``, as a Markdown table."""
+    from bench.memory import peak_bytes
+    from cohort.config import ExecutionConfig, PreprocessConfig, RunConfig
+    from cohort.execution.extract import Features
+    from cohort.inputs.preprocess import Deferred
+
+    network, _ = build_network("densenet121", random_weights("densenet121", 0).state_dict)
+    features = Features(network, RunConfig(execution=ExecutionConfig(device="cpu")), None, "b")
+    lines = [
+        "| handed over D x H x W | model input | normalise | estimate | measured | ratio "
+        "| B per model voxel | input and forward pass |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for window, shape, normalise in cases:
+        placed = _handed(window or shape)
+        if window is not None:
+            ratio = (window[0] / shape[0], window[1] / shape[1], window[2] / shape[2])
+            deferred = Deferred(ratio, (0, 0, 0), shape, (0, 0, 0), window, (1,))
+            placed = dataclasses.replace(
+                placed, region_index=np.zeros(shape, np.uint8), deferred=deferred
+            )
+        features.cfg = RunConfig(
+            execution=ExecutionConfig(device="cpu"),
+            preprocess=PreprocessConfig(normalise=normalise, foreground_hu=-1000.0),  # type: ignore[arg-type]
+        )
+        measured = peak_bytes(functools.partial(features._inputs, placed, "bench"))
+        est = estimate_peak_bytes(
+            shape, "densenet121", DEFAULT_LAYERS, window=window, foreground=normalise != "fixed"
+        )
+        dims = "x".join(map(str, window or shape))
+        lines.append(
+            f"| {dims} | {'x'.join(map(str, shape))} | {normalise} | {_mib(est.prepare)} "
+            f"| {_mib(measured)} | {est.prepare / measured:.2f} "
+            f"| {measured / math.prod(shape):.1f} | {_mib(est.image + est.forward)} |"
+        )
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 SECTION = """## Memory estimate (issue 16)
 
 Each subject's peak memory in its feature actor is estimated from its model
@@ -271,11 +337,11 @@ here against the estimate ({when}; `{command}`):
 and pooling, three regions, fp32, CPU, seeded random weights) from the torch
 profiler's allocation events, relative to the start of the call; the
 estimate's calibrated part. *worker*: a fresh process doing one subject's
-actor work (holding the pickled payload, unpickling it, the call): peak
-resident memory less what it held before the payload; estimated as the
-payload and the unpickled input ({inputs} B/voxel) plus the forward part;
-measured where the input copies reach 64 MiB (below, the subject reuses heap
-pages of the process's warm-up run). *the check's total*: what the check
+actor work (holding the hand-over of int16 HU and uint8 regions, making the
+float32 input, the call): peak resident memory less what it held before the
+hand-over; estimated as the hand-over and the input ({inputs} B/voxel) plus
+the forward part; measured where those reach 64 MiB (below, the subject reuses
+heap pages of the process's warm-up run). *the check's total*: what the check
 compares with `--actor-memory` (worker estimate + weights + {base:.1f} GB for
 the process).
 """
@@ -290,10 +356,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: CUDA")
     p.add_argument("--worker", action="store_true", help="also the whole worker's peak RSS")
     p.add_argument("--calibrate", action="store_true", help="every backbone, per stage")
+    p.add_argument("--prepare", action="store_true", help="the actor making its input")
     p.add_argument("--out", help="write the Markdown section here")
     args = p.parse_args(argv)
     if args.calibrate:
         calibrate(args.shape or CALIBRATION, sorted(PROFILES))
+        return 0
+    if args.prepare:
+        print(prepare_rows(PREPARE))
         return 0
     shapes = args.shape or [*SMALL, *FULL]
     device = torch.device(args.device)
@@ -312,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             when=time.strftime("%Y-%m-%d %H:%M") + f", torch {torch.__version__}, {device}",
             command=command.strip(),
             table=table(rows),
-            inputs=2 * 5,
+            inputs=3 + 4,  # int16 HU and one plane handed over, the float32 input
         )
         with open(args.out, "w") as f:
             f.write(text)
