@@ -8,10 +8,16 @@ maps thicker than one slab.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from cohort.config import PreprocessConfig
 from cohort.inputs.regions import NO_REGION, label_plane
+from cohort.inputs.stages import prepare
+from tests.nifti_helpers import save_nifti
+from tests.test_input_kinds import LABELS, anatomy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -61,3 +67,32 @@ def test_repeated_values_and_wide_labels_are_left_to_the_stacking() -> None:
     labels = np.zeros((2, 3, 4), dtype=np.uint8)
     assert label_plane(labels, [1, 1], NO_REGION) is None
     assert label_plane(labels.astype(np.int32), [1, 2], NO_REGION) is None
+
+
+@pytest.mark.parametrize("background", [False, True])
+@pytest.mark.parametrize(
+    "preprocess",
+    [{}, {"crop_margin_mm": 2.0}, {"target_spacing": (2.0, 1.0, 1.1)}],
+    ids=["as-stored", "cropped", "resampled"],
+)
+def test_region_voxels_are_the_index_own_counts(
+    tmp_path: Path, background: bool, preprocess: dict[str, object]
+) -> None:
+    """The voxels a subject reports per region are those of its region index; as stored
+    (the label plane's own counts, the background's the rest) also the label map's."""
+    hu, labels, affine = anatomy()
+    image = save_nifti(tmp_path / "ct.nii.gz", hu.astype(np.int16), affine)
+    extra = np.zeros_like(labels)
+    extra[1:3, 1:3, 1:3] = 7  # a value no region names: background when there is one
+    mask = save_nifti(tmp_path / "seg.nii.gz", labels + extra, affine)
+    cfg = PreprocessConfig(**preprocess)  # type: ignore[arg-type]
+    prepared = prepare(image, mask, LABELS, background, cfg)
+    index = prepared.region_index
+    names = prepared.region_names
+    assert len(prepared.voxels) == len(names) == len(LABELS) + background
+    own = tuple(int(np.count_nonzero(index == r)) for r in range(len(names)))
+    assert prepared.voxels == own
+    if not preprocess:
+        stored = [int(np.count_nonzero(labels == value)) for _, value in LABELS]
+        rest = [labels.size - sum(stored)] if background else []
+        assert prepared.voxels == (*stored, *rest)

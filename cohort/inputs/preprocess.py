@@ -190,7 +190,7 @@ def place_pair(
     image, spacing = to_dhw(pair.image.data, pair.image.affine)
     resampled = not same_grid(image_grid, mask_grid, cfg.affine_tolerance_mm)
     rest = len(labels) if background else NO_REGION  # what a voxel in no named region is
-    planes, names = _label_planes(pair, labels, rest) if not resampled else (None, [])
+    planes, names, counted = _label_planes(pair, labels, rest) if not resampled else (None, [], ())
     if planes is None:
         selected = select_regions(pair.regions, labels)
         names = [name for name, _ in selected]
@@ -216,11 +216,13 @@ def place_pair(
             image = resample_image(image, spacing, target)
         planes = np.stack([resample_mask(p, spacing, target) for p in planes])
         spacing = target
+        counted = ()  # the label map's counts were of its own grid
     box = (slice(None), slice(None), slice(None))
     if cfg.crop_margin_mm is not None:
         named = _named(planes, len(labels), rest)
         box = crop_box(named, spacing, cfg.crop_margin_mm)
         planes = planes[(slice(None), *box)]
+        counted = ()
         if ratio is None:
             image = image[box]
         if reach is not None:
@@ -231,7 +233,11 @@ def place_pair(
         if rest == NO_REGION:
             planes[0][~_named(planes, len(labels), rest)] = len(labels)
         names.append(BACKGROUND)
-    voxels = region_counts(planes, len(names))  # before flipping: the counts do not change
+    if counted:  # the label map's plane as it was made: its counts hold, and the rest's
+        rest_count = (int(planes[0].size) - sum(counted),) if background else ()
+        voxels = (*counted, *rest_count)
+    else:  # before flipping: the counts do not change
+        voxels = region_counts(planes, len(names))
     for name, count in zip(names, voxels, strict=True):
         if count == 0:
             raise RegionError(
@@ -307,25 +313,26 @@ def sample_points(
 
 def _label_planes(
     pair: VolumePair, labels: LabelMap, rest: int
-) -> tuple[np.ndarray | None, list[str]]:
-    """A label map's (1, D, H, W) plane by one table lookup (background already ``rest``),
-    or None where the regions must be stacked (named masks, repeated values, wide
-    integers, a region with no voxel: :func:`select_regions` then says which)."""
+) -> tuple[np.ndarray | None, list[str], tuple[int, ...]]:
+    """A label map's (1, D, H, W) plane by one table lookup (background already ``rest``)
+    and the voxels of each named region, or None where the regions must be stacked
+    (named masks, repeated values, wide integers, a region with no voxel:
+    :func:`select_regions` then says which)."""
     regions = pair.regions
     if not isinstance(regions, LabelRegions):
-        return None, []
+        return None, [], ()
     check_label_kind(regions.path, labels, by_name=False)
     values = [value for _, value in labels if value is not None]
     if len(values) != len(labels):
-        return None, []
+        return None, [], ()
     dhw, _ = to_dhw(regions.labels, regions.affine)
     made = label_plane(dhw, values, rest)
     if made is None:
-        return None, []
+        return None, [], ()
     plane, counts = made
     if not all(counts):
-        return None, []  # select_regions names the empty region
-    return plane[np.newaxis], [name for name, _ in labels]
+        return None, [], ()  # select_regions names the empty region
+    return plane[np.newaxis], [name for name, _ in labels], counts
 
 
 def _named(planes: np.ndarray, n_named: int, rest: int) -> np.ndarray:
