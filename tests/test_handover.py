@@ -429,9 +429,9 @@ def test_the_foreground_statistics_in_slabs_equal_numpy_whole(
     equals numpy's reference (the foreground gathered whole, numpy's mean and std) within
     1e-6, and the value of air with it."""
     from cohort.inputs.preprocess import normalise_intensity
-    from cohort.model import intensity
+    from cohort.model import intensity, preparation
 
-    monkeypatch.setattr(intensity, "STATS_VOXELS", slab)
+    monkeypatch.setattr(preparation, "STATS_VOXELS", slab)
     rng = np.random.default_rng(4)
     hu = rng.normal(200.0, 400.0, (23, 31, 37)).round().astype(np.int16)
     cfg = PreprocessConfig(normalise="foreground", foreground_hu=-100.0)

@@ -36,7 +36,7 @@ from cohort.execution import load as loading
 from cohort.execution.extract import Features
 from cohort.inputs.manifest import Subject, read_manifest, write_manifest
 from cohort.inputs.preprocess import Deferred, Placed
-from cohort.model import intensity, lean, memory
+from cohort.model import lean, memory, preparation
 from cohort.model.hooks import FeatureExtractor, resolve_layers
 from cohort.model.memory import (
     GIB,
@@ -69,7 +69,6 @@ def densenet() -> FeatureExtractor:
 def test_constants_are_the_lean_pass_own() -> None:
     assert memory.CHUNK_VOXELS == lean.DEFAULT_CHUNK_VOXELS
     assert memory.MIN_PIECE_VOXELS == lean.MIN_PIECE_VOXELS
-    assert memory.STATS_VOXELS == intensity.STATS_VOXELS
     assert set(memory.PROFILES) == set(BACKBONES)
 
 
@@ -167,10 +166,9 @@ def test_the_preparation_estimate_is_the_profiled_peak_of_the_actor_making_its_i
 ) -> None:
     """Features._inputs (resampling, window, normalisation) on the CPU, its tensor memory
     from the torch profiler's allocation events, against Estimate.prepare."""
-    slab = 4096  # both the actor's and the estimate's foreground slab, small here
-    monkeypatch.setattr(intensity, "STATS_VOXELS", slab)
-    monkeypatch.setattr(memory, "STATS_VOXELS", slab)
-    monkeypatch.setattr(memory, "RESAMPLE_VOXELS", pieces)  # the resampling's pieces too
+    slab = 4096  # the foreground's slab (the actor's and the estimate's), small here
+    monkeypatch.setattr(preparation, "STATS_VOXELS", slab)
+    monkeypatch.setattr(preparation, "RESAMPLE_VOXELS", pieces)  # the resampling's pieces too
     rng = np.random.default_rng(0)
     hu = rng.integers(-1000, 1500, window or shape).astype(dtype)
     deferred = None

@@ -16,7 +16,7 @@ from cohort.inputs.preprocess import (
     sample_points,
     sample_window,
 )
-from cohort.model import memory
+from cohort.model import preparation
 from cohort.model.intensity import resample_hu
 
 pytestmark = pytest.mark.timeout(60)
@@ -44,7 +44,7 @@ def test_a_cropped_flipped_window_equals_ndimage_bit_for_bit(
     seed: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if seed % 2:  # each pass in pieces of a few output voxels, as a full-size CT's are
-        monkeypatch.setattr(memory, "RESAMPLE_VOXELS", 97)
+        monkeypatch.setattr(preparation, "RESAMPLE_VOXELS", 97)
     rng = np.random.default_rng(seed)
     shape = tuple(int(n) for n in rng.integers(5, 40, 3))
     spacing = tuple(float(s) for s in rng.uniform(0.3, 2.0, 3))

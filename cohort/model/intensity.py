@@ -31,21 +31,21 @@ import torch
 from cohort.config import PreprocessConfig
 from cohort.errors import InputError
 from cohort.inputs.preprocess import Deferred, sample_points
-from cohort.model.memory import piece_axis, piece_length, resample_order
+from cohort.model import preparation
+from cohort.model.preparation import piece_axis, piece_length, resample_order
 
-__all__ = ["STATS_VOXELS", "normalise_hu", "resample_hu"]
-
-STATS_VOXELS = 1 << 21  # the foreground statistics' slab: 17 bytes per voxel of it live
+__all__ = ["normalise_hu", "resample_hu"]
 
 
 def resample_hu(hu: torch.Tensor, deferred: Deferred) -> torch.Tensor:
     """The handed-over window ``hu`` resampled onto the model grid (float32, axes
     flipped as ``deferred`` says), on ``hu``'s device.
 
-    The axis that shrinks most goes first (:func:`cohort.model.memory.resample_order`);
+    The axis that shrinks most goes first (:func:`cohort.model.preparation.resample_order`);
     each pass writes its output (float64; the last one float32, rounded once) piece by
-    piece of :data:`RESAMPLE_VOXELS` output voxels, so that beyond its input and output
-    a pass holds only one piece's gathered values, as the memory estimate counts them."""
+    piece of :data:`~cohort.model.preparation.RESAMPLE_VOXELS` output voxels, so that
+    beyond its input and output a pass holds only one piece's gathered values, as the
+    memory estimate counts them (:func:`cohort.model.preparation.prepare_bytes`)."""
     x = hu
     depth, height, width = (int(n) for n in hu.shape)
     order = resample_order((depth, height, width), deferred.shape)
@@ -114,14 +114,16 @@ def normalise_hu(
 
 def _foreground_stats(x: torch.Tensor, cfg: PreprocessConfig, origin: str) -> tuple[float, float]:
     """Mean and population standard deviation (float64, two passes, as numpy's) of the
-    scaled voxels above ``foreground_hu``, slab by slab of :data:`STATS_VOXELS`: the
+    scaled voxels above ``foreground_hu``, slab by slab of
+    :data:`~cohort.model.preparation.STATS_VOXELS`: the
     foreground is never gathered (on the CPU ``x[x > t]`` needs 33 bytes per voxel, a
     full-size CT's 1.9 GB, more than the forward pass), and nothing waits for the device
     until the two sums are read."""
     threshold = (cfg.foreground_hu - cfg.hu_min) / (cfg.hu_max - cfg.hu_min)
     above = torch.tensor(threshold, dtype=torch.float32, device=x.device)
     flat = x.reshape(-1)
-    slabs = [flat[i : i + STATS_VOXELS] for i in range(0, flat.numel(), STATS_VOXELS)]
+    step = preparation.STATS_VOXELS
+    slabs = [flat[i : i + step] for i in range(0, flat.numel(), step)]
     count = torch.zeros((), dtype=torch.int64, device=x.device)
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     for slab in slabs:

@@ -22,9 +22,9 @@ fixes, instead of having its worker killed.
   live through the forward pass.
 - ``prepare``: the most tensor memory live while the actor makes that input
   (:mod:`cohort.model.intensity`): the resampling's float64 passes, the
-  normalisation's copy and the foreground statistics' slab; the call's peak
-  is the larger of this and ``image`` plus ``forward``. Exact arithmetic of
-  the code's allocations, checked against the torch profiler.
+  normalisation's copy and the foreground statistics' slab
+  (:func:`cohort.model.preparation.prepare_bytes`); the call's peak is the
+  larger of this and ``image`` plus ``forward``.
 - ``weights``: the network's parameters and buffers as built (measured per
   backbone; on CUDA on the GPU).
 
@@ -84,14 +84,13 @@ from pathlib import Path
 
 from cohort.config import PoolingMode, Precision, RunConfig
 from cohort.errors import GeometryError
+from cohort.model.preparation import IMAGE_BPV, prepare_bytes
 
 __all__ = [
     "CHUNK_VOXELS",
     "GIB",
     "MIN_PIECE_VOXELS",
     "PROFILES",
-    "RESAMPLE_VOXELS",
-    "STATS_VOXELS",
     "WORKER_BASE_BYTES",
     "Budget",
     "Estimate",
@@ -99,19 +98,12 @@ __all__ = [
     "actor_budget",
     "check_memory",
     "estimate_peak_bytes",
-    "piece_axis",
-    "piece_length",
-    "resample_order",
     "stage_of",
 ]
 
 GIB = 2**30  # --actor-memory counts GB of 2^30 bytes, as Ray's memory resource is set
 CHUNK_VOXELS = 1 << 23  # = cohort.model.lean.DEFAULT_CHUNK_VOXELS (a test checks)
 MIN_PIECE_VOXELS = 1 << 16  # = cohort.model.lean.MIN_PIECE_VOXELS (a test checks)
-STATS_VOXELS = 1 << 21  # = cohort.model.intensity.STATS_VOXELS (a test checks)
-RESAMPLE_VOXELS = 1 << 21  # output voxels of one piece of a device resampling pass
-_IMAGE_BPV = 4  # the float32 model input the actor makes of the hand-over
-_STATS_BPV = 17  # per voxel of a foreground-statistics slab: its mask and two float64 copies
 WORKER_BASE_BYTES = GIB  # the worker process, not modelled (see the module docstring)
 _MASKED_INPUT_BPV = 4.0  # masked-input: the input with air outside the region, float32
 _BF16_INPUT_BPV = 2.0  # bf16 autocast: the first convolution's bf16 copy of the input
@@ -291,59 +283,6 @@ class Estimate:
         return 0 if self.device == "cpu" else self.inputs + self.weights + self.working
 
 
-def resample_order(window: Shape, shape: Shape) -> list[int]:
-    """The axes in the order the device resampling takes them
-    (:func:`cohort.model.intensity.resample_hu`): the one that shrinks most from
-    ``window`` (the handed-over grid) to ``shape`` (the model's) first, ties last axis
-    first, so that the float64 arrays of each pass are as small as they can be."""
-    shrink = [shape[a] / max(window[a], 1) for a in range(3)]
-    return sorted(range(3), key=lambda a: (shrink[a], -a))
-
-
-def piece_axis(axis: int) -> int:
-    """The axis a resampling pass along ``axis`` is cut into pieces along."""
-    return 1 if axis == 0 else 0
-
-
-def piece_length(size: Sequence[int], along: int) -> int:
-    """Slices along ``along`` of one piece of a pass whose output is ``size``: as many
-    as :data:`RESAMPLE_VOXELS` output voxels hold, at least one."""
-    plane = math.prod(size) // max(size[along], 1)
-    return max(1, RESAMPLE_VOXELS // max(plane, 1))
-
-
-def _prepare(
-    shape: Shape, window: Shape | None, hu_bytes: int, foreground: bool
-) -> tuple[float, str]:
-    """Peak bytes of the actor's preparation of its input, beyond the hand-over, and
-    its phase: without ``window`` the float32 copy the window and normalisation work
-    in (:func:`cohort.model.intensity.normalise_hu`), plus the foreground statistics'
-    slab; with it (``--spacing``, the window of the stored image handed over) each
-    resampling pass (:func:`cohort.model.intensity.resample_hu`) holds its input (the
-    hand-over itself first), its output (float64; the last one float32) and one
-    piece's gathered values (as stored, then as float64, and the other end's
-    float64); normalisation then copies the resampled image once more (which covers
-    the flip's copy). Measured with the torch profiler: ``tests/test_memory_estimate.py``."""
-    m = math.prod(shape)
-    stats = _STATS_BPV * min(m, STATS_VOXELS) if foreground else 0
-    normalise = _IMAGE_BPV * m + stats
-    if window is None:
-        return float(normalise), "normalisation"
-    phases = [(float(_IMAGE_BPV * m + normalise), "normalisation")]
-    order = resample_order(window, shape)
-    sizes, before = list(window), 0
-    for step, axis in enumerate(order):
-        sizes[axis] = shape[axis]
-        after = math.prod(sizes)
-        along = piece_axis(axis)
-        piece = min(sizes[along], piece_length(sizes, along)) * (after // max(sizes[along], 1))
-        out = (_IMAGE_BPV if step == len(order) - 1 else 8) * after
-        gathered = (16 + hu_bytes) * piece if step == 0 else 16 * piece
-        phases.append((float(before + out + gathered), "resampling"))
-        before = 8 * after
-    return max(phases)
-
-
 def _stage_of_layer(profile: Profile, layer: str) -> str:
     """The stage of a module path; conv-K (counted from the end) as the calibration's
     conv-1/3/5 lie: conv-1 in ``default[0]``, conv-2 and conv-3 in ``default[1]``, the
@@ -440,8 +379,8 @@ def estimate_peak_bytes(
     voxels = math.prod(shape)
     if precision == "bf16" and device == "cuda":
         forward = forward / 2 + _BF16_INPUT_BPV * voxels
-    prepare, preparing = _prepare(shape, window, hu_bytes, foreground)
-    image = _IMAGE_BPV * voxels
+    prepare, preparing = prepare_bytes(shape, window, hu_bytes, foreground)
+    image = IMAGE_BPV * voxels
     return Estimate(
         shape=shape,
         backbone=backbone,
