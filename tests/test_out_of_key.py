@@ -144,7 +144,7 @@ ON_RAY = dataclasses.replace(
         num_actors=2,
         actor_cpus=0.4,
         loader_cpus=0.3,
-        actor_memory_gb=1.0,
+        actor_memory_gb=1.5,  # 0.5 GB for a subject beside the worker process's 1 GB
     ),
 )
 RAY_FIELDS = (
