@@ -117,8 +117,8 @@ def _foreground_stats(x: torch.Tensor, cfg: PreprocessConfig, origin: str) -> tu
     scaled voxels above ``foreground_hu``, slab by slab of
     :data:`~cohort.model.preparation.STATS_VOXELS`: the
     foreground is never gathered (on the CPU ``x[x > t]`` needs 33 bytes per voxel, a
-    full-size CT's 1.9 GB, more than the forward pass), and nothing waits for the device
-    until the two sums are read."""
+    full-size CT's 1.7 GB, more than the forward pass); the device is waited for twice,
+    for the count after the first pass and for the squares after the second."""
     threshold = (cfg.foreground_hu - cfg.hu_min) / (cfg.hu_max - cfg.hu_min)
     above = torch.tensor(threshold, dtype=torch.float32, device=x.device)
     flat = x.reshape(-1)

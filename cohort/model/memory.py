@@ -259,8 +259,8 @@ class Estimate:
     inputs: int  # the hand-over: HU (int16 or float32, the stored window with --spacing), planes
     weights: int  # the network's parameters and buffers
     phase: str  # the stage (or "pooling", "resampling", "normalisation") of the peak
-    image: int = 0  # the float32 model input the actor makes, live through the forward pass
-    prepare: int = 0  # the resampling and normalisation on the device, at their peak
+    image: int  # the float32 model input the actor makes, live through the forward pass
+    prepare: int  # the resampling and normalisation on the device, at their peak
 
     @property
     def working(self) -> int:
